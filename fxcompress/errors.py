@@ -1,0 +1,47 @@
+"""Every error fxcompress raises: one base class, so callers can catch them all."""
+
+from __future__ import annotations
+
+
+class FxCompressError(Exception):
+    """Base class of all fxcompress errors."""
+
+
+class TraceError(FxCompressError):
+    """torch.fx could not trace the model; the message names the module, the line and the fix."""
+
+
+class PipelineError(FxCompressError):
+    """The pipeline itself is wrong (unknown pass or option, bad order, unmet requirement)."""
+
+
+class PassError(FxCompressError):
+    """A pass raised or left a broken graph; it was rolled back. The cause stays as ``__cause__``."""
+
+    def __init__(self, message: str, *, pass_name: str = "", position: int = -1,
+                 node: str | None = None, diff: str = "") -> None:
+        super().__init__(message)
+        self.pass_name = pass_name
+        self.position = position
+        self.node = node
+        self.diff = diff
+
+
+class PassVerificationError(PassError):
+    """An exact pass changed the outputs; the message names the first divergent node."""
+
+
+class ExportError(FxCompressError):
+    """A graph could not be lowered to ONNX; the message names the FX node and its source module."""
+
+
+class BackendUnavailable(FxCompressError):
+    """A backend (module, GPU, provider) needed for this step is missing."""
+
+
+class ArtifactError(FxCompressError):
+    """A saved artifact is missing, tampered with, or of an unknown format version."""
+
+
+class InputError(FxCompressError, ValueError):
+    """Inputs given to a compiled model do not match what it was compiled for."""

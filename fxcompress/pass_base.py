@@ -1,0 +1,194 @@
+"""The contract every pass implements: ``Pass`` (on a GraphModule), ``OnnxPass`` (on an
+onnx-graphsurgeon graph), ``PassResult`` and ``PassContext``.
+
+A pass is a frozen dataclass whose typed fields are its options, so the same object prints
+as, and parses from, a pipeline string (see ``registry``). Whether a pass changed the graph
+is decided by the pipeline (canonical text before/after), never self-reported.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Literal
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:  # pragma: no cover
+    import onnx_graphsurgeon as gs
+    from torch.fx import GraphModule
+
+Severity = Literal["info", "warning", "error"]
+
+
+@dataclass(frozen=True)
+class Diagnostic:
+    """Something a pass wants the user to know, tied to a node when there is one."""
+
+    severity: Severity
+    message: str
+    node: str | None = None
+
+    def __str__(self) -> str:
+        where = f" [{self.node}]" if self.node else ""
+        return f"{self.severity}{where}: {self.message}"
+
+
+@dataclass
+class PassResult:
+    """What a pass returns: the (new or rewritten) graph, diagnostics and its own statistics."""
+
+    graph: Any
+    diagnostics: list[Diagnostic] = field(default_factory=list)
+    stats: dict[str, Any] = field(default_factory=dict)
+    #: analyses (keys of ``PassContext`` cache) still valid after this pass; None = the
+    #: pass's ``preserves`` class attribute decides.
+    preserved: tuple[str, ...] | None = None
+
+    def info(self, message: str, node: str | None = None) -> None:
+        self.diagnostics.append(Diagnostic("info", message, node))
+
+    def warn(self, message: str, node: str | None = None) -> None:
+        self.diagnostics.append(Diagnostic("warning", message, node))
+
+
+class PassContext:
+    """What passes need besides the graph, passed explicitly (never global).
+
+    ``original`` is an eval-mode copy of the user's model (the default teacher); the user's
+    own object is never handed to a pass. Analyses (shapes, dependency graphs, ...) are cached
+    by key until a pass invalidates them.
+    """
+
+    def __init__(
+        self,
+        example_inputs: tuple[torch.Tensor, ...] = (),
+        *,
+        calibration: Iterable[Any] | None = None,
+        train_data: Iterable[Any] | None = None,
+        original: nn.Module | None = None,
+        target: str = "fx",
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+        logger: logging.Logger | None = None,
+        options: dict[str, Any] | None = None,
+    ) -> None:
+        self.example_inputs = tuple(example_inputs)
+        self.calibration = calibration
+        self.train_data = train_data
+        self.original = original
+        self.target = target
+        self.device = torch.device(device)
+        self.seed = seed
+        self.logger = logger or logging.getLogger("fxcompress")
+        self.options: dict[str, Any] = dict(options or {})
+        #: set by the pipeline: ``progress(description, total) -> context manager with advance(n)``
+        self.progress: Callable[..., Any] = _no_progress
+        self._analyses: dict[str, Any] = {}
+
+    def analysis(self, key: str, compute: Callable[[], Any]) -> Any:
+        """Cached analysis ``key``; ``compute()`` runs only when it is missing or invalidated."""
+        if key not in self._analyses:
+            self._analyses[key] = compute()
+        return self._analyses[key]
+
+    def invalidate(self, keep: Iterable[str] = ()) -> None:
+        """Forget every cached analysis except those in ``keep``."""
+        keep = set(keep)
+        self._analyses = {k: v for k, v in self._analyses.items() if k in keep}
+
+    @property
+    def cached_analyses(self) -> tuple[str, ...]:
+        return tuple(sorted(self._analyses))
+
+
+class _NoProgress:
+    def __enter__(self) -> "_NoProgress":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def advance(self, n: float = 1, **fields: Any) -> None:
+        return None
+
+
+def _no_progress(description: str = "", total: float | None = None) -> _NoProgress:
+    return _NoProgress()
+
+
+Stage = Literal["fx", "onnx"]
+
+
+@dataclass(frozen=True)
+class Pass:
+    """Base of every FX pass. Subclasses are frozen dataclasses whose fields are options.
+
+    Class attributes a pass declares:
+      ``name``      kebab-case name used in pipeline strings and reports
+      ``exact``     True if the pass preserves outputs; the pipeline then verifies it numerically
+      ``requires``  capabilities an earlier step must provide (e.g. ``"calibration-data"``)
+      ``provides``  capabilities this pass provides to later passes
+      ``preserves`` cached analyses still valid after the pass (default: none)
+    """
+
+    name: ClassVar[str] = ""
+    exact: ClassVar[bool] = False
+    stage: ClassVar[Stage] = "fx"
+    requires: ClassVar[tuple[str, ...]] = ()
+    provides: ClassVar[tuple[str, ...]] = ()
+    preserves: ClassVar[tuple[str, ...]] = ()
+
+    def run(self, gm: "GraphModule", ctx: PassContext) -> PassResult:  # pragma: no cover
+        raise NotImplementedError(f"{type(self).__name__}.run")
+
+    def options(self) -> dict[str, Any]:
+        """Options that differ from their defaults, in field order (what the pipeline string shows)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if not f.init or f.metadata.get("pipeline", True) is False:
+                continue
+            value = getattr(self, f.name)
+            if f.default is not dataclasses.MISSING:
+                default = f.default
+            elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+                default = f.default_factory()  # type: ignore[misc]
+            else:
+                default = dataclasses.MISSING
+            if default is dataclasses.MISSING or value != default:
+                out[f.name] = value
+        return out
+
+    def __str__(self) -> str:
+        from .registry import format_pass
+
+        return format_pass(self)
+
+    def replace(self, **changes: Any) -> "Pass":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class OnnxPass(Pass):
+    """A pass on an onnx-graphsurgeon ``gs.Graph`` (after export). Exact ONNX passes are
+    verified in ONNX Runtime."""
+
+    stage: ClassVar[Stage] = "onnx"
+
+    def run(self, graph: "gs.Graph", ctx: PassContext) -> PassResult:  # type: ignore[override]  # pragma: no cover
+        raise NotImplementedError(f"{type(self).__name__}.run")
+
+
+def not_in_pipeline_string(default: Any = None) -> Any:
+    """A pass field that cannot be written in a pipeline string (a model, a data loader)."""
+    return field(default=default, metadata={"pipeline": False}, compare=False, repr=False)
+
+
+def copy_graph_module(gm: "GraphModule") -> "GraphModule":
+    """A deep copy that keeps node meta (shapes) and the module-level meta dict."""
+    new = copy.deepcopy(gm)
+    new.meta = copy.deepcopy(getattr(gm, "meta", {}))
+    return new
