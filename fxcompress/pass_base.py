@@ -149,7 +149,7 @@ class Pass:
         """Options that differ from their defaults, in field order (what the pipeline string shows)."""
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
-            if not f.init or f.metadata.get("pipeline", True) is False:
+            if not f.init or f.metadata.get("pipeline", True) is not True:
                 continue
             value = getattr(self, f.name)
             if f.default is not dataclasses.MISSING:

@@ -1,0 +1,162 @@
+"""``fxcompress.compile``: trace, run the pipeline, lower, and build the target's runner."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .artifact import Compiled, tensor_specs
+from .errors import BackendUnavailable, FxCompressError, PipelineError
+from .pass_base import Pass, PassContext
+from .pipeline import Pipeline
+
+TARGETS = ("fx", "onnx", "onnxruntime", "tensorrt", "tensorrt-rtx")
+PRECISIONS = ("fp32", "fp16", "int8", "best")
+
+
+def _as_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (list, tuple)) and example_inputs:
+        return tuple(example_inputs)
+    raise PipelineError("example_inputs must be a tensor or a non-empty tuple of tensors, e.g. "
+                        f"example_inputs=(torch.randn(1, 3, 32, 32),); got {type(example_inputs).__name__}")
+
+
+def _as_pipeline(passes: Pipeline | Sequence[Pass] | str, verify: bool, on_error: str,
+                 instruments: Sequence[Any]) -> Pipeline:
+    if isinstance(passes, Pipeline):
+        if instruments:
+            return Pipeline((passes,), verify=verify, on_error=on_error, instruments=tuple(instruments))  # type: ignore[arg-type]
+        return passes
+    if isinstance(passes, Pass):
+        passes = (passes,)
+    return Pipeline(passes if isinstance(passes, str) else tuple(passes), verify=verify,  # type: ignore[arg-type]
+                    on_error=on_error, instruments=tuple(instruments))  # type: ignore[arg-type]
+
+
+def compile(
+    model: nn.Module,
+    example_inputs: Any,
+    passes: Pipeline | Sequence[Pass] | str = (),
+    *,
+    target: str = "onnxruntime",
+    calibration: Iterable[Any] | None = None,
+    train_data: Iterable[Any] | None = None,
+    verify: bool = True,
+    on_error: str = "raise",
+    instruments: Sequence[Any] = (),
+    progress: bool | None = None,
+    precision: str = "fp32",
+    fallback: str | None = None,
+    dynamic_axes: Any = "batch",
+    opset: int = 17,
+    providers: Sequence[str] | None = None,
+    threads: int | None = None,
+    tensorrt_options: dict[str, Any] | None = None,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    leaf_modules: Sequence[Any] = (),
+    concrete_args: dict[str, Any] | None = None,
+    on_untraceable: str = "leaf",
+    logger: logging.Logger | None = None,
+) -> Compiled:
+    """Trace ``model``, run ``passes``, lower to ``target`` and return a runnable ``Compiled``.
+
+    ``model`` is never mutated. ``passes`` is a list of pass objects, a ``Pipeline`` or a
+    pipeline string. ``calibration`` and ``train_data`` go into the ``PassContext``.
+    """
+    from .trace import trace
+
+    if not isinstance(model, nn.Module):
+        raise PipelineError(f"compile() needs a torch.nn.Module; got {type(model).__name__}")
+    if target not in TARGETS:
+        raise PipelineError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    if precision not in PRECISIONS:
+        raise PipelineError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if fallback not in (None, "onnxruntime"):
+        raise PipelineError(f"fallback must be None or 'onnxruntime'; got {fallback!r}")
+    inputs = _as_inputs(example_inputs)
+    if progress is None:
+        import sys
+
+        progress = sys.stderr.isatty()
+    if progress:
+        from .instruments import ProgressBar
+
+        instruments = (*instruments, ProgressBar())
+    pipeline = _as_pipeline(passes, verify, on_error, instruments)
+
+    original = copy.deepcopy(model).eval()
+    gm = trace(model, inputs, leaf_modules=leaf_modules, concrete_args=concrete_args,
+               on_untraceable=on_untraceable)
+    ctx = PassContext(inputs, calibration=calibration, train_data=train_data, original=original, target=target,
+                      device=device, seed=seed, logger=logger,
+                      options={"precision": precision, "dynamic_axes": dynamic_axes, "opset": opset})
+    input_names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+
+    def lower(graph_module: Any, context: PassContext) -> Any:
+        from .backends.onnx_export import export_onnx
+
+        return export_onnx(graph_module, context.example_inputs, dynamic_axes=dynamic_axes, opset=opset)
+
+    outcome = pipeline.apply(gm, ctx, lower=None if target == "fx" else lower, lower_at_end=target != "fx")
+    report = outcome.report
+    report.meta.update({
+        "target": target, "pipeline": str(pipeline), "precision": precision,
+        "opaque_modules": dict(gm.meta.get("opaque_modules", {})),
+    })
+    with torch.no_grad():
+        sample_out = outcome.graph_module(*inputs)
+    compiled = Compiled(
+        graph_module=outcome.graph_module, onnx_model=outcome.onnx_model, report=report,
+        snapshots=outcome.snapshots, pipeline=str(pipeline), target=target,
+        inputs=tensor_specs(inputs, input_names), outputs=tensor_specs(sample_out, None),
+        lower=lambda g: lower(g, ctx),
+    )
+    _attach_backend(compiled, target, precision=precision, fallback=fallback, providers=providers,
+                    threads=threads, tensorrt_options=tensorrt_options or {}, example_inputs=inputs)
+    return compiled
+
+
+def _attach_backend(compiled: Compiled, target: str, *, precision: str, fallback: str | None,
+                    providers: Sequence[str] | None, threads: int | None, tensorrt_options: dict[str, Any],
+                    example_inputs: tuple[torch.Tensor, ...]) -> None:
+    if target == "fx":
+        compiled.use_backend("fx")
+        return
+    if target == "onnx":
+        compiled.use_backend("none")
+        return
+    if target == "onnxruntime":
+        compiled.use_backend("onnxruntime", providers=providers, threads=threads)
+        return
+    try:
+        from .backends import tensorrt as trt_backend
+
+        build = trt_backend.build_engine(
+            compiled.onnx_model, target,
+            trt_backend.BuildOptions.from_compile(precision=precision, example_inputs=example_inputs,
+                                                  onnx_model=compiled.onnx_model, **tensorrt_options))
+        compiled.engine = build.engine
+        compiled.engine_info = build.describe()
+        compiled.report.meta["engine"] = compiled.engine_info
+        compiled.use_backend(target)
+    except BackendUnavailable as exc:
+        if fallback != "onnxruntime":
+            raise
+        _fall_back(compiled, target, exc, providers, threads)
+        return
+    if fallback == "onnxruntime" and not trt_backend.gpu_available():
+        _fall_back(compiled, target, BackendUnavailable("running a TensorRT engine needs an NVIDIA GPU; none found"),
+                   providers, threads)
+
+
+def _fall_back(compiled: Compiled, target: str, reason: FxCompressError, providers: Sequence[str] | None,
+               threads: int | None) -> None:
+    compiled.use_backend("onnxruntime", providers=providers, threads=threads,
+                         note=f"onnxruntime (fallback from {target}: {reason})")

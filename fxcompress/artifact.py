@@ -1,0 +1,212 @@
+"""``Compiled``: the runnable result of ``compile``, and its save/load (never pickle).
+
+An artifact directory holds ``model.onnx``, ``model.engine`` (TensorRT targets),
+``report.json``, ``graphs/NN_<step>.fxg`` and ``manifest.json``: format version, library
+versions, the pipeline string, target and backend, input/output specs, engine build options
+and the sha256 of every file. ``load`` refuses an unknown format version or a file whose hash
+does not match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .errors import ArtifactError, BackendUnavailable, InputError
+from .pipeline import Snapshot
+from .report import Report
+from .verify import flatten_outputs
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def tensor_specs(values: Any, names: Sequence[str] | None) -> list[dict[str, Any]]:
+    tensors = flatten_outputs(values)
+    names = list(names) if names else [f"output{i}" if i else "output" for i in range(len(tensors))]
+    return [{"name": n, "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
+            for n, t in zip(names, tensors)]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def library_versions() -> dict[str, str | None]:
+    import importlib.metadata as md
+
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for dist in ("fxcompress", "torch", "onnx", "onnxruntime", "onnx-graphsurgeon", "tensorrt",
+                 "tensorrt-rtx-cu12"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+@dataclass
+class Compiled:
+    """A compiled model: call it with torch tensors; inspect its graphs and report; save it."""
+
+    graph_module: Any
+    onnx_model: Any
+    report: Report
+    snapshots: list[Snapshot]
+    pipeline: str
+    target: str
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+    engine: bytes | None = None
+    engine_info: dict[str, Any] = field(default_factory=dict)
+    backend: str = "none"
+    lower: Callable[[Any], Any] | None = field(default=None, repr=False)
+    _runner: Callable[..., Any] | None = field(default=None, repr=False)
+    _backend_options: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def use_backend(self, backend: str, *, providers: Sequence[str] | None = None, threads: int | None = None,
+                    note: str | None = None) -> None:
+        """Choose what ``__call__`` runs on: ``fx``, ``onnxruntime``, ``tensorrt``, ``tensorrt-rtx`` or ``none``."""
+        self._backend_options = {"providers": list(providers) if providers else None, "threads": threads}
+        self.backend = note or backend
+        self.report.meta["backend"] = self.backend
+        if backend == "fx":
+            self._runner = self.graph_module
+        elif backend == "onnxruntime":
+            from .backends.onnxruntime import OrtRunner
+
+            self._runner = OrtRunner(self.onnx_model, providers=providers, threads=threads)
+        elif backend in ("tensorrt", "tensorrt-rtx"):
+            self._runner = _LazyTrtRunner(self.engine, backend)
+        else:
+            self._runner = None
+
+    def __call__(self, *inputs: Any) -> Any:
+        if self._runner is None:
+            raise BackendUnavailable(f"this model was compiled for target '{self.target}', which builds an "
+                                     "artifact but does not run; compile with target='onnxruntime' to run it")
+        if len(inputs) != len(self.inputs):
+            raise InputError(f"the compiled model takes {len(self.inputs)} input(s) "
+                             f"({', '.join(s['name'] for s in self.inputs)}); got {len(inputs)}")
+        with torch.no_grad():
+            return self._runner(*inputs)
+
+    def __repr__(self) -> str:
+        return f"Compiled(target={self.target!r}, backend={self.backend!r}, pipeline={self.pipeline!r})"
+
+    # -- persistence ---------------------------------------------------------------------------
+    def save(self, directory: str | Path) -> Path:
+        """Write the artifact directory; returns its path."""
+        import onnx
+
+        out = Path(directory)
+        (out / "graphs").mkdir(parents=True, exist_ok=True)
+        model = self.onnx_model
+        if model is None:
+            if self.lower is None or self.graph_module is None:
+                raise ArtifactError("nothing to save: this Compiled has neither an ONNX model nor a graph to export")
+            model = self.lower(self.graph_module)
+        files: list[str] = []
+        onnx.save_model(model, str(out / "model.onnx"))
+        files.append("model.onnx")
+        if self.engine is not None:
+            (out / "model.engine").write_bytes(self.engine)
+            files.append("model.engine")
+        self.report.save(out / "report.json")
+        files.append("report.json")
+        for snap in self.snapshots:
+            (out / "graphs" / snap.filename).write_text(snap.text, encoding="utf-8")
+            files.append(f"graphs/{snap.filename}")
+        runnable = "onnxruntime" if self.backend.startswith("onnxruntime") or self.target in ("fx", "onnx") \
+            else self.target
+        manifest = {
+            "format": "fxcompress-artifact",
+            "format_version": FORMAT_VERSION,
+            "versions": library_versions(),
+            "target": self.target,
+            "backend": self.backend,
+            "load_backend": runnable,
+            "pipeline": self.pipeline,
+            "inputs": self.inputs,
+            "outputs": self.outputs,
+            "engine": self.engine_info or None,
+            "snapshots": [{"index": s.index, "name": s.name, "stage": s.stage, "file": f"graphs/{s.filename}"}
+                          for s in self.snapshots],
+            "files": {f: _sha256(out / f) for f in files},
+        }
+        (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        return out
+
+
+class _LazyTrtRunner:
+    """Deserializes the engine on first call: building works on a CPU, running needs a GPU."""
+
+    def __init__(self, engine: bytes | None, target: str) -> None:
+        self.engine, self.target, self._runner = engine, target, None
+
+    def __call__(self, *inputs: Any) -> Any:
+        if self._runner is None:
+            from .backends.tensorrt import TrtRunner
+
+            if self.engine is None:
+                raise BackendUnavailable(f"no {self.target} engine in this artifact")
+            self._runner = TrtRunner(self.engine, self.target)
+        return self._runner(*inputs)
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    """The manifest of an artifact directory, checked: format version known, every file's hash right."""
+    root = Path(directory)
+    path = root / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{root} is not an fxcompress artifact: {MANIFEST} is missing "
+                            "(save one with Compiled.save(dir))")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{path} is not valid JSON: {exc}") from exc
+    version = manifest.get("format_version")
+    if manifest.get("format") != "fxcompress-artifact" or version != FORMAT_VERSION:
+        raise ArtifactError(f"{path}: unknown artifact format version {version!r}; this fxcompress reads "
+                            f"version {FORMAT_VERSION} (re-save it with this version)")
+    for rel, digest in manifest.get("files", {}).items():
+        file = root / rel
+        if not file.is_file():
+            raise ArtifactError(f"{file} is listed in the manifest but missing")
+        actual = _sha256(file)
+        if actual != digest:
+            raise ArtifactError(f"{file} was modified after saving: sha256 {actual[:12]}... does not match the "
+                                f"manifest's {digest[:12]}...; re-save the artifact")
+    return manifest
+
+
+def load(directory: str | Path, *, backend: str | None = None, providers: Sequence[str] | None = None,
+         threads: int | None = None) -> Compiled:
+    """Rebuild a runnable ``Compiled`` from an artifact directory, without the source model."""
+    import onnx
+
+    root = Path(directory)
+    manifest = read_manifest(root)
+    model = onnx.load_model(str(root / "model.onnx"))
+    report = Report.from_dict(json.loads((root / "report.json").read_text(encoding="utf-8")))
+    snapshots = [Snapshot(s["index"], s["name"], s["stage"], (root / s["file"]).read_text(encoding="utf-8"))
+                 for s in manifest.get("snapshots", [])]
+    engine_path = root / "model.engine"
+    compiled = Compiled(
+        graph_module=None, onnx_model=model, report=report, snapshots=snapshots, pipeline=manifest["pipeline"],
+        target=manifest["target"], inputs=manifest["inputs"], outputs=manifest["outputs"],
+        engine=engine_path.read_bytes() if engine_path.is_file() else None, engine_info=manifest.get("engine") or {})
+    chosen = backend or manifest.get("load_backend", "onnxruntime")
+    note = manifest.get("backend") if chosen == manifest.get("load_backend") else None
+    compiled.use_backend(chosen, providers=providers, threads=threads, note=note)
+    return compiled

@@ -1,0 +1,150 @@
+"""Pipeline instruments: objects with optional named hooks, called by the pass manager.
+
+Hooks (all optional): ``on_pipeline_start(pipeline, ctx)``, ``should_run(pass_, graph, ctx) -> bool``,
+``before_pass(pass_, graph, ctx)``, ``check(pass_, graph, outputs, reference, ctx) -> str | None``
+(a message fails the pass, which is rolled back), ``after_pass(pass_, graph, record, ctx)``
+(``pass_`` is None for the export step), ``on_pipeline_end(report, ctx)``.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, TextIO
+
+from .pass_base import Pass, PassContext
+from .report import PassRecord, Report
+from .verify import error_metrics
+
+
+def _matches(p: Pass | None, names: Iterable[str]) -> bool:
+    names = set(names)
+    return p is not None and (not names or p.name in names or type(p).__name__ in names)
+
+
+class PrintAfter:
+    """Print the canonical graph text after the named passes (all passes when ``names`` is empty)."""
+
+    def __init__(self, names: Iterable[str] = (), stream: TextIO | None = None) -> None:
+        self.names = tuple(names)
+        self.stream = stream
+
+    def after_pass(self, p: Pass | None, graph: Any, record: PassRecord, ctx: PassContext) -> None:
+        if _matches(p, self.names):
+            from .graph_text import to_text
+
+            print(f"// after {record.name}\n{to_text(graph)}", file=self.stream or sys.stdout)
+
+
+class DumpGraphs:
+    """Write ``NN_<pass>.fxg`` for the input and every step into ``directory``."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+
+    def on_pipeline_end(self, report: Report, ctx: PassContext) -> None:
+        return None
+
+    def after_pass(self, p: Pass | None, graph: Any, record: PassRecord, ctx: PassContext) -> None:
+        from .graph_text import to_text
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in record.name.split("{", 1)[0])
+        (self.directory / f"{record.index:02d}_{stem}.fxg").write_text(to_text(graph), encoding="utf-8")
+
+    def on_pipeline_start(self, pipeline: Any, ctx: PassContext) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+
+class PassTiming:
+    """Collect wall time per pass name; ``summary()`` is sorted slowest first."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+
+    def after_pass(self, p: Pass | None, graph: Any, record: PassRecord, ctx: PassContext) -> None:
+        key = p.name if p is not None else record.name
+        self.times[key] = self.times.get(key, 0.0) + record.seconds
+
+    def summary(self) -> list[tuple[str, float]]:
+        return sorted(self.times.items(), key=lambda kv: -kv[1])
+
+
+class NumericCheck:
+    """Fail (and roll back) any pass whose outputs drift from the original model beyond limits."""
+
+    def __init__(self, max_abs: float | None = None, min_cosine: float | None = None,
+                 min_top1: float | None = None) -> None:
+        self.max_abs, self.min_cosine, self.min_top1 = max_abs, min_cosine, min_top1
+
+    def check(self, p: Pass, graph: Any, outputs: Any, reference: Any, ctx: PassContext) -> str | None:
+        if reference is None:
+            return None
+        m = error_metrics(reference, outputs)
+        if self.max_abs is not None and m.max_abs > self.max_abs:
+            return f"max abs error {m.max_abs:.3g} > {self.max_abs:g} vs the original model"
+        if self.min_cosine is not None and m.cosine < self.min_cosine:
+            return f"cosine similarity {m.cosine:.6f} < {self.min_cosine:g} vs the original model"
+        if self.min_top1 is not None and m.top1 is not None and m.top1 < self.min_top1:
+            return f"top-1 agreement {m.top1:.3f} < {self.min_top1:g} vs the original model"
+        return None
+
+
+class Bisect:
+    """Find the first pass after which ``check(graph, ctx)`` stops holding.
+
+    ``culprit`` is that pass's report name (None while every step passes); nothing is rolled back."""
+
+    def __init__(self, check: Callable[[Any, PassContext], bool]) -> None:
+        self._check = check
+        self.culprit: str | None = None
+        self.culprit_index: int | None = None
+
+    def after_pass(self, p: Pass | None, graph: Any, record: PassRecord, ctx: PassContext) -> None:
+        if self.culprit is None and record.status != "rolled-back" and not self._check(graph, ctx):
+            self.culprit, self.culprit_index = record.name, record.index
+
+
+class ProgressBar:
+    """A rich progress bar over the pipeline, and ``ctx.progress`` for long passes (calibration, training)."""
+
+    def __init__(self, transient: bool = True) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TextColumn("{task.fields[info]}"), transient=transient)
+        self._task: Any = None
+
+    def on_pipeline_start(self, pipeline: Any, ctx: PassContext) -> None:
+        self.progress.start()
+        self._task = self.progress.add_task("passes", total=sum(1 for _ in pipeline.leaves()), info="")
+        ctx.progress = self.task
+
+    def before_pass(self, p: Pass, graph: Any, ctx: PassContext) -> None:
+        self.progress.update(self._task, info=p.name)
+
+    def after_pass(self, p: Pass | None, graph: Any, record: PassRecord, ctx: PassContext) -> None:
+        if p is not None:
+            self.progress.advance(self._task)
+
+    def on_pipeline_end(self, report: Report, ctx: PassContext) -> None:
+        self.progress.stop()
+
+    @contextmanager
+    def task(self, description: str = "", total: float | None = None) -> Iterator[Any]:
+        tid = self.progress.add_task(description, total=total, info="")
+        handle = _TaskHandle(self.progress, tid)
+        try:
+            yield handle
+        finally:
+            self.progress.remove_task(tid)
+
+
+class _TaskHandle:
+    def __init__(self, progress: Any, tid: Any) -> None:
+        self.progress, self.tid = progress, tid
+
+    def advance(self, n: float = 1, **fields: Any) -> None:
+        info = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
+        self.progress.update(self.tid, advance=n, info=info)

@@ -1,0 +1,444 @@
+"""The pass manager: ordering, verification, rollback and instrumentation.
+
+``Pipeline`` runs passes in order on a copy of the graph. Before any work it rejects an order
+that breaks a declared constraint (an FX pass after an ONNX pass, a pass whose ``requires``
+nothing earlier provides). After each pass it owns ``recompile()``, ``lint()`` and shape
+propagation; exact passes are checked numerically against the previous graph and, on a
+mismatch, the first divergent node is named. Every pass's error against the original model
+is recorded. A failing pass is rolled back (``on_error="skip"``) or raised as ``PassError``
+with its name, position, node and graph diff (``on_error="raise"``).
+
+``Pipeline`` and ``Repeat`` are passes themselves, so schedules nest.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Literal, Sequence
+
+import torch
+from torch.fx import GraphModule
+
+from .errors import FxCompressError, PassError, PassVerificationError, PipelineError
+from .pass_base import Diagnostic, Pass, PassContext, PassResult, copy_graph_module, not_in_pipeline_string
+from .report import PassRecord, Report
+from .verify import (ATOL, RTOL, allclose, error_metrics, first_divergent_node, lint, propagate_shapes)
+
+if TYPE_CHECKING:  # pragma: no cover
+    import onnx
+
+OnError = Literal["raise", "skip"]
+Lower = Callable[[GraphModule, PassContext], "onnx.ModelProto"]
+
+#: capabilities the context provides before any pass runs, and how the user provides them
+CONTEXT_CAPABILITIES: dict[str, str] = {
+    "example-inputs": "pass example_inputs=... to compile()",
+    "calibration-data": "pass calibration=<iterable of batches> to compile()",
+    "train-data": "pass train_data=<iterable of (inputs, targets) batches> to compile()",
+    "teacher": "compile() provides the original model as the teacher",
+}
+
+
+def _children() -> Any:
+    return field(default=(), metadata={"pipeline": "children"})
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Canonical text of the graph after a pipeline step (``index`` 0 = before the first pass)."""
+
+    index: int
+    name: str
+    stage: str
+    text: str
+
+    @property
+    def filename(self) -> str:
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in self.name.split("{", 1)[0])
+        return f"{self.index:02d}_{safe}.fxg"
+
+    def __str__(self) -> str:
+        return self.text
+
+
+@dataclass(frozen=True)
+class Pipeline(Pass):
+    """An ordered list of passes, itself a pass. ``Pipeline.parse("a,b{x=1}")`` builds one."""
+
+    name: ClassVar[str] = "pipeline"
+    passes: tuple[Pass, ...] = _children()
+    verify: bool = True
+    on_error: OnError = "raise"
+    instruments: tuple[Any, ...] = not_in_pipeline_string(())
+
+    def __post_init__(self) -> None:
+        passes = self.passes
+        if isinstance(passes, str):
+            from .registry import parse_pipeline
+
+            passes = parse_pipeline(passes)
+        passes = tuple(passes)
+        for i, p in enumerate(passes):
+            if not isinstance(p, Pass):
+                hint = " (did you pass the class instead of an instance? add '()')" if isinstance(p, type) else ""
+                raise PipelineError(f"item {i} of the pipeline is {p!r}, not a Pass{hint}")
+        if self.on_error not in ("raise", "skip"):
+            raise PipelineError(f"on_error must be 'raise' or 'skip'; got {self.on_error!r}")
+        object.__setattr__(self, "passes", passes)
+        object.__setattr__(self, "instruments", tuple(self.instruments or ()))
+
+    @classmethod
+    def parse(cls, text: str, **options: Any) -> "Pipeline":
+        from .registry import parse_pipeline
+
+        return cls(tuple(parse_pipeline(text)), **options)
+
+    def __str__(self) -> str:
+        from .registry import format_pass, format_pipeline
+
+        return format_pipeline(self.passes) if not self.options() else format_pass(self)
+
+    def leaves(self) -> Iterator[Pass]:
+        """The non-nested passes in execution order (a ``Repeat`` body appears once)."""
+        for p in self.passes:
+            if isinstance(p, (Pipeline, Repeat)):
+                yield from p.leaves()
+            else:
+                yield p
+
+    def check(self, ctx: PassContext, stage: str = "fx") -> None:
+        """Reject a pass order that breaks a declared constraint, before any pass runs."""
+        provided = {cap for cap, ok in (
+            ("example-inputs", bool(ctx.example_inputs)), ("calibration-data", ctx.calibration is not None),
+            ("train-data", ctx.train_data is not None), ("teacher", ctx.original is not None)) if ok}
+        onnx_seen: Pass | None = None
+        for pos, p in enumerate(self.leaves()):
+            if p.stage == "fx" and (onnx_seen is not None or stage == "onnx"):
+                after = f"after ONNX pass '{onnx_seen.name}'" if onnx_seen else "after lowering to ONNX"
+                raise PipelineError(f"pass '{p.name}' (#{pos}) works on the FX graph but comes {after}; "
+                                    f"move it before the ONNX passes")
+            if p.stage == "onnx":
+                onnx_seen = p
+            for need in p.requires:
+                if need not in provided:
+                    how = CONTEXT_CAPABILITIES.get(need)
+                    givers = _providers_of(need)
+                    fix = how or (f"add one of {', '.join(givers)} before it" if givers else "nothing provides it")
+                    raise PipelineError(f"pass '{p.name}' (#{pos}) requires '{need}': {fix}")
+            provided.update(p.provides)
+
+    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
+        """Run as a nested pass (standalone use); records go into the result's stats."""
+        outcome = self.apply(gm, ctx)
+        return PassResult(graph=outcome.graph_module, stats={"report": outcome.report.to_dict()})
+
+    def apply(self, gm: GraphModule, ctx: PassContext, *, lower: Lower | None = None,
+              reference: Any = None, lower_at_end: bool = False) -> "Outcome":
+        """Run the pipeline on a copy of ``gm``. ``lower`` turns the FX graph into ONNX when the
+        first ONNX pass comes (or at the end with ``lower_at_end``). ``reference`` is the original
+        model's output on the example inputs (computed from ``ctx.original`` when omitted)."""
+        self.check(ctx)
+        if any(p.stage == "onnx" for p in self.leaves()) and lower is None:
+            raise PipelineError("this pipeline has ONNX passes but no lowering: use fxcompress.compile() "
+                                "with an ONNX target, or pass lower=")
+        run = _Run(self, ctx, lower, reference)
+        run.start(gm)
+        run.execute(self, prefix="", verify=self.verify, on_error=self.on_error)
+        if lower_at_end and run.model is None:
+            run.lower_now()
+        return run.finish()
+
+
+@dataclass(frozen=True)
+class Repeat(Pass):
+    """Run ``passes`` ``n`` times: iterative schedules such as prune -> recover."""
+
+    name: ClassVar[str] = "repeat"
+    n: int = 1
+    passes: tuple[Pass, ...] = _children()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.n, int) or self.n < 1:
+            raise PipelineError(f"Repeat needs n >= 1; got {self.n!r}")
+        object.__setattr__(self, "passes", Pipeline(tuple(self.passes)).passes)
+
+    def leaves(self) -> Iterator[Pass]:
+        return Pipeline(self.passes).leaves()
+
+    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
+        return Pipeline((self,)).run(gm, ctx)
+
+
+def _providers_of(capability: str) -> list[str]:
+    from .registry import available
+
+    try:
+        return [name for name, cls in available().items() if capability in cls.provides]
+    except FxCompressError:
+        return []
+
+
+@dataclass
+class Outcome:
+    """The result of ``Pipeline.apply``."""
+
+    graph_module: GraphModule
+    onnx_model: "onnx.ModelProto | None"
+    report: Report
+    snapshots: list[Snapshot]
+
+
+def _weights_digest(module: torch.nn.Module) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _onnx_digest(model: "onnx.ModelProto") -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for init in sorted(model.graph.initializer, key=lambda i: i.name):
+        h.update(init.SerializeToString())
+    return h.hexdigest()
+
+
+class _Run:
+    """The state of one pipeline execution."""
+
+    def __init__(self, pipeline: Pipeline, ctx: PassContext, lower: Lower | None, reference: Any) -> None:
+        self.pipeline = pipeline
+        self.ctx = ctx
+        self.lower = lower
+        self.reference = reference
+        self.instruments = tuple(pipeline.instruments)
+        self.report = Report()
+        self.snapshots: list[Snapshot] = []
+        self.gm: GraphModule
+        self.model: "onnx.ModelProto | None" = None
+        self.outputs: Any = None
+        self.text = ""
+        self.digest = ""
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _hook(self, hook: str, *args: Any) -> list[Any]:
+        return [getattr(i, hook)(*args) for i in self.instruments if hasattr(i, hook)]
+
+    def _run_fx(self, gm: GraphModule) -> Any:
+        with torch.no_grad():
+            return gm(*self.ctx.example_inputs)
+
+    def _run_onnx(self, model: "onnx.ModelProto") -> Any:
+        from .onnx_graph import run_model
+
+        return run_model(model, self.ctx.example_inputs)
+
+    def _text(self, graph: Any) -> str:
+        from .graph_text import to_text
+
+        return to_text(graph)
+
+    def _stats(self, graph: Any) -> dict[str, int]:
+        from .stats import graph_stats, onnx_stats
+
+        s = graph_stats(graph) if isinstance(graph, GraphModule) else onnx_stats(graph)
+        nodes = len(graph.graph.nodes) if isinstance(graph, GraphModule) else len(graph.graph.node)
+        return {"nodes": nodes, "params": s.params, "nonzero": s.nonzero, "bytes": s.bytes, "macs": s.macs}
+
+    def _record(self, name: str, stage: str, graph: Any, outputs: Any, *, seconds: float = 0.0,
+                status: str = "ok", changed: bool = False, weights_changed: bool = False,
+                result: PassResult | None = None) -> PassRecord:
+        err = error_metrics(self.reference, outputs).to_dict() if self.reference is not None else None
+        row = PassRecord(index=len(self.report), name=name, stage=stage, status=status, changed=changed,
+                         weights_changed=weights_changed, seconds=seconds, error=err, **self._stats(graph))
+        if result is not None:
+            row.diagnostics = [{"severity": d.severity, "message": d.message, "node": d.node}
+                               for d in result.diagnostics]
+            row.stats = dict(result.stats)
+        self.report.append(row)
+        return row
+
+    def _snapshot(self, name: str, stage: str, text: str) -> None:
+        self.snapshots.append(Snapshot(len(self.snapshots), name, stage, text))
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def start(self, gm: GraphModule) -> None:
+        self.gm = copy_graph_module(gm)
+        propagate_shapes(self.gm, self.ctx.example_inputs)
+        if self.reference is None and self.ctx.original is not None:
+            with torch.no_grad():
+                self.reference = self.ctx.original(*self.ctx.example_inputs)
+        self.outputs = self._run_fx(self.gm)
+        self.text = self._text(self.gm)
+        self.digest = _weights_digest(self.gm)
+        self._hook("on_pipeline_start", self.pipeline, self.ctx)
+        self._snapshot("input", "fx", self.text)
+        row = self._record("input", "fx", self.gm, self.outputs)
+        self._hook("after_pass", None, self.gm, row, self.ctx)
+
+    def finish(self) -> Outcome:
+        self._hook("on_pipeline_end", self.report, self.ctx)
+        return Outcome(self.gm, self.model, self.report, self.snapshots)
+
+    def lower_now(self) -> None:
+        assert self.lower is not None
+        t0 = time.perf_counter()
+        try:
+            model = self.lower(self.gm, self.ctx)
+        except FxCompressError:
+            raise
+        except Exception as exc:
+            raise PassError(f"lowering to ONNX failed: {type(exc).__name__}: {exc}", pass_name="export-onnx",
+                            position=len(self.report)) from exc
+        seconds = time.perf_counter() - t0
+        self.model = model
+        self.outputs = self._run_onnx(model)
+        self.text = self._text(model)
+        self.digest = _onnx_digest(model)
+        self._snapshot("export-onnx", "onnx", self.text)
+        row = self._record("export-onnx", "onnx", model, self.outputs, seconds=seconds, changed=True)
+        self._hook("after_pass", None, model, row, self.ctx)
+
+    # -- execution ----------------------------------------------------------------------------
+    def execute(self, p: Pass, prefix: str, verify: bool, on_error: OnError) -> None:
+        if isinstance(p, Pipeline):
+            for child in p.passes:
+                self.execute(child, prefix, verify and p.verify, p.on_error)
+        elif isinstance(p, Repeat):
+            for k in range(p.n):
+                for child in p.passes:
+                    self.execute(child, f"{prefix}repeat[{k + 1}/{p.n}]/", verify, on_error)
+        else:
+            self.run_one(p, prefix, verify, on_error)
+
+    def run_one(self, p: Pass, prefix: str, verify: bool, on_error: OnError) -> None:
+        label = prefix + str(p)
+        position = len(self.report)
+        if p.stage == "onnx" and self.model is None:
+            self.lower_now()
+            position = len(self.report)
+        current = self.gm if p.stage == "fx" else self.model
+        if not all(self._hook("should_run", p, current, self.ctx)):
+            self.report.append(PassRecord(index=position, name=label, stage=p.stage, status="not-run",
+                                          **self._stats(current)))
+            return
+        self._hook("before_pass", p, current, self.ctx)
+        t0 = time.perf_counter()
+        try:
+            new, result, outputs, text, digest = self._attempt(p, label, position, verify)
+        except PassError as err:
+            if on_error == "raise":
+                raise
+            self.ctx.logger.warning("%s", err)
+            row = self._record(label, p.stage, current, self.outputs, seconds=time.perf_counter() - t0,
+                               status="rolled-back")
+            row.diagnostics.append({"severity": "error", "message": str(err), "node": err.node})
+            self._hook("after_pass", p, current, row, self.ctx)
+            return
+        seconds = time.perf_counter() - t0
+        changed, weights_changed = text != self.text, digest != self.digest
+        if changed or weights_changed:
+            keep = result.preserved if result.preserved is not None else p.preserves
+            self.ctx.invalidate(keep)
+        if p.stage == "fx":
+            self.gm = new
+        else:
+            self.model = new
+        self.outputs, self.text, self.digest = outputs, text, digest
+        self._snapshot(label, p.stage, text)
+        row = self._record(label, p.stage, new, outputs, seconds=seconds, changed=changed,
+                           weights_changed=weights_changed, result=result,
+                           status="ok" if (changed or weights_changed) else "unchanged")
+        self._hook("after_pass", p, new, row, self.ctx)
+
+    def _attempt(self, p: Pass, label: str, position: int, verify: bool
+                 ) -> tuple[Any, PassResult, Any, str, str]:
+        """Run ``p`` on a copy of the current graph and check it; raises PassError (nothing changed)."""
+        before_text = self.text
+        work: Any = None
+
+        def fail(message: str, node: str | None, cause: BaseException | None, after: Any = None,
+                 cls: type[PassError] = PassError) -> PassError:
+            diff = ""
+            if after is not None:
+                from .graph_text import diff as text_diff
+                try:
+                    diff = text_diff(before_text, self._text(after), "before", f"after {p.name}")
+                except Exception:  # noqa: BLE001 - a graph too broken to print has no diff
+                    diff = ""
+            where = "" if not node else (f" (first divergent node: '{node}')" if cls is PassVerificationError
+                                         else f" at node '{node}'")
+            msg = f"pass '{label}' (#{position}) {message}{where}; it was rolled back"
+            if diff:
+                msg += "\n" + diff
+            err = cls(msg, pass_name=p.name, position=position, node=node, diff=diff)
+            err.__cause__ = cause
+            return err
+
+        try:
+            if p.stage == "fx":
+                work = copy_graph_module(self.gm)
+                result = p.run(work, self.ctx)
+            else:
+                from .onnx_graph import to_graph
+
+                work = to_graph(copy.deepcopy(self.model))
+                result = p.run(work, self.ctx)
+        except PassError as exc:
+            raise fail(f"failed: {exc}", exc.node, exc, work) from exc
+        except Exception as exc:
+            raise fail(f"raised {type(exc).__name__}: {exc}", None, exc, work) from exc
+        if not isinstance(result, PassResult):
+            raise fail(f"returned {type(result).__name__}, not a PassResult", None, None)
+
+        if p.stage == "fx":
+            new = result.graph
+            if not isinstance(new, GraphModule):
+                raise fail(f"returned a {type(new).__name__} graph, not a torch.fx.GraphModule", None, None)
+            try:
+                new.recompile()
+                lint(new)
+                propagate_shapes(new, self.ctx.example_inputs)
+                outputs = self._run_fx(new)
+            except PassError as exc:
+                raise fail(f"left a broken graph: {exc}", exc.node, exc, new) from exc
+            except Exception as exc:
+                raise fail(f"left a graph that does not run: {type(exc).__name__}: {exc}", None, exc, new) from exc
+            text, digest = self._text(new), _weights_digest(new)
+        else:
+            import onnx
+
+            from .onnx_graph import to_model
+
+            try:
+                new = to_model(result.graph)
+                onnx.checker.check_model(new)
+                outputs = self._run_onnx(new)
+            except Exception as exc:
+                raise fail(f"left an invalid ONNX graph: {type(exc).__name__}: {exc}", None, exc) from exc
+            text, digest = self._text(new), _onnx_digest(new)
+
+        unchanged = text == self.text and digest == self.digest
+        if verify and p.exact and not unchanged and not allclose(self.outputs, outputs, RTOL, ATOL):
+            node = None
+            if p.stage == "fx":
+                node = first_divergent_node(self.gm, new, self.ctx.example_inputs)
+            metrics = error_metrics(self.outputs, outputs)
+            raise fail(f"is declared exact but changed the outputs (max abs error {metrics.max_abs:.3g}, "
+                       f"rtol {RTOL}, atol {ATOL})", node, None, new,
+                       cls=PassVerificationError)
+        for d in result.diagnostics:
+            if not isinstance(d, Diagnostic):
+                raise fail(f"returned a diagnostic that is not a Diagnostic: {d!r}", None, None)
+        for problem in self._hook("check", p, new, outputs, self.reference, self.ctx):
+            if problem:
+                raise fail(f"failed check: {problem}", None, None, new, cls=PassVerificationError)
+        return new, result, outputs, text, digest
+
+
+def run_passes(gm: GraphModule, passes: Sequence[Pass] | str, ctx: PassContext, **options: Any) -> Outcome:
+    """Shorthand: ``Pipeline(passes, **options).apply(gm, ctx)``."""
+    return Pipeline(passes if isinstance(passes, str) else tuple(passes), **options).apply(gm, ctx)

@@ -1,0 +1,368 @@
+"""Pass names -> classes, and pipeline strings.
+
+Passes are found through the entry-point group ``fxcompress.passes``: an entry's value is a
+``Pass`` subclass, or a module whose ``Pass`` subclasses (in it and its submodules) are all
+registered. ``register`` adds a class at run time (handy in tests and notebooks).
+
+Pipeline strings, after MLIR's textual pipelines::
+
+    fold-batchnorm,prune-channels{ratio=0.5,round-to=8},repeat{n=2}(prune-channels,distill)
+
+Option values are literals only (numbers, strings, booleans, ``none``, ``[lists]``,
+``{"dicts": 1}``); nothing is evaluated. Options are checked against the dataclass field types.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import json
+import pkgutil
+import re
+import types
+import typing
+from importlib.metadata import entry_points
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+from .errors import PipelineError
+from .pass_base import Pass
+
+ENTRY_POINT_GROUP = "fxcompress.passes"
+
+_registry: dict[str, type[Pass]] = {}
+_sources: dict[str, str] = {}
+_loaded = False
+
+
+def register(cls: type[Pass], *, source: str | None = None) -> type[Pass]:
+    """Register a pass class under its ``name``; usable as a decorator."""
+    if not (isinstance(cls, type) and issubclass(cls, Pass)) or not cls.name:
+        raise PipelineError(f"{cls!r} is not a Pass subclass with a non-empty `name`")
+    where = source or f"{cls.__module__}.{cls.__qualname__}"
+    existing = _registry.get(cls.name)
+    if existing is not None and existing is not cls:
+        raise PipelineError(f"pass name '{cls.name}' is registered twice: by {_sources[cls.name]} and by {where}")
+    _registry[cls.name] = cls
+    _sources[cls.name] = where
+    return cls
+
+
+def _classes_in(module: types.ModuleType) -> list[type[Pass]]:
+    modules = [module]
+    if hasattr(module, "__path__"):
+        for info in sorted(pkgutil.walk_packages(module.__path__, prefix=f"{module.__name__}."),
+                           key=lambda i: i.name):
+            if not info.name.rsplit(".", 1)[-1].startswith("_"):
+                modules.append(importlib.import_module(info.name))
+    found = []
+    for mod in modules:
+        for obj in vars(mod).values():
+            if (inspect.isclass(obj) and issubclass(obj, Pass) and obj.__module__ == mod.__name__
+                    and obj.__dict__.get("name")):
+                found.append(obj)
+    return found
+
+
+def _load() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    from .pipeline import Pipeline, Repeat
+
+    for cls in (Pipeline, Repeat):
+        register(cls)
+    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        try:
+            obj = ep.load()
+        except Exception as exc:
+            raise PipelineError(f"pass entry point '{ep.name} = {ep.value}' failed to load: {exc}") from exc
+        classes = _classes_in(obj) if isinstance(obj, types.ModuleType) else [obj]
+        for cls in classes:
+            register(cls, source=f"entry point '{ep.name}' ({cls.__module__}.{cls.__qualname__})")
+
+
+def available() -> dict[str, type[Pass]]:
+    """Every registered pass, by name, sorted."""
+    _load()
+    return dict(sorted(_registry.items()))
+
+
+def get(name: str) -> type[Pass]:
+    _load()
+    try:
+        return _registry[name]
+    except KeyError:
+        raise PipelineError(f"unknown pass '{name}'; known passes: {', '.join(sorted(_registry))}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Options: field <-> text
+# ---------------------------------------------------------------------------------------------
+
+def _string_fields(cls: type[Pass]) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if f.init and f.metadata.get("pipeline", True) is True]
+
+
+def _children_field(cls: type[Pass]) -> dataclasses.Field | None:
+    return next((f for f in dataclasses.fields(cls) if f.metadata.get("pipeline") == "children"), None)
+
+
+def option_names(cls: type[Pass]) -> list[str]:
+    return [f.name.replace("_", "-") for f in _string_fields(cls)]
+
+
+_BARE = re.compile(r"^[A-Za-z_*./][\w.*/\-]*$")
+_RESERVED = {"true", "false", "none", "null"}
+
+
+def format_value(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return value if _BARE.match(value) and value.lower() not in _RESERVED else json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(format_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{format_value(k)}:{format_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, type):
+        return value.__name__
+    raise PipelineError(f"option value {value!r} of type {type(value).__name__} cannot be written in a pipeline string")
+
+
+def format_pass(p: Pass) -> str:
+    """The pipeline-string form of one pass (options that differ from their defaults)."""
+    opts = ",".join(f"{k.replace('_', '-')}={format_value(v)}" for k, v in p.options().items())
+    text = p.name + (f"{{{opts}}}" if opts else "")
+    children = _children_field(type(p))
+    if children is not None and getattr(p, children.name):
+        text += "(" + ",".join(format_pass(c) for c in getattr(p, children.name)) + ")"
+    return text
+
+
+def format_pipeline(passes: typing.Iterable[Pass]) -> str:
+    return ",".join(format_pass(p) for p in passes)
+
+
+class _Parser:
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.i = 0
+
+    def error(self, message: str) -> PipelineError:
+        pointer = " " * self.i + "^"
+        return PipelineError(f"{message} at position {self.i}:\n  {self.text}\n  {pointer}")
+
+    def skip_ws(self) -> None:
+        while self.i < len(self.text) and self.text[self.i].isspace():
+            self.i += 1
+
+    def peek(self) -> str:
+        self.skip_ws()
+        return self.text[self.i] if self.i < len(self.text) else ""
+
+    def expect(self, ch: str) -> None:
+        if self.peek() != ch:
+            raise self.error(f"expected '{ch}'")
+        self.i += 1
+
+    def pipeline(self, closing: str = "") -> list[Pass]:
+        items = []
+        if self.peek() in (closing, ""):
+            return items
+        while True:
+            items.append(self.item())
+            if self.peek() == ",":
+                self.i += 1
+                continue
+            if self.peek() == closing:
+                return items
+            raise self.error("expected ',' or end of pipeline")
+
+    def item(self) -> Pass:
+        self.skip_ws()
+        m = re.compile(r"[A-Za-z][\w\-]*").match(self.text, self.i)
+        if not m:
+            raise self.error("expected a pass name")
+        self.i = m.end()
+        cls = get(m.group(0))
+        raw: dict[str, Any] = {}
+        if self.peek() == "{":
+            self.i += 1
+            while self.peek() != "}":
+                km = re.compile(r"[A-Za-z][\w\-]*").match(self.text, self.i)
+                if not km:
+                    raise self.error(f"expected an option name of '{cls.name}'")
+                self.i = km.end()
+                self.expect("=")
+                raw[km.group(0)] = self.value()
+                if self.peek() == ",":
+                    self.i += 1
+                elif self.peek() != "}":
+                    raise self.error("expected ',' or '}'")
+            self.i += 1
+        children = None
+        if self.peek() == "(":
+            self.i += 1
+            children = self.pipeline(")")
+            self.expect(")")
+        return build_pass(cls, raw, children)
+
+    def value(self) -> Any:
+        ch = self.peek()
+        if ch == "[":
+            self.i += 1
+            items = []
+            while self.peek() != "]":
+                items.append(self.value())
+                if self.peek() == ",":
+                    self.i += 1
+                elif self.peek() != "]":
+                    raise self.error("expected ',' or ']'")
+            self.i += 1
+            return items
+        if ch == "{":
+            self.i += 1
+            out = {}
+            while self.peek() != "}":
+                key = self.value()
+                self.expect(":")
+                out[key] = self.value()
+                if self.peek() == ",":
+                    self.i += 1
+                elif self.peek() != "}":
+                    raise self.error("expected ',' or '}'")
+            self.i += 1
+            return out
+        if ch in "\"'":
+            end = self.i + 1
+            while end < len(self.text) and self.text[end] != ch:
+                end += 2 if self.text[end] == "\\" else 1
+            if end >= len(self.text):
+                raise self.error("unterminated string")
+            body = self.text[self.i + 1:end]
+            self.i = end + 1
+            return json.loads('"' + body.replace('"', '\\"') + '"') if ch == '"' else body
+        m = re.compile(r"[^,\]\}\):\s]+").match(self.text, self.i)
+        if not m:
+            raise self.error("expected a value")
+        self.i = m.end()
+        return _bare(m.group(0))
+
+
+def _bare(token: str) -> Any:
+    low = token.lower()
+    if low == "true":
+        return True
+    if low == "false":
+        return False
+    if low in ("none", "null"):
+        return None
+    for conv in (int, float):
+        try:
+            return conv(token)
+        except ValueError:
+            pass
+    return token
+
+
+def parse_pipeline(text: str) -> list[Pass]:
+    """Parse a pipeline string into pass objects."""
+    parser = _Parser(text)
+    passes = parser.pipeline()
+    if parser.peek() != "":
+        raise parser.error("unexpected text")
+    return passes
+
+
+# ---------------------------------------------------------------------------------------------
+# Type checking of options
+# ---------------------------------------------------------------------------------------------
+
+def build_pass(cls: type[Pass], raw: dict[str, Any], children: list[Pass] | None = None) -> Pass:
+    """Instantiate ``cls`` from option values given by name (kebab or snake case), type-checked."""
+    fields = {f.name: f for f in _string_fields(cls)}
+    hints = get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        fname = key.replace("-", "_")
+        if fname not in fields:
+            raise PipelineError(f"pass '{cls.name}' has no option '{key}'; its options: "
+                                f"{', '.join(option_names(cls)) or '(none)'}")
+        kwargs[fname] = coerce(value, hints.get(fname, Any), f"option '{key}' of pass '{cls.name}'")
+    child_field = _children_field(cls)
+    if children is not None:
+        if child_field is None:
+            raise PipelineError(f"pass '{cls.name}' does not take nested passes '(...)'")
+        kwargs[child_field.name] = tuple(children)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise PipelineError(f"pass '{cls.name}': {exc}") from exc
+
+
+def coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; lists become tuples where a tuple is declared."""
+    if tp is Any or tp is object:
+        return value
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is Literal:
+        if value in args:
+            return value
+        raise PipelineError(f"{where} must be one of {', '.join(map(repr, args))}; got {value!r}")
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce(value, arg, where)
+            except PipelineError as exc:
+                errors.append(str(exc))
+        raise PipelineError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {tp}")
+    if origin in (tuple, list, typing.Sequence, typing.Iterable) or tp in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            if isinstance(value, (str, int, float)):
+                value = [value]
+            else:
+                raise PipelineError(f"{where} expects a list; got {value!r}")
+        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+            if len(args) != len(value):
+                raise PipelineError(f"{where} expects {len(args)} items; got {len(value)}")
+            return tuple(coerce(v, a, where) for v, a in zip(value, args))
+        item = args[0] if args else Any
+        out = [coerce(v, item, where) for v in value]
+        return out if origin is list else tuple(out)
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise PipelineError(f"{where} expects a {{key: value}} mapping; got {value!r}")
+        kt, vt = args if args else (Any, Any)
+        return {coerce(k, kt, where): coerce(v, vt, where) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise PipelineError(f"{where} expects true/false; got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise PipelineError(f"{where} expects an integer; got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise PipelineError(f"{where} expects a number; got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise PipelineError(f"{where} expects a string; got {value!r}")
+    if isinstance(tp, type):
+        if isinstance(value, tp):
+            return value
+        raise PipelineError(f"{where} expects {tp.__name__}; got {value!r}")
+    return value

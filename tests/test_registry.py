@@ -1,0 +1,111 @@
+"""Pipeline strings: parsing, printing, type checks and error messages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import pytest
+from torch.fx import GraphModule
+
+import fxcompress as fxc
+from fxcompress.registry import available, format_value, get, parse_pipeline
+
+
+@fxc.register
+@dataclass(frozen=True)
+class _Opts(fxc.Pass):
+    name: ClassVar[str] = "test-options"
+    ratio: float = 0.5
+    round_to: int = 1
+    mode: Literal["l1", "l2"] = "l2"
+    exclude: tuple[str, ...] = ()
+    ratios: dict[str, float] | None = None
+    flag: bool = False
+    label: str = "x"
+
+    def run(self, gm: GraphModule, ctx: fxc.PassContext) -> fxc.PassResult:
+        return fxc.PassResult(gm)
+
+
+@pytest.mark.parametrize("text", [
+    "test-options",
+    "test-options{ratio=0.25,round-to=8}",
+    "test-options{mode=l1,exclude=[fc,layer4.*],flag=true}",
+    'test-options{ratios={layer3.*:0.6,fc:0.0},label="a b"}',
+    "repeat{n=3}(test-options{ratio=0.1},test-options)",
+    "pipeline{verify=false}(test-options,repeat{n=2}(test-options))",
+])
+def test_round_trip(text: str) -> None:
+    passes = parse_pipeline(text)
+    assert ",".join(map(str, passes)) == text
+    assert parse_pipeline(",".join(map(str, passes))) == passes
+
+
+def test_quoted_and_bare_keys_parse_alike() -> None:
+    assert parse_pipeline('test-options{ratios={"layer3.*":0.6}}') == parse_pipeline("test-options{ratios={layer3.*:0.6}}")
+
+
+def test_values_are_typed_and_converted() -> None:
+    (p,) = parse_pipeline("test-options{ratio=1,round-to=8,exclude=[a,'b,c'],ratios={x:1}}")
+    assert p == _Opts(ratio=1.0, round_to=8, exclude=("a", "b,c"), ratios={"x": 1.0})
+    assert isinstance(p.ratio, float) and isinstance(p.exclude, tuple)
+
+
+def test_pipeline_object_round_trip() -> None:
+    pipe = fxc.Pipeline.parse("test-options{ratio=0.3},repeat{n=2}(test-options{flag=true})")
+    assert str(pipe) == "test-options{ratio=0.3},repeat{n=2}(test-options{flag=true})"
+    assert str(fxc.Pipeline.parse(str(pipe))) == str(pipe)
+    assert [p.name for p in pipe.leaves()] == ["test-options", "test-options"]
+
+
+def test_unknown_pass_lists_known_names() -> None:
+    with pytest.raises(fxc.PipelineError, match=r"unknown pass 'fold-batchnrom'; known passes: .*test-options"):
+        parse_pipeline("test-options,fold-batchnrom")
+
+
+def test_unknown_option_lists_the_options() -> None:
+    with pytest.raises(fxc.PipelineError, match=r"no option 'ration'; its options: ratio, round-to, mode"):
+        parse_pipeline("test-options{ration=0.5}")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("test-options{ratio=abc}", r"option 'ratio' of pass 'test-options' expects a number; got 'abc'"),
+    ("test-options{round-to=1.5}", r"expects an integer; got 1.5"),
+    ("test-options{mode=l3}", r"must be one of 'l1', 'l2'; got 'l3'"),
+    ("test-options{flag=1}", r"expects true/false; got 1"),
+    ("test-options{ratio=0.5", r"expected ',' or '}'"),
+    ("test-options(test-options)", r"does not take nested passes"),
+    ("repeat{n=0}(test-options)", r"Repeat needs n >= 1"),
+])
+def test_bad_options_are_errors(text: str, message: str) -> None:
+    with pytest.raises(fxc.PipelineError, match=message):
+        parse_pipeline(text)
+
+
+def test_values_are_never_evaluated() -> None:
+    (p,) = parse_pipeline('test-options{label="__import__(\'os\').system(\'false\')"}')
+    assert p.label == "__import__('os').system('false')"
+
+
+def test_strings_that_look_like_literals_are_quoted() -> None:
+    assert format_value("true") == '"true"'
+    assert format_value("1.5") == '"1.5"'
+    assert format_value("layer3.*") == "layer3.*"
+    (p,) = parse_pipeline(str(_Opts(label="true")))
+    assert p.label == "true"
+
+
+def test_registry_lists_framework_and_entry_point_passes() -> None:
+    names = available()
+    assert {"pipeline", "repeat", "test-options"} <= set(names)
+    assert get("test-options") is _Opts
+
+
+def test_duplicate_name_is_an_error() -> None:
+    @dataclass(frozen=True)
+    class Clash(fxc.Pass):
+        name: ClassVar[str] = "test-options"
+
+    with pytest.raises(fxc.PipelineError, match="registered twice"):
+        fxc.register(Clash)
