@@ -70,6 +70,8 @@ class Compiled:
     engine: bytes | None = None
     engine_info: dict[str, Any] = field(default_factory=dict)
     backend: str = "none"
+    #: how to rebuild the source model (set by the CLI: ``{"factory": "mod:fn", "input_shape": ...}``)
+    source: dict[str, Any] | None = None
     lower: Callable[[Any], Any] | None = field(default=None, repr=False)
     _runner: Callable[..., Any] | None = field(default=None, repr=False)
     _backend_options: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -140,6 +142,7 @@ class Compiled:
             "inputs": self.inputs,
             "outputs": self.outputs,
             "engine": self.engine_info or None,
+            "source": self.source,
             "snapshots": [{"index": s.index, "name": s.name, "stage": s.stage, "file": f"graphs/{s.filename}"}
                           for s in self.snapshots],
             "files": {f: _sha256(out / f) for f in files},
@@ -205,7 +208,8 @@ def load(directory: str | Path, *, backend: str | None = None, providers: Sequen
     compiled = Compiled(
         graph_module=None, onnx_model=model, report=report, snapshots=snapshots, pipeline=manifest["pipeline"],
         target=manifest["target"], inputs=manifest["inputs"], outputs=manifest["outputs"],
-        engine=engine_path.read_bytes() if engine_path.is_file() else None, engine_info=manifest.get("engine") or {})
+        engine=engine_path.read_bytes() if engine_path.is_file() else None, engine_info=manifest.get("engine") or {},
+        source=manifest.get("source"))
     chosen = backend or manifest.get("load_backend", "onnxruntime")
     note = manifest.get("backend") if chosen == manifest.get("load_backend") else None
     compiled.use_backend(chosen, providers=providers, threads=threads, note=note)

@@ -89,6 +89,21 @@ def available() -> dict[str, type[Pass]]:
     return dict(sorted(_registry.items()))
 
 
+RECIPE_ENTRY_POINT_GROUP = "fxcompress.recipes"
+
+
+def recipes() -> dict[str, str]:
+    """Named pipelines: entry points of group ``fxcompress.recipes`` whose value is a
+    ``{name: pipeline string}`` mapping."""
+    table: dict[str, str] = {}
+    for ep in sorted(entry_points(group=RECIPE_ENTRY_POINT_GROUP), key=lambda e: e.name):
+        try:
+            table.update(ep.load())
+        except Exception as exc:
+            raise PipelineError(f"recipe entry point '{ep.name} = {ep.value}' failed to load: {exc}") from exc
+    return table
+
+
 def get(name: str) -> type[Pass]:
     _load()
     try:

@@ -1,0 +1,136 @@
+"""Latency, throughput, peak memory and size of compiled models, side by side with eager.
+
+Numbers here are measurements of one run on one machine: compare ratios from the same run,
+never absolute numbers across runs (the machine is shared and noisy).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    """One model's measurements; latency in milliseconds per call of ``batch`` samples."""
+
+    name: str
+    batch: int
+    median_ms: float
+    p90_ms: float
+    throughput: float
+    peak_rss_mb: float | None
+    peak_cuda_mb: float | None
+    size_bytes: int | None
+    iters: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _rss_kb(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def model_size(obj: Any) -> int | None:
+    """Bytes of what would be shipped: artifact files, ONNX model, or parameters and buffers."""
+    if isinstance(obj, (str, Path)) and Path(obj).is_dir():
+        return sum(f.stat().st_size for f in Path(obj).iterdir() if f.is_file() and f.suffix in (".onnx", ".engine"))
+    onnx_model = getattr(obj, "onnx_model", None)
+    if onnx_model is not None:
+        return onnx_model.ByteSize() + len(getattr(obj, "engine", None) or b"")
+    if isinstance(obj, torch.nn.Module):
+        return sum(t.numel() * t.element_size() for t in list(obj.parameters()) + list(obj.buffers()))
+    return None
+
+
+def benchmark(fn: Callable[..., Any], inputs: Sequence[Any], *, name: str = "model", warmup: int = 10,
+              iters: int = 100, size: int | None = None) -> BenchResult:
+    """Time ``fn(*inputs)``: median and p90 latency, throughput (samples/s), peak memory."""
+    inputs = tuple(inputs)
+    batch = int(inputs[0].shape[0]) if inputs and hasattr(inputs[0], "shape") and inputs[0].dim() else 1
+    if isinstance(fn, torch.nn.Module):
+        fn.eval()
+    gc.collect()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad():
+        for _ in range(warmup):
+            fn(*inputs)
+        tracked = _reset_peak_rss()
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn(*inputs)
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    times.sort()
+    median = statistics.median(times) * 1e3
+    p90 = times[min(len(times) - 1, int(round(0.9 * (len(times) - 1))))] * 1e3
+    hwm = _rss_kb("VmHWM") if tracked else None
+    return BenchResult(
+        name=name, batch=batch, median_ms=median, p90_ms=p90, throughput=batch / (median / 1e3),
+        peak_rss_mb=hwm / 1024 if hwm else None,
+        peak_cuda_mb=torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+        size_bytes=size if size is not None else model_size(fn), iters=iters)
+
+
+def ratios(result: BenchResult, baseline: BenchResult) -> dict[str, float | None]:
+    """``result`` relative to ``baseline`` (latency < 1 and speedup > 1 mean faster)."""
+    size = (result.size_bytes / baseline.size_bytes) if result.size_bytes and baseline.size_bytes else None
+    return {"latency": result.median_ms / baseline.median_ms, "speedup": baseline.median_ms / result.median_ms,
+            "size": size}
+
+
+def table(results: Sequence[BenchResult], baseline: BenchResult | None = None, title: str = "benchmark") -> Any:
+    from rich.table import Table
+
+    from .report import human
+
+    t = Table(title=title)
+    for col in ("model", "batch", "median ms", "p90 ms", "samples/s", "peak RSS MB", "size", "vs baseline"):
+        t.add_column(col, justify="left" if col == "model" else "right")
+    for r in results:
+        rel = "-"
+        if baseline is not None and r is not baseline:
+            q = ratios(r, baseline)
+            rel = f"{q['speedup']:.2f}x faster" if q["speedup"] >= 1 else f"{1 / q['speedup']:.2f}x slower"
+            if q["size"] is not None:
+                rel += f", {q['size']:.2f}x size"
+        t.add_row(r.name, str(r.batch), f"{r.median_ms:.3f}", f"{r.p90_ms:.3f}", f"{r.throughput:.1f}",
+                  f"{r.peak_rss_mb:.0f}" if r.peak_rss_mb else "-",
+                  human(r.size_bytes, "B") if r.size_bytes else "-", rel)
+    return t
+
+
+def to_json(results: Sequence[BenchResult], baseline: BenchResult | None = None) -> str:
+    rows = []
+    for r in results:
+        row = r.to_dict()
+        if baseline is not None and r is not baseline:
+            row["vs_baseline"] = ratios(r, baseline)
+        rows.append(row)
+    return json.dumps({"results": rows}, indent=2)

@@ -1,0 +1,284 @@
+"""The ``fxcompress`` command line: compile, inspect, diff, bench, compare, demo.
+
+Errors print one line and exit non-zero; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+
+from .errors import FxCompressError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Compress PyTorch models through torch.fx passes, lowered to ONNX Runtime and TensorRT.")
+console = Console(soft_wrap=True)
+_state = {"debug": False}
+
+
+class CliError(Exception):
+    """A user mistake on the command line: printed as one line."""
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
+    _state["debug"] = debug
+
+
+def parse_shapes(text: str) -> list[tuple[int, ...]]:
+    """``"1x3x224x224"`` or ``"1x3x8x8,1x10"`` (several inputs) -> shapes."""
+    shapes = []
+    for part in text.split(","):
+        try:
+            dims = tuple(int(d) for d in part.strip().lower().split("x"))
+        except ValueError:
+            raise CliError(f"--input-shape {text!r}: write each shape as integers joined by 'x', e.g. 1x3x224x224; "
+                           "separate several inputs with ','") from None
+        if not dims or any(d <= 0 for d in dims):
+            raise CliError(f"--input-shape {text!r}: dimensions must be positive integers")
+        shapes.append(dims)
+    return shapes
+
+
+def load_factory(spec: str) -> Any:
+    """Import ``module:factory`` and call it; returns its result."""
+    if ":" not in spec:
+        raise CliError(f"model {spec!r}: expected 'module:factory', e.g. mypkg.models:make_model")
+    mod_name, attr = spec.split(":", 1)
+    sys.path.insert(0, str(Path.cwd()))
+    try:
+        module = importlib.import_module(mod_name)
+    except ImportError as exc:
+        raise CliError(f"model {spec!r}: cannot import module '{mod_name}': {exc}") from exc
+    finally:
+        sys.path.pop(0)
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise CliError(f"model {spec!r}: module '{mod_name}' has no callable '{attr}'")
+    return factory()
+
+
+def _model_and_inputs(spec: str, input_shape: Optional[str]) -> tuple[Any, tuple[Any, ...]]:
+    import torch
+
+    made = load_factory(spec)
+    example = None
+    if isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], torch.nn.Module):
+        made, example = made
+    if not isinstance(made, torch.nn.Module):
+        raise CliError(f"model {spec!r}: the factory returned {type(made).__name__}, not a torch.nn.Module "
+                       "(or a (model, example_inputs) pair)")
+    if input_shape:
+        example = tuple(torch.randn(*s) for s in parse_shapes(input_shape))
+    if example is None:
+        raise CliError(f"model {spec!r}: give --input-shape (e.g. 1x3x224x224) or return (model, example_inputs)")
+    return made, example if isinstance(example, tuple) else (example,)
+
+
+def _calibration(path: Optional[Path], batch: int) -> Any:
+    if path is None:
+        return None
+    import numpy as np
+    import torch
+
+    if not path.is_file():
+        raise CliError(f"--calibration {path}: no such file")
+    data = torch.from_numpy(np.load(path))
+    return [data[i:i + batch] for i in range(0, len(data), batch)]
+
+
+@app.command("compile")
+def compile_cmd(
+    model: Optional[str] = typer.Argument(None, help="module:factory returning the model (or (model, inputs))."),
+    input_shape: Optional[str] = typer.Option(None, "--input-shape", help="e.g. 1x3x224x224; ',' between inputs."),
+    passes: str = typer.Option("", "--passes", help='Pipeline string, e.g. "fold-batchnorm,prune-channels{ratio=0.5}".'),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="A named pipeline (see --list-recipes)."),
+    list_recipes: bool = typer.Option(False, "--list-recipes", help="List the named pipelines and exit."),
+    target: str = typer.Option("onnxruntime", "--target", help="fx | onnx | onnxruntime | tensorrt | tensorrt-rtx"),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | int8 | best (TensorRT)"),
+    fallback: Optional[str] = typer.Option(None, "--fallback", help="onnxruntime: run there when TensorRT cannot."),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help=".npy array of calibration samples."),
+    batch: int = typer.Option(32, "--batch", help="Batch size for --calibration."),
+    out: Path = typer.Option(Path("out"), "--out", help="Artifact directory to write."),
+    report_html: Optional[Path] = typer.Option(None, "--report-html", help="Also write an HTML report here."),
+) -> None:
+    """Compile a model and save the artifact (model.onnx, manifest.json, report.json, graphs/)."""
+    from .registry import recipes
+
+    if list_recipes:
+        for name, text in recipes().items():
+            console.print(f"{name:22s} {text}", markup=False, highlight=False)
+        return
+    if model is None:
+        raise CliError("compile needs a model: fxcompress compile mypkg.models:make_model --input-shape 1x3x32x32")
+    if recipe and passes:
+        raise CliError("give --passes or --recipe, not both")
+    if recipe:
+        table = recipes()
+        if recipe not in table:
+            raise CliError(f"unknown recipe {recipe!r}; known: {', '.join(table)}")
+        passes = table[recipe]
+    from .api import compile as fx_compile
+
+    module, example = _model_and_inputs(model, input_shape)
+    calib = _calibration(calibration, batch)
+    compiled = fx_compile(module, example, passes, target=target, precision=precision, fallback=fallback,
+                          calibration=calib, train_data=None)
+    compiled.source = {"factory": model, "input_shape": input_shape}
+    compiled.save(out)
+    console.print(compiled.report.table())
+    console.print(f"backend: {compiled.backend}", markup=False)
+    if report_html:
+        from .report import write_html
+
+        write_html(compiled.report, report_html, snapshots=compiled.snapshots)
+        console.print(f"wrote {report_html}", markup=False)
+    console.print(f"wrote {out}/", markup=False)
+
+
+def _check_tensorrt(model: Any) -> list[Any] | None:
+    from .registry import available
+
+    cls = available().get("check-tensorrt")
+    if cls is None:
+        return None
+    module = importlib.import_module(cls.__module__)
+    return module.check_tensorrt(model)
+
+
+@app.command()
+def inspect(path: Path = typer.Argument(..., help="An artifact directory, a .onnx file or a .fxg file.")) -> None:
+    """Print a graph's canonical text, and for artifacts the per-pass report."""
+    from .graph_text import to_text
+
+    if not path.exists():
+        raise CliError(f"{path}: no such file or directory")
+    if path.is_dir():
+        from .artifact import read_manifest
+        from .report import Report
+
+        manifest = read_manifest(path)
+        snaps = manifest.get("snapshots") or []
+        if snaps:
+            console.print((path / snaps[-1]["file"]).read_text(encoding="utf-8"), markup=False, highlight=False)
+        report = Report.from_dict(json.loads((path / "report.json").read_text(encoding="utf-8")))
+        console.print(report.table())
+        console.print(f"target: {manifest['target']}  backend: {manifest['backend']}", markup=False)
+        console.print(f"pipeline: {manifest['pipeline']}", markup=False, highlight=False)
+        return
+    if path.suffix == ".fxg":
+        console.print(path.read_text(encoding="utf-8"), markup=False, highlight=False)
+        return
+    import onnx
+
+    try:
+        model = onnx.load_model(str(path))
+    except Exception as exc:  # noqa: BLE001 - any decode failure is the same user error
+        raise CliError(f"{path}: not an ONNX model ({type(exc).__name__}: {exc})") from exc
+    console.print(to_text(model), markup=False, highlight=False)
+    findings = _check_tensorrt(model)
+    if findings is not None:
+        console.print(f"CheckTensorRT: {len(findings)} finding(s)", markup=False)
+        for f in findings:
+            console.print(f"  {f}", markup=False, highlight=False)
+
+
+@app.command()
+def diff(a: Path = typer.Argument(..., help="Before (.fxg)."), b: Path = typer.Argument(..., help="After (.fxg).")
+         ) -> None:
+    """Unified diff of two canonical graph texts."""
+    from .graph_text import diff as text_diff
+
+    for p in (a, b):
+        if not p.is_file():
+            raise CliError(f"{p}: no such file")
+    out = text_diff(a.read_text(encoding="utf-8"), b.read_text(encoding="utf-8"), str(a), str(b))
+    console.print(out or "(no differences)", markup=False, highlight=False)
+
+
+@app.command()
+def bench(
+    path: Path = typer.Argument(..., help="An artifact directory."),
+    compare_eager: bool = typer.Option(False, "--compare-eager", help="Also run the source model (needs its factory)."),
+    batch: Optional[int] = typer.Option(None, "--batch", help="Batch size (default: the compiled input's)."),
+    iters: int = typer.Option(100, "--iters"),
+    warmup: int = typer.Option(10, "--warmup"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON here."),
+) -> None:
+    """Latency (median, p90), throughput, peak memory and size; side by side with eager."""
+    import torch
+
+    from . import bench as b
+    from .artifact import load
+
+    if not path.is_dir():
+        raise CliError(f"{path}: not an artifact directory (make one with `fxcompress compile ... --out DIR`)")
+    compiled = load(path)
+    shapes = [list(s["shape"]) for s in compiled.inputs]
+    if batch:
+        shapes = [[batch, *s[1:]] for s in shapes]
+    gen = torch.Generator().manual_seed(0)
+    inputs = tuple(torch.randn(*s, generator=gen) for s in shapes)
+    results = []
+    baseline = None
+    if compare_eager:
+        source = compiled.source or {}
+        if not source.get("factory"):
+            raise CliError(f"{path}: the artifact does not record the model's factory, so --compare-eager cannot "
+                           "rebuild it; compile with `fxcompress compile module:factory ...`")
+        eager, _ = _model_and_inputs(source["factory"], source.get("input_shape") or
+                                     ",".join("x".join(map(str, s)) for s in shapes))
+        baseline = b.benchmark(eager.eval(), inputs, name="eager (torch)", warmup=warmup, iters=iters)
+        results.append(baseline)
+    results.append(b.benchmark(compiled, inputs, name=f"compiled ({compiled.backend})", warmup=warmup, iters=iters,
+                               size=b.model_size(path)))
+    console.print(b.table(results, baseline))
+    if json_out:
+        json_out.write_text(b.to_json(results, baseline) + "\n", encoding="utf-8")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo_out"), "--out", help="Where to write the artifact and HTML report."),
+    quick: bool = typer.Option(False, "--quick", help="Fewer epochs (for CI)."),
+) -> None:
+    """The whole story on scikit-learn's digits: train, compress, lower, measure."""
+    from .demo import run_demo
+
+    run_demo(out=out, quick=quick, console=console)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except (CliError, FxCompressError, OSError) as exc:
+        if _state["debug"]:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        Console(stderr=True, soft_wrap=True).print(f"error: {first}", markup=False, highlight=False)
+        raise SystemExit(2) from None
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            raise SystemExit(exc.exit_code) from None
+        if isinstance(exc, click.exceptions.Exit):
+            raise SystemExit(exc.exit_code) from None
+        if isinstance(exc, click.exceptions.Abort):
+            raise SystemExit(1) from None
+        if _state["debug"]:
+            raise
+        Console(stderr=True, soft_wrap=True).print(f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                                                   markup=False, highlight=False)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()

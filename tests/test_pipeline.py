@@ -1,0 +1,271 @@
+"""The pass manager: verification, rollback, ordering, instruments, nesting."""
+
+from __future__ import annotations
+
+import io
+import operator
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pytest
+import torch
+from torch import nn
+from torch.fx import GraphModule
+
+import fxcompress as fxc
+from fxcompress.pass_base import PassContext, PassResult
+from fxcompress.trace import trace
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.conv(x))
+        y = y.mean(dim=(2, 3))
+        return self.fc(y) + 0.5
+
+
+X = (torch.randn(2, 3, 6, 6),)
+
+
+@fxc.register
+@dataclass(frozen=True)
+class NoOp(fxc.Pass):
+    name: ClassVar[str] = "test-noop"
+    exact: ClassVar[bool] = True
+
+    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
+        return PassResult(gm)
+
+
+@fxc.register
+@dataclass(frozen=True)
+class ReluToSigmoid(fxc.Pass):
+    """Deliberately broken: claims to be exact but changes the activation."""
+
+    name: ClassVar[str] = "test-relu-to-sigmoid"
+    exact: ClassVar[bool] = True
+
+    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
+        for n in gm.graph.nodes:
+            if n.target is torch.relu:
+                n.target = torch.sigmoid
+        gm.recompile()
+        return PassResult(gm)
+
+
+@fxc.register
+@dataclass(frozen=True)
+class Explode(fxc.Pass):
+    name: ClassVar[str] = "test-explode"
+
+    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
+        next(iter(gm.graph.nodes)).name = "half_done"  # a partial edit that must not leak out
+        raise RuntimeError("boom")
+
+
+@fxc.register
+@dataclass(frozen=True)
+class DropModule(fxc.Pass):
+    """Deliberately broken: deletes a submodule still used by the graph."""
+
+    name: ClassVar[str] = "test-drop-module"
+
+    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
+        delattr(gm, "fc")
+        return PassResult(gm)
+
+
+@fxc.register
+@dataclass(frozen=True)
+class ScaleFc(fxc.Pass):
+    """Lossy on purpose: its error against the original must be reported."""
+
+    name: ClassVar[str] = "test-scale-fc"
+    factor: float = 1.1
+
+    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
+        with torch.no_grad():
+            gm.fc.weight.mul_(self.factor)
+        return PassResult(gm, stats={"factor": self.factor})
+
+
+@fxc.register
+@dataclass(frozen=True)
+class AddZeroToOutput(fxc.Pass):
+    """Changes the graph text but not the values (x + 0.0 before output)."""
+
+    name: ClassVar[str] = "test-add-zero"
+    exact: ClassVar[bool] = True
+
+    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        with gm.graph.inserting_before(out):
+            z = gm.graph.call_function(operator.add, (out.args[0], 0.0))
+        out.args = (z,)
+        gm.recompile()
+        return PassResult(gm)
+
+
+@fxc.register
+@dataclass(frozen=True)
+class NeedsCalibration(fxc.Pass):
+    name: ClassVar[str] = "test-needs-calibration"
+    requires: ClassVar[tuple[str, ...]] = ("calibration-data",)
+    calls: ClassVar[list[int]] = []
+
+    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
+        NeedsCalibration.calls.append(1)
+        return PassResult(gm)
+
+
+@fxc.register
+@dataclass(frozen=True)
+class OnnxNoOp(fxc.OnnxPass):
+    name: ClassVar[str] = "test-onnx-noop"
+    exact: ClassVar[bool] = True
+
+    def run(self, graph, ctx):  # type: ignore[no-untyped-def]
+        return PassResult(graph)
+
+
+def compile_fx(passes, **kw):  # type: ignore[no-untyped-def]
+    return fxc.compile(Net(), X, passes, target="fx", **kw)
+
+
+def test_report_has_one_row_per_pass_and_snapshots_match() -> None:
+    c = compile_fx([NoOp(), AddZeroToOutput(), ScaleFc()])
+    assert [r.name for r in c.report] == ["input", "test-noop", "test-add-zero", "test-scale-fc"]
+    assert [r.status for r in c.report] == ["ok", "unchanged", "ok", "ok"]
+    assert [r.changed for r in c.report] == [False, False, True, False]
+    assert c.report[3].weights_changed and c.report[3].stats == {"factor": 1.1}
+    assert len(c.snapshots) == 4 and str(c.snapshots[-1]) == c.snapshots[-1].text
+    assert c.snapshots[1].text == c.snapshots[0].text != c.snapshots[2].text
+    assert c.report[2].error["max_abs"] < 1e-6 and c.report[2].error["cosine"] > 0.999999
+    assert c.report[3].error["max_abs"] > 1e-3  # lossy pass: error vs the original is measured
+    assert c.report[0].params == sum(p.numel() for p in Net().parameters())
+    assert "test-scale-fc" in str(c.report)
+
+
+def test_exact_pass_that_changes_outputs_names_first_divergent_node() -> None:
+    model = Net()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(fxc.PassVerificationError) as info:
+        fxc.compile(model, X, [NoOp(), ReluToSigmoid()], target="fx")
+    err = info.value
+    assert err.pass_name == "test-relu-to-sigmoid" and err.position == 2 and err.node == "relu"
+    assert "first divergent node: 'relu'" in str(err) and "rolled back" in str(err)
+    assert "torch.sigmoid" in err.diff
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_raising_pass_is_rolled_back_with_cause() -> None:
+    with pytest.raises(fxc.PassError) as info:
+        compile_fx([Explode()])
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert "'test-explode' (#1) raised RuntimeError: boom" in str(info.value)
+
+
+def test_skip_keeps_the_previous_graph() -> None:
+    c = compile_fx([AddZeroToOutput(), Explode(), DropModule(), NoOp()], on_error="skip")
+    statuses = [r.status for r in c.report]
+    assert statuses == ["ok", "ok", "rolled-back", "rolled-back", "unchanged"]
+    assert "half_done" not in c.snapshots[-1].text
+    assert hasattr(c.graph_module, "fc")
+    assert torch.allclose(c.graph_module(*X), Net()(*X), atol=1e-6)
+    assert "fc" in c.report[3].diagnostics[0]["message"]
+
+
+def test_broken_graph_names_the_node() -> None:
+    with pytest.raises(fxc.PassError, match="left a broken graph: graph fails lint") as info:
+        compile_fx([DropModule()])
+    assert info.value.node == "fc" and "-call_module   %fc = fc:Linear(8->4)" in info.value.diff
+
+
+def test_requirements_checked_before_any_pass_runs() -> None:
+    NeedsCalibration.calls.clear()
+    with pytest.raises(fxc.PipelineError, match=r"'test-needs-calibration' \(#1\) requires 'calibration-data': "
+                                                 r"pass calibration="):
+        compile_fx([NoOp(), NeedsCalibration()])
+    assert NeedsCalibration.calls == []
+    compile_fx([NeedsCalibration()], calibration=[X[0]])
+    assert NeedsCalibration.calls == [1]
+
+
+def test_fx_pass_after_onnx_pass_is_rejected() -> None:
+    with pytest.raises(fxc.PipelineError, match="works on the FX graph but comes after ONNX pass 'test-onnx-noop'"):
+        fxc.Pipeline([OnnxNoOp(), NoOp()]).check(PassContext(X))
+
+
+def test_repeat_and_nested_pipelines_run_in_order() -> None:
+    c = compile_fx("test-noop,repeat{n=3}(test-scale-fc{factor=0.5}),pipeline(test-noop)")
+    names = [r.name for r in c.report]
+    assert names == ["input", "test-noop"] + [f"repeat[{k}/3]/test-scale-fc{{factor=0.5}}" for k in (1, 2, 3)] \
+        + ["test-noop"]
+    w0 = Net().fc.weight
+    assert torch.allclose(c.graph_module.fc.weight, w0 * 0.125)
+
+
+def test_pipeline_string_is_recorded() -> None:
+    c = compile_fx([NoOp(), ScaleFc(factor=2.0)])
+    assert c.pipeline == "test-noop,test-scale-fc{factor=2.0}"
+    assert c.report.meta["pipeline"] == c.pipeline
+
+
+def test_instruments_print_dump_time_and_bisect(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    buf = io.StringIO()
+    timing = fxc.PassTiming()
+    bisect = fxc.Bisect(lambda gm, ctx: float(gm.fc.weight.detach().abs().max()) < 10.0)
+    compile_fx([NoOp(), ScaleFc(factor=3.0), ScaleFc(factor=30.0), NoOp()],
+               instruments=[fxc.PrintAfter(["test-scale-fc"], stream=buf), fxc.DumpGraphs(tmp_path), timing, bisect])
+    assert buf.getvalue().count("// after test-scale-fc") == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "00_input.fxg", "01_test-noop.fxg", "02_test-scale-fc.fxg", "03_test-scale-fc.fxg", "04_test-noop.fxg"]
+    assert set(timing.times) == {"input", "test-noop", "test-scale-fc"}
+    assert bisect.culprit == "test-scale-fc{factor=30.0}" and bisect.culprit_index == 3
+
+
+def test_numeric_check_rolls_back_a_pass_beyond_limits() -> None:
+    c = compile_fx([ScaleFc(factor=1.0001), ScaleFc(factor=5.0)], on_error="skip",
+                   instruments=[fxc.NumericCheck(min_cosine=0.9999, max_abs=0.01)])
+    assert [r.status for r in c.report] == ["ok", "ok", "rolled-back"]
+    assert "max abs error" in c.report[2].diagnostics[0]["message"]
+
+
+def test_analysis_cache_is_invalidated_when_the_graph_changes() -> None:
+    ctx = PassContext(X)
+    calls = []
+    ctx.analysis("shapes", lambda: calls.append(1) or "value")
+    ctx.analysis("shapes", lambda: calls.append(1) or "value")
+    assert calls == [1]
+    gm = trace(Net(), X)
+    fxc.Pipeline([NoOp()]).apply(gm, ctx)
+    assert ctx.cached_analyses == ("shapes",)
+    fxc.Pipeline([AddZeroToOutput()]).apply(gm, ctx)
+    assert ctx.cached_analyses == ()
+
+
+def test_apply_does_not_touch_the_given_graph_module() -> None:
+    gm = trace(Net(), X)
+    code = gm.code
+    fxc.Pipeline([AddZeroToOutput(), ScaleFc()]).apply(gm, PassContext(X))
+    assert gm.code == code
+
+
+def test_passing_a_class_instead_of_instance_is_a_clear_error() -> None:
+    with pytest.raises(fxc.PipelineError, match=r"did you pass the class instead of an instance"):
+        fxc.Pipeline([NoOp])  # type: ignore[list-item]
+
+
+def test_bad_compile_arguments() -> None:
+    with pytest.raises(fxc.PipelineError, match="unknown target 'tpu'"):
+        fxc.compile(Net(), X, [], target="tpu")
+    with pytest.raises(fxc.PipelineError, match="needs a torch.nn.Module"):
+        fxc.compile(lambda x: x, X, [])  # type: ignore[arg-type]
+    with pytest.raises(fxc.PipelineError, match="example_inputs must be"):
+        fxc.compile(Net(), [], [])
