@@ -10,7 +10,7 @@ from .api import compile
 from .artifact import Compiled, load
 from .errors import (ArtifactError, BackendUnavailable, ExportError, FxCompressError, InputError,
                      PassError, PassVerificationError, PipelineError, TraceError)
-from .instruments import Bisect, DumpGraphs, NumericCheck, PassTiming, PrintAfter, ProgressBar
+from .instruments import Bisect, DumpGraphs, Evaluate, NumericCheck, PassTiming, PrintAfter, ProgressBar
 from .pass_base import Diagnostic, OnnxPass, Pass, PassContext, PassResult
 from .pipeline import Pipeline, Repeat, Snapshot
 from .registry import available as available_passes
@@ -20,7 +20,7 @@ from .report import PassRecord, Report
 __version__ = "0.1.0"
 
 __all__ = [
-    "ArtifactError", "BackendUnavailable", "Bisect", "Compiled", "Diagnostic", "DumpGraphs", "ExportError",
+    "ArtifactError", "BackendUnavailable", "Bisect", "Compiled", "Diagnostic", "DumpGraphs", "Evaluate", "ExportError",
     "FxCompressError", "InputError", "NumericCheck", "OnnxPass", "Pass", "PassContext", "PassError",
     "PassRecord", "PassTiming", "PassVerificationError", "Pipeline", "PipelineError", "PrintAfter",
     "ProgressBar", "Repeat", "Report", "Snapshot", "TraceError", "available_passes", "compile", "load",

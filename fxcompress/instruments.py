@@ -148,3 +148,28 @@ class _TaskHandle:
     def advance(self, n: float = 1, **fields: Any) -> None:
         info = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
         self.progress.update(self.tid, advance=n, info=info)
+
+
+class Evaluate:
+    """Score the graph after every step with ``metric(run) -> float`` and store it in the row's
+    stats under ``name`` (e.g. test-set accuracy of each stage). ``run`` takes a batch tensor:
+    the GraphModule for FX steps, an ONNX Runtime session for ONNX steps."""
+
+    def __init__(self, metric: Callable[[Callable[..., Any]], float], name: str = "accuracy") -> None:
+        self.metric, self.name = metric, name
+        self.values: dict[str, float] = {}
+
+    def after_pass(self, p: Pass | None, graph: Any, record: PassRecord, ctx: PassContext) -> None:
+        from torch.fx import GraphModule
+
+        if record.status == "rolled-back":
+            return
+        if isinstance(graph, GraphModule):
+            run: Callable[..., Any] = graph
+        else:
+            from .backends.onnxruntime import OrtRunner
+
+            run = OrtRunner(graph)
+        value = float(self.metric(run))
+        record.stats[self.name] = value
+        self.values[record.name] = value
