@@ -16,6 +16,7 @@ from .pipeline import Pipeline, Repeat, Snapshot
 from .registry import available as available_passes
 from .registry import parse_pipeline, register
 from .report import PassRecord, Report
+from .stats import GraphStats, LayerStats, graph_stats, onnx_stats
 
 __version__ = "0.1.0"
 
@@ -23,6 +24,6 @@ __all__ = [
     "ArtifactError", "BackendUnavailable", "Bisect", "Compiled", "Diagnostic", "DumpGraphs", "Evaluate", "ExportError",
     "FxCompressError", "InputError", "NumericCheck", "OnnxPass", "Pass", "PassContext", "PassError",
     "PassRecord", "PassTiming", "PassVerificationError", "Pipeline", "PipelineError", "PrintAfter",
-    "ProgressBar", "Repeat", "Report", "Snapshot", "TraceError", "available_passes", "compile", "load",
+    "ProgressBar", "Repeat", "Report", "GraphStats", "LayerStats", "graph_stats", "onnx_stats", "Snapshot", "TraceError", "available_passes", "compile", "load",
     "parse_pipeline", "register", "__version__",
 ]

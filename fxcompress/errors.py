@@ -44,4 +44,5 @@ class ArtifactError(FxCompressError):
 
 
 class InputError(FxCompressError, ValueError):
-    """Inputs given to a compiled model do not match what it was compiled for."""
+    """Bad input given to fxcompress: inputs that do not match what a model was compiled for, or a
+    graph without the shape metadata a function needs."""
