@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .artifact import Compiled, tensor_specs
-from .errors import BackendUnavailable, FxCompressError, PipelineError
+from .errors import BackendUnavailable, ExportError, FxCompressError, PipelineError
 from .pass_base import Pass, PassContext
 from .pipeline import Pipeline
 
@@ -146,7 +146,7 @@ def _attach_backend(compiled: Compiled, target: str, *, precision: str, fallback
         compiled.engine_info = build.describe()
         compiled.report.meta["engine"] = compiled.engine_info
         compiled.use_backend(target)
-    except BackendUnavailable as exc:
+    except (BackendUnavailable, ExportError) as exc:
         if fallback != "onnxruntime":
             raise
         _fall_back(compiled, target, exc, providers, threads)

@@ -143,13 +143,13 @@ def compile_cmd(
 
 
 def _check_tensorrt(model: Any) -> list[Any] | None:
+    """CheckTensorRT findings, found through the pass registry (the framework never imports passes/)."""
     from .registry import available
 
     cls = available().get("check-tensorrt")
     if cls is None:
         return None
-    module = importlib.import_module(cls.__module__)
-    return module.check_tensorrt(model)
+    return importlib.import_module(cls.__module__).check_tensorrt(model)
 
 
 @app.command()

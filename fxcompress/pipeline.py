@@ -195,7 +195,7 @@ def _weights_digest(module: torch.nn.Module) -> str:
     h = hashlib.blake2b(digest_size=16)
     for name, t in sorted(module.state_dict().items()):
         h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -244,7 +244,10 @@ class _Run:
     def _stats(self, graph: Any) -> dict[str, int]:
         from .stats import graph_stats, onnx_stats
 
-        s = graph_stats(graph) if isinstance(graph, GraphModule) else onnx_stats(graph)
+        if isinstance(graph, GraphModule):
+            s = graph_stats(graph)
+        else:
+            s = onnx_stats(graph, [tuple(t.shape) for t in self.ctx.example_inputs])
         nodes = len(graph.graph.nodes) if isinstance(graph, GraphModule) else len(graph.graph.node)
         return {"nodes": nodes, "params": s.params, "nonzero": s.nonzero, "bytes": s.bytes, "macs": s.macs}
 

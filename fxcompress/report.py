@@ -107,7 +107,7 @@ class Report(Sequence[PassRecord]):
         console.print(self.table())
         for key, value in self.meta.items():
             if value:
-                console.print(f"{key}: {value}")
+                console.print(f"{key}: {_meta_text(key, value)}")
         for r in self.rows:
             for d in r.diagnostics:
                 if d.get("severity") in ("warning", "error"):
@@ -134,6 +134,15 @@ class Report(Sequence[PassRecord]):
     def from_dict(cls, data: dict[str, Any]) -> "Report":
         rows = [PassRecord(**row) for row in data.get("passes", [])]
         return cls(rows, data.get("meta", {}))
+
+
+def _meta_text(key: str, value: Any) -> str:
+    if key == "engine" and isinstance(value, dict):
+        return (f"{value.get('module')} {value.get('version')}, {human(value.get('bytes') or 0, 'B')}, "
+                f"built in {value.get('build_seconds', 0):.2f}s, precision {value.get('options', {}).get('precision')}")
+    if isinstance(value, dict):
+        return ", ".join(f"{k} ({v})" for k, v in value.items())
+    return str(value)
 
 
 def _fmt(value: Any, spec: str) -> str:

@@ -781,12 +781,30 @@ def _onnx_values(tensor: Any) -> tuple[int, int]:
         return numel, numel
 
 
-def onnx_stats(model: onnx.ModelProto | str | os.PathLike[str]) -> GraphStats:
+def _pin_input_shapes(model: onnx.ModelProto, input_shapes: Sequence[Sequence[int]]) -> onnx.ModelProto:
+    pinned = type(model)()
+    pinned.CopyFrom(model)
+    initializers = {t.name for t in pinned.graph.initializer}
+    inputs = [i for i in pinned.graph.input if i.name not in initializers]
+    for info, shape in zip(inputs, input_shapes):
+        dims = info.type.tensor_type.shape.dim
+        if len(dims) != len(shape):
+            continue
+        for dim, size in zip(dims, shape):
+            dim.ClearField("dim_param")
+            dim.dim_value = int(size)
+    return pinned
+
+
+def onnx_stats(model: onnx.ModelProto | str | os.PathLike[str],
+               input_shapes: Sequence[Sequence[int]] | None = None) -> GraphStats:
     """Statistics of an ONNX model: initializers and Constant tensors with their real dtype sizes.
 
     Shapes come from ``onnx.shape_inference.infer_shapes`` (on a copy; the model is not changed);
-    dynamic dimensions count as 1. A MAC op whose shapes cannot be inferred gets
-    ``macs_known=False``. Layers are keyed by node name (``<op_type>_<index>`` when unnamed).
+    ``input_shapes`` (one per graph input, in order) pins dynamic input dimensions, so MACs match
+    the FX graph's on the same example inputs; dynamic dimensions left count as 1. A MAC op whose
+    shapes cannot be inferred gets ``macs_known=False``. Layers are keyed by node name
+    (``<op_type>_<index>`` when unnamed).
     """
     import onnx
 
@@ -794,6 +812,8 @@ def onnx_stats(model: onnx.ModelProto | str | os.PathLike[str]) -> GraphStats:
         model = onnx.load(os.fspath(model))
     if not isinstance(model, onnx.ModelProto):
         raise InputError(f"onnx_stats takes an onnx.ModelProto or a path, got {type(model).__name__}")
+    if input_shapes is not None:
+        model = _pin_input_shapes(model, input_shapes)
     try:
         inferred = onnx.shape_inference.infer_shapes(model)
     except Exception:  # inference is best effort; value_info already in the model still helps
