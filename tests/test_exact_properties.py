@@ -1,0 +1,198 @@
+"""Property: every exact clean-up / fusion pass, alone and all in sequence (any order), keeps the
+outputs of random conv / BN / linear / activation stacks, and of every model in the test zoo."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from _passes_util import (apply, assert_same_outputs, assert_untouched, call_module_types, randomize_bn,
+                          snapshot, traced)
+from passes.cleanup import EliminateDeadCode, FoldConstants, RemoveDropout, RemoveIdentity
+from passes.fuse import FoldBatchNorm
+
+EXACT_PASSES = (EliminateDeadCode(), RemoveDropout(), RemoveIdentity(), FoldConstants(), FoldBatchNorm())
+
+
+# --------------------------------------------------------------------------- building blocks
+
+class Residual(nn.Module):
+    def __init__(self, *body: nn.Module) -> None:
+        super().__init__()
+        self.body = nn.Sequential(*body)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class SharedOutput(nn.Module):
+    """``bn(p(x)) + p(x)``: the producer's output has two users, so the BN cannot be folded."""
+
+    def __init__(self, producer: nn.Module, bn: nn.Module) -> None:
+        super().__init__()
+        self.producer, self.bn = producer, bn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.producer(x)
+        return self.bn(y) + y
+
+
+class Scale(nn.Module):
+    """``x * exp(s)`` per channel: a parameter-only subgraph for FoldConstants."""
+
+    def __init__(self, channels: int, rank: int) -> None:
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.randn(channels) * 0.3)
+        self.shape = (1, channels) + (1,) * (rank - 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.log_scale.exp().reshape(self.shape)
+
+
+class Noops(nn.Module):
+    """``x * 1``, ``.contiguous()`` and functional eval dropout: all removable."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout((x * 1).contiguous(), 0.3, training=self.training)
+
+
+class Pool(nn.Module):
+    """(N, C, ...) -> (N, C) by averaging the spatial dims."""
+
+    def __init__(self, rank: int) -> None:
+        super().__init__()
+        self.dims = tuple(range(2, rank))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(x.mean(dim=self.dims), 1)
+
+
+# --------------------------------------------------------------------------- random stacks
+
+RANK = {"2d": 4, "1d": 3, "flat": 2}
+SIMPLE = ("bn", "relu", "gelu", "dropout", "identity", "residual", "shared", "scale", "noops")
+OPS = {"2d": ("conv", "convT", *SIMPLE, "pool"), "1d": ("conv", *SIMPLE, "pool"), "flat": ("linear", *SIMPLE)}
+
+
+@st.composite
+def stacks(draw: Any) -> tuple[str, int, list[tuple[Any, ...]], int]:
+    """(input kind, input channels, layer specs, seed): specs are plain tuples so failures print."""
+    kind = start_kind = draw(st.sampled_from(sorted(RANK)))
+    channels = start = draw(st.sampled_from([2, 4, 6]))
+    specs: list[tuple[Any, ...]] = []
+    for _ in range(draw(st.integers(1, 7))):
+        op = draw(st.sampled_from(OPS[kind]))
+        if op in ("conv", "convT", "linear"):
+            out = draw(st.sampled_from([2, 4, 6, 8]))
+            groups = draw(st.sampled_from([1, 2])) if op != "linear" else 1
+            k = draw(st.sampled_from([1, 3] if op == "conv" else [1, 2]))
+            specs.append((op, channels, out, k, groups, draw(st.booleans())))
+            channels = out
+        elif op == "pool":
+            specs.append((op,))
+            kind = "flat"
+        else:
+            specs.append((op, channels, kind))
+    return start_kind, start, specs, draw(st.integers(0, 2**16))
+
+
+def _producer(op: str, cin: int, cout: int, k: int, groups: int, bias: bool, kind: str) -> nn.Module:
+    if op == "linear":
+        return nn.Linear(cin, cout, bias=bias)
+    if op == "convT":
+        return nn.ConvTranspose2d(cin, cout, k, groups=groups, bias=bias)
+    conv = nn.Conv2d if kind == "2d" else nn.Conv1d
+    return conv(cin, cout, k, padding=k // 2, groups=groups, bias=bias)
+
+
+def _bn(channels: int, kind: str) -> nn.Module:
+    return nn.BatchNorm2d(channels) if kind == "2d" else nn.BatchNorm1d(channels)
+
+
+def build(start_kind: str, start: int, specs: list[tuple[Any, ...]], seed: int) -> tuple[nn.Module, tuple]:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    kind = start_kind
+    for spec in specs:
+        op = spec[0]
+        if op in ("conv", "convT", "linear"):
+            layers += [_producer(*spec, kind=kind), _bn(spec[2], kind)]
+        elif op == "pool":
+            layers.append(Pool(RANK[kind]))
+            kind = "flat"
+        else:
+            c = spec[1]
+            same = (nn.Linear(c, c) if kind == "flat" else _producer("conv", c, c, 3, 1, True, kind))
+            layers.append({
+                "bn": lambda: _bn(c, kind), "relu": nn.ReLU, "gelu": nn.GELU,
+                "dropout": lambda: nn.Dropout(0.5),
+                "identity": nn.Identity, "residual": lambda: Residual(same, _bn(c, kind)),
+                "shared": lambda: SharedOutput(same, _bn(c, kind)), "scale": lambda: Scale(c, RANK[kind]),
+                "noops": Noops,
+            }[op]())
+    model = nn.Sequential(*layers).eval()
+    randomize_bn(model, torch.Generator().manual_seed(seed))
+    shape = {"2d": (2, start, 5, 5), "1d": (2, start, 8), "flat": (3, start)}[start_kind]
+    return model, (torch.randn(*shape, generator=torch.Generator().manual_seed(seed + 1)),)
+
+
+def _bn_nodes(gm: torch.fx.GraphModule) -> int:
+    return sum(v for k, v in call_module_types(gm).items() if k.startswith("BatchNorm"))
+
+
+@settings(max_examples=20, deadline=None)
+@given(stacks(), st.permutations(range(len(EXACT_PASSES))))
+def test_exact_passes_preserve_random_stacks(stack: tuple, order: list[int]) -> None:
+    model, inputs = build(*stack)
+    before = snapshot(model)
+    base = traced(model, inputs)
+    for p in EXACT_PASSES:
+        gm = apply(p, copy.deepcopy(base), inputs).graph
+        assert_same_outputs(model, gm, inputs)
+
+    gm = base
+    for i in order:
+        res = apply(EXACT_PASSES[i], gm, inputs)
+        gm = res.graph
+        assert_same_outputs(model, gm, inputs)
+        if isinstance(EXACT_PASSES[i], FoldBatchNorm):
+            assert _bn_nodes(gm) == len(res.stats["skipped"])
+    types = call_module_types(gm)
+    assert not {"Dropout", "Identity"} & set(types)
+    assert "dropout" not in str(gm.code)
+    assert_untouched(model, before)
+
+
+# --------------------------------------------------------------------------- the zoo
+
+try:
+    from zoo import ZOO
+except ImportError:  # pragma: no cover - the zoo lives beside these tests
+    ZOO = {}
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_exact_passes_preserve_zoo_models(name: str) -> None:
+    from fxcompress.trace import trace
+
+    model, inputs = ZOO[name]()
+    before = snapshot(model)
+    gm = trace(model, inputs)
+    bns = _bn_nodes(gm)
+    folded = 0
+    for p in EXACT_PASSES:
+        res = apply(p, gm, inputs)
+        gm = res.graph
+        assert_same_outputs(model, gm, inputs)
+        if isinstance(p, FoldBatchNorm):
+            folded = len(res.stats["folded"])
+            assert _bn_nodes(gm) == len(res.stats["skipped"]) == bns - folded
+    assert not {"Dropout", "Identity"} & set(call_module_types(gm))
+    assert_untouched(model, before)
