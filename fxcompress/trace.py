@@ -1,0 +1,393 @@
+"""nn.Module -> torch.fx.GraphModule, with errors that say where tracing failed and how to fix it.
+
+``trace`` deep-copies the model (the user's object, weights and training flag stay untouched),
+symbolically traces the copy with a custom ``torch.fx.Tracer`` and propagates shapes so every
+node carries ``meta["tensor_meta"]``. A submodule that cannot be traced (data-dependent control
+flow, iterating a Proxy, an untraceable call) is kept as an opaque leaf and the trace retried, so
+the rest of the model stays visible to passes; ``gm.meta["opaque_modules"]`` lists every module no
+pass can look into, with the reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import io
+import linecache
+import os
+import sys
+import sysconfig
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Literal, Sequence
+
+import torch
+from torch import nn
+from torch.fx import GraphModule, Interpreter, Node, Tracer
+
+from .errors import InputError, TraceError
+
+OnUntraceable = Literal["leaf", "error"]
+
+#: Modules kept opaque unless the user says otherwise: torch.fx cannot trace them (their forward
+#: branches on tensor properties) or they would expand into huge graphs no pass rewrites.
+DEFAULT_LEAF_TYPES: tuple[type[nn.Module], ...] = (
+    nn.MultiheadAttention,
+    nn.RNNBase,
+    nn.RNNCellBase,
+    nn.Transformer,
+    nn.TransformerEncoder,
+    nn.TransformerDecoder,
+    nn.TransformerEncoderLayer,
+    nn.TransformerDecoderLayer,
+)
+
+REASON_DEFAULT_LEAF = "leaf by default"
+REASON_USER_LEAF = "leaf_modules"
+
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+_STDLIB_DIR = os.path.abspath(sysconfig.get_paths()["stdlib"]) + os.sep
+_THIS_FILE = os.path.abspath(__file__)
+
+
+@dataclass(frozen=True)
+class _Failure:
+    path: str
+    type_name: str
+    exc: BaseException
+
+
+class _Tracer(Tracer):
+    """A Tracer that honours leaf types/paths and remembers the innermost module that failed."""
+
+    def __init__(self, leaf_types: tuple[type, ...], leaf_paths: frozenset[str]) -> None:
+        super().__init__()
+        self.leaf_types = leaf_types
+        self.leaf_paths = leaf_paths
+        self.failure: _Failure | None = None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self.leaf_paths:
+            return True
+        if self.leaf_types and isinstance(m, self.leaf_types):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def create_node(self, kind: str, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                    name: str | None = None, type_expr: Any | None = None) -> Node:
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        loc = _caller_location() if kind not in ("placeholder", "output") else None
+        if loc is not None:
+            node.meta["source_location"] = loc
+        return node
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> Any:
+        try:
+            path: str | None = self.path_of_module(m)
+        except NameError:
+            path = None
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception as exc:
+            if path and not (self.failure is not None and _in_chain(self.failure.exc, exc)):
+                self.failure = _Failure(path, type(m).__name__, exc)
+            raise
+
+
+def _in_chain(needle: BaseException, exc: BaseException) -> bool:
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if cur is needle:
+            return True
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+def _is_library_file(filename: str) -> bool:
+    fn = os.path.abspath(filename)
+    in_stdlib = fn.startswith(_STDLIB_DIR) and "-packages" + os.sep not in fn
+    return filename.startswith("<") or fn.startswith(_TORCH_DIR) or in_stdlib or fn == _THIS_FILE
+
+
+def _caller_location() -> str | None:
+    """``file:line`` of the user's code creating the current node (cheap: walks live frames)."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if filename == __file__ or os.path.abspath(filename) == _THIS_FILE:
+            return None
+        if not _is_library_file(filename):
+            return f"{filename}:{frame.f_lineno}"
+        frame = frame.f_back
+    return None
+
+
+def _user_frame(exc: BaseException) -> traceback.FrameSummary | None:
+    """The innermost frame of the traceback that is the user's code (not torch, stdlib or us)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    for fr in reversed(frames):
+        if not _is_library_file(fr.filename):
+            return fr
+    return frames[-1] if frames else None
+
+
+def _where(exc: BaseException) -> str:
+    fr = _user_frame(exc)
+    if fr is None:
+        return "unknown location"
+    line = (fr.line or linecache.getline(fr.filename, fr.lineno or 0)).strip()
+    text = f"{fr.filename}:{fr.lineno} in {fr.name}"
+    return f"{text}: {line}" if line else text
+
+
+def _short(exc: BaseException) -> str:
+    msg = str(exc).strip().splitlines()
+    first = msg[0] if msg else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def _trace_error(model: nn.Module, failure: _Failure | None, exc: BaseException,
+                 on_untraceable: str) -> TraceError:
+    where = _where(failure.exc if failure else exc)
+    reason = _short(failure.exc if failure else exc)
+    if failure is None:
+        msg = (f"cannot trace the top-level forward of {type(model).__name__}: {reason}\n"
+               f"  at {where}\n"
+               f"  fix: pass concrete_args={{...}} for the argument that decides this branch, rewrite the "
+               f"data-dependent code with tensor ops (e.g. torch.where), or move it into a submodule and "
+               f"mark that submodule a leaf via leaf_modules=...")
+        path, type_name = "", type(model).__name__
+    else:
+        path, type_name = failure.path, failure.type_name
+        msg = (f"cannot trace module '{path}' ({type_name}): {reason}\n"
+               f"  at {where}\n"
+               f"  fix: keep it opaque with leaf_modules=['{path}'] (or leaf_modules=[{type_name}]), "
+               f"pass concrete_args={{...}} for the argument that decides this branch, or trace with "
+               f"on_untraceable='leaf'")
+        if on_untraceable == "leaf":
+            msg += " (already on: the same module failed again)"
+    err = TraceError(msg)
+    err.module_path = path  # type: ignore[attr-defined]
+    err.module_type = type_name  # type: ignore[attr-defined]
+    err.location = where  # type: ignore[attr-defined]
+    return err
+
+
+def _check_inputs(model: Any, example_inputs: Any, concrete_args: dict[str, Any] | None
+                  ) -> tuple[torch.Tensor, ...]:
+    if not isinstance(model, nn.Module):
+        raise InputError(f"trace(model=...) expects a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if not isinstance(example_inputs, (tuple, list)):
+        raise InputError(f"example_inputs must be a tuple of tensors (or one tensor), got "
+                         f"{type(example_inputs).__name__}")
+    inputs = tuple(example_inputs)
+    for i, t in enumerate(inputs):
+        if not isinstance(t, torch.Tensor):
+            raise InputError(f"example_inputs[{i}] is a {type(t).__name__}, not a tensor; pass non-tensor "
+                             f"arguments of forward via concrete_args={{name: value}}")
+    if concrete_args is not None and not isinstance(concrete_args, dict):
+        raise InputError(f"concrete_args must be a dict {{argument name: value}}, got "
+                         f"{type(concrete_args).__name__}")
+    try:
+        sig = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return inputs
+    params = [p for p in sig.parameters.values() if p.name not in (concrete_args or {})]
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return inputs
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [p for p in positional if p.default is p.empty]
+    if not len(required) <= len(inputs) <= len(positional):
+        names = ", ".join(p.name for p in positional) or "none"
+        raise InputError(f"{type(model).__name__}.forward takes {len(required)} required tensor argument(s) "
+                         f"({names}) but example_inputs has {len(inputs)}")
+    return inputs
+
+
+def _leaf_spec(model: nn.Module, leaf_modules: Iterable[Any]) -> tuple[tuple[type, ...], frozenset[str]]:
+    types: list[type] = []
+    paths: set[str] = set()
+    names = dict(model.named_modules())
+    for item in leaf_modules:
+        if isinstance(item, str):
+            if item not in names or item == "":
+                known = ", ".join(n for n in names if n) or "none"
+                raise InputError(f"leaf_modules: no submodule named '{item}' in {type(model).__name__}; "
+                                 f"submodules are: {known}")
+            paths.add(item)
+        elif isinstance(item, type) and issubclass(item, nn.Module):
+            types.append(item)
+        else:
+            raise InputError(f"leaf_modules entries must be nn.Module subclasses or qualified submodule "
+                             f"names, got {item!r}")
+    return tuple(types), frozenset(paths)
+
+
+def _opaque_modules(gm: GraphModule, user_types: tuple[type, ...], user_paths: frozenset[str],
+                    untraceable: dict[str, str]) -> dict[str, str]:
+    """Every opaque module called in the graph, in graph order, with why it is opaque."""
+    out: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or node.target in out:
+            continue
+        path = str(node.target)
+        mod = gm.get_submodule(path)
+        if path in untraceable:
+            out[path] = untraceable[path]
+        elif path in user_paths or (user_types and isinstance(mod, user_types)
+                                    and not _is_torch_nn(mod)):
+            out[path] = REASON_USER_LEAF
+        elif isinstance(mod, DEFAULT_LEAF_TYPES):
+            out[path] = REASON_DEFAULT_LEAF
+    return out
+
+
+def _is_torch_nn(mod: nn.Module) -> bool:
+    m = type(mod).__module__
+    return (m.startswith("torch.nn") or m.startswith("torch.ao.nn")) and not isinstance(mod, nn.Sequential)
+
+
+class _NodeRunner(Interpreter):
+    """Interpreter that remembers the node it is running, to name the one that fails."""
+
+    current: Node | None = None
+
+    def run_node(self, n: Node) -> Any:
+        self.current = n
+        return super().run_node(n)
+
+
+def _describe(gm: GraphModule, node: Node) -> str:
+    if node.op == "call_module":
+        mod = gm.get_submodule(str(node.target))
+        return f"node '{node.name}' (module '{node.target}': {type(mod).__name__})"
+    if node.op in ("call_function", "call_method"):
+        fn = getattr(node.target, "__name__", str(node.target))
+        return f"node '{node.name}' ({node.op} {fn})"
+    return f"node '{node.name}' ({node.op} {node.target})"
+
+
+def _bind_concrete(gm: GraphModule, model: nn.Module, inputs: tuple[torch.Tensor, ...],
+                   concrete_args: dict[str, Any]) -> tuple[Any, ...]:
+    """Make each plain (non-tensor) concrete argument the default of its placeholder, so
+    ``gm(*example_inputs)`` works, and return the full positional arguments for shape propagation."""
+    if not concrete_args:
+        return inputs
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    try:
+        names = list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return inputs
+    if len(names) != len(placeholders):
+        return inputs
+    args: list[Any] = []
+    rest = iter(inputs)
+    for name, node in zip(names, placeholders):
+        if name in concrete_args and not isinstance(concrete_args[name], torch.Tensor):
+            node.args = (concrete_args[name],)
+            args.append(concrete_args[name])
+        else:
+            nxt = next(rest, None)
+            if nxt is None:
+                break
+            args.append(nxt)
+    gm.recompile()
+    return tuple(args)
+
+
+def _propagate(gm: GraphModule, inputs: tuple[Any, ...]) -> None:
+    """Shape propagation; a failure becomes a TraceError naming the node and its source line."""
+    from .verify import propagate_shapes
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            propagate_shapes(gm, inputs)
+        return
+    except Exception as exc:
+        nodes = {n.name: n for n in gm.graph.nodes}
+        node = nodes.get(getattr(exc, "node", None) or "")
+        cause: BaseException = exc
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        if node is None:
+            node, cause = _locate_failure(gm, inputs, exc)
+    shapes = ", ".join(str(tuple(t.shape)) if isinstance(t, torch.Tensor) else repr(t) for t in inputs)
+    where = _describe(gm, node) if node is not None else "an unknown node"
+    loc = node.meta.get("source_location") if node is not None else None
+    src = f"\n  created at {loc}" if loc else ""
+    err = TraceError(f"shape propagation failed at {where}: {_short(cause)}{src}\n"
+                     f"  example_inputs had shapes [{shapes}]; check they match what the model expects")
+    err.node = node.name if node is not None else None  # type: ignore[attr-defined]
+    raise err from cause
+
+
+def _locate_failure(gm: GraphModule, inputs: tuple[Any, ...], exc: BaseException
+                    ) -> tuple[Node | None, BaseException]:
+    runner = _NodeRunner(gm)
+    try:
+        with torch.no_grad():
+            runner.run(*inputs)
+    except Exception as again:
+        return runner.current, again
+    return None, exc
+
+
+def trace(
+    model: nn.Module,
+    example_inputs: Sequence[torch.Tensor] | torch.Tensor,
+    *,
+    leaf_modules: Iterable[type[nn.Module] | str] = (),
+    concrete_args: dict[str, Any] | None = None,
+    on_untraceable: OnUntraceable = "leaf",
+    train: bool = False,
+) -> GraphModule:
+    """Trace a deep copy of ``model`` into a GraphModule whose nodes carry shapes and dtypes.
+
+    ``leaf_modules``: module types or qualified names kept as single opaque ``call_module`` nodes.
+    ``on_untraceable="leaf"`` keeps a submodule that cannot be traced opaque and retries;
+    ``"error"`` raises ``TraceError`` instead. The top-level forward failing always raises.
+    ``gm.meta["opaque_modules"]`` maps each opaque module path to the reason it is opaque.
+    """
+    if on_untraceable not in ("leaf", "error"):
+        raise InputError(f"on_untraceable must be 'leaf' or 'error', got {on_untraceable!r}")
+    inputs = _check_inputs(model, example_inputs, concrete_args)
+    user_types, user_paths = _leaf_spec(model, leaf_modules)
+    leaf_types = tuple(user_types) + DEFAULT_LEAF_TYPES
+    untraceable: dict[str, str] = {}
+    max_attempts = sum(1 for _ in model.modules()) + 1
+    for _ in range(max_attempts):
+        try:
+            root = copy.deepcopy(model)
+        except Exception as exc:
+            raise TraceError(f"cannot deep-copy {type(model).__name__} for tracing ({_short(exc)}); "
+                             f"fxcompress never traces the user's own object. Make the model "
+                             f"deep-copyable (e.g. drop open files, locks or hooks holding them)") from exc
+        root.train(train)
+        tracer = _Tracer(leaf_types, user_paths | frozenset(untraceable))
+        try:
+            graph = tracer.trace(root, concrete_args=concrete_args)
+        except Exception as exc:
+            failure = tracer.failure
+            if failure is not None and not _in_chain(failure.exc, exc):
+                failure = None
+            if failure is None or on_untraceable == "error" or failure.path in untraceable:
+                raise _trace_error(model, failure, exc, on_untraceable) from exc
+            untraceable[failure.path] = f"untraceable: {_short(failure.exc)} (at {_where(failure.exc)})"
+            continue
+        gm = GraphModule(root, graph, class_name=type(model).__name__)
+        gm.train(train)  # the containers GraphModule creates for dotted paths start in train mode
+        break
+    else:  # pragma: no cover - each retry makes one more module opaque, so this cannot loop forever
+        raise TraceError(f"tracing {type(model).__name__} did not converge")
+    gm.meta["opaque_modules"] = _opaque_modules(gm, user_types, user_paths, untraceable)
+    _propagate(gm, _bind_concrete(gm, model, inputs, concrete_args or {}))
+    return gm
+
+
+__all__ = ["DEFAULT_LEAF_TYPES", "trace"]

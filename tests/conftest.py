@@ -1,0 +1,58 @@
+"""Shared fixtures: the model zoo and a digits classifier trained once per session.
+
+The golden-graph plugin is not registered here: it comes from the ``pytest11`` entry point.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import NamedTuple
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from fxcompress.digits import DigitsData, DigitsResNet, digits_loaders, train_classifier
+from zoo import ZOO, ZOO_NAMES
+
+DIGITS_WIDTH = 16
+DIGITS_EPOCHS = 6
+DIGITS_SEED = 0
+
+
+class TrainedDigits(NamedTuple):
+    """A trained ``DigitsResNet`` (eval mode; shared by the session, never mutate it) and its data."""
+
+    model: nn.Module
+    data: DigitsData
+
+
+class ZooCase(NamedTuple):
+    name: str
+    model: nn.Module
+    inputs: tuple[Tensor, ...]
+
+
+@pytest.fixture(scope="session")
+def digits() -> TrainedDigits:
+    """``(model, data)``: a DigitsResNet trained once per session (a few seconds on a CPU).
+    Deep-copy the model (or use ``digits_model``) before changing it."""
+    data = digits_loaders(batch_size=64, seed=DIGITS_SEED)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(DIGITS_SEED)
+        model = DigitsResNet(width=DIGITS_WIDTH)
+    train_classifier(model, data.train, epochs=DIGITS_EPOCHS, seed=DIGITS_SEED)
+    return TrainedDigits(model.eval(), data)
+
+
+@pytest.fixture
+def digits_model(digits: TrainedDigits) -> nn.Module:
+    """A private deep copy of the session's trained digits model, free to mutate."""
+    return copy.deepcopy(digits.model)
+
+
+@pytest.fixture(params=ZOO_NAMES)
+def zoo_case(request: pytest.FixtureRequest) -> ZooCase:
+    """Every zoo model in turn, freshly built: ``(name, model, example_inputs)``."""
+    model, inputs = ZOO[request.param]()
+    return ZooCase(request.param, model, inputs)
