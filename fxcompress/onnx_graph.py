@@ -1,0 +1,237 @@
+"""Small ONNX helpers shared by the exporter, the pipeline and the ONNX passes.
+
+* ``to_graph`` / ``to_model``: ``onnx.ModelProto`` <-> ``onnx_graphsurgeon.Graph`` (the form
+  ONNX passes work on), keeping the IR version, opsets and the FX-node provenance of every node.
+* ``load_model``: a model given as a proto, serialized bytes or a path.
+* ``run_onnx``: run a model once in ONNX Runtime on torch/numpy inputs (pipeline verification).
+* ``fx_node_of`` / ``fx_node_outputs`` / ``expose_outputs``: map ONNX nodes and tensors back to the
+  FX node they were exported from, and make intermediate tensors observable (per-layer ``compare``).
+
+Provenance scheme: ``export_onnx`` traces every FX node inside its own TorchScript scope named
+after the node, so the exporter names each ONNX node ``/<fx_node>/<module path...>/<Op>[_k]``
+(for example ``/layer1_0_conv1/conv1/Conv`` or ``/add_3/Add``). Nodes the exporter creates
+outside any FX node (graph-level Constants, output Identities) have a single-component name
+(``/Constant_3``, ``Identity_0``). The FX node is also stored in each node's
+``metadata_props["fx_node"]``. onnx-graphsurgeon drops ``metadata_props``, but keeps node names,
+so ``fx_node_of`` falls back to the name and ``to_model`` writes the metadata again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Union
+
+import numpy as np
+import onnx
+
+if TYPE_CHECKING:  # pragma: no cover
+    import onnx_graphsurgeon as gs
+    import torch
+
+FX_NODE_KEY = "fx_node"
+
+ModelLike = Union[onnx.ModelProto, bytes, str, Path]
+
+
+# ----------------------------------------------------------------------------- provenance
+
+
+def fx_node_from_name(name: str) -> str | None:
+    """The FX node encoded in an exported ONNX node name ``/<fx_node>/.../<Op>``, else None."""
+    if not name.startswith("/"):
+        return None
+    parts = name.split("/")
+    if len(parts) < 3 or not parts[1]:
+        return None
+    return parts[1]
+
+
+def fx_node_of(node: Any) -> str | None:
+    """The name of the FX node an ONNX node (``onnx.NodeProto`` or ``gs.Node``) was exported
+    from, or None for nodes the exporter or a later pass created on its own."""
+    for prop in getattr(node, "metadata_props", ()) or ():
+        if prop.key == FX_NODE_KEY:
+            return prop.value or None
+    return fx_node_from_name(getattr(node, "name", "") or "")
+
+
+def stamp_fx_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Write ``metadata_props["fx_node"]`` on every node whose name carries an FX node; in place."""
+    for node in _all_nodes(model.graph):
+        fx = fx_node_from_name(node.name)
+        existing = [p for p in node.metadata_props if p.key == FX_NODE_KEY]
+        if fx is None or existing:
+            continue
+        prop = node.metadata_props.add()
+        prop.key, prop.value = FX_NODE_KEY, fx
+    return model
+
+
+def _all_nodes(graph: onnx.GraphProto) -> Iterable[onnx.NodeProto]:
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_nodes(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _all_nodes(g)
+
+
+def fx_node_outputs(model: "onnx.ModelProto | gs.Graph") -> dict[str, list[str]]:
+    """For each FX node that produced ONNX nodes, the ONNX tensors that carry its result.
+
+    A tensor is an FX node's result when a node of that FX node produces it and it is a graph
+    output or is read by a node of another FX node (or by an unscoped node). FX nodes that
+    export to nothing (``getitem``, eval-mode dropout, ``contiguous``...) are absent. Outputs of
+    ``Constant`` nodes are never results. Order: production order in the graph.
+    """
+    nodes: list[tuple[str | None, str, list[str], list[str]]] = []
+    if isinstance(model, onnx.ModelProto):
+        graph_outputs = {o.name for o in model.graph.output}
+        for n in model.graph.node:
+            nodes.append((fx_node_of(n), n.op_type, list(n.input), list(n.output)))
+    else:
+        graph_outputs = {t.name for t in model.outputs}
+        for n in model.nodes:
+            nodes.append((fx_node_of(n), n.op, [t.name for t in n.inputs], [t.name for t in n.outputs]))
+    consumers: dict[str, set[str | None]] = {}
+    for fx, _, inputs, _ in nodes:
+        for name in inputs:
+            consumers.setdefault(name, set()).add(fx)
+    result: dict[str, list[str]] = {}
+    for fx, op, _, outputs in nodes:
+        if fx is None or op == "Constant":
+            continue
+        for name in outputs:
+            if not name:
+                continue
+            readers = consumers.get(name, set())
+            if name in graph_outputs or any(r != fx for r in readers):
+                result.setdefault(fx, []).append(name)
+    return result
+
+
+def expose_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose graph also outputs the intermediate tensors ``names``
+    (type and shape from shape inference when known), after the original outputs."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(out, strict_mode=False)
+        infos = {v.name: v for v in inferred.graph.value_info}
+    except Exception:  # shape inference is optional here: untyped outputs still run in ORT
+        infos = {}
+    infos.update({v.name: v for v in out.graph.value_info})
+    present = {o.name for o in out.graph.output}
+    produced = {o for n in out.graph.node for o in n.output} | {i.name for i in out.graph.input}
+    produced |= {i.name for i in out.graph.initializer}
+    for name in names:
+        if name in present:
+            continue
+        if name not in produced:
+            raise KeyError(f"expose_outputs: no tensor named {name!r} in the ONNX graph")
+        vi = out.graph.output.add()
+        if name in infos:
+            vi.CopyFrom(infos[name])
+        else:
+            vi.name = name
+        present.add(name)
+    return out
+
+
+# ----------------------------------------------------------------------------- conversion
+
+
+def load_model(model: ModelLike) -> onnx.ModelProto:
+    """An ``onnx.ModelProto`` from a proto (returned as is), serialized bytes or a file path."""
+    if isinstance(model, onnx.ModelProto):
+        return model
+    if isinstance(model, (bytes, bytearray)):
+        return onnx.load_from_string(bytes(model))
+    if isinstance(model, (str, Path)):
+        path = Path(model)
+        if not path.is_file():
+            raise FileNotFoundError(f"ONNX model file not found: {path}")
+        return onnx.load(str(path))
+    raise TypeError(f"expected onnx.ModelProto, bytes or a path, got {type(model).__name__}")
+
+
+def to_graph(model: onnx.ModelProto) -> "gs.Graph":
+    """The onnx-graphsurgeon graph of ``model`` (a new object; ``model`` is not modified)."""
+    import onnx_graphsurgeon as gs
+
+    return gs.import_onnx(model)
+
+
+def to_model(graph: "gs.Graph", *, like: onnx.ModelProto | None = None) -> onnx.ModelProto:
+    """An ``onnx.ModelProto`` of ``graph``; model-level fields (producer, metadata, IR version)
+    come from ``like`` when given. FX provenance is written into node ``metadata_props``."""
+    import onnx_graphsurgeon as gs
+
+    model = gs.export_onnx(graph)
+    if like is not None:
+        model.ir_version = like.ir_version
+        model.producer_name = like.producer_name
+        model.producer_version = like.producer_version
+        model.doc_string = like.doc_string
+        del model.metadata_props[:]
+        model.metadata_props.extend(like.metadata_props)
+    return stamp_fx_nodes(model)
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def to_numpy(value: Any) -> np.ndarray:
+    """A contiguous numpy array of a torch tensor (any device) or array-like."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        torch = None  # type: ignore[assignment]
+    if torch is not None and isinstance(value, torch.Tensor):
+        return np.ascontiguousarray(value.detach().cpu().numpy())
+    return np.ascontiguousarray(np.asarray(value))
+
+
+def run_onnx(
+    model: ModelLike,
+    inputs: "Sequence[torch.Tensor | np.ndarray] | Mapping[str, Any]",
+    *,
+    output_names: Sequence[str] | None = None,
+    optimization: str = "disable",
+) -> list[np.ndarray]:
+    """Run ``model`` once on the CPU in ONNX Runtime and return its outputs as numpy arrays.
+
+    ``inputs`` are positional (graph input order) or a mapping by input name. Graph
+    optimizations are off by default so the result reflects the graph as written (what an exact
+    pass must preserve); ``output_names`` selects outputs (intermediate tensors need
+    ``expose_outputs`` first).
+    """
+    from .backends.onnxruntime import make_session
+
+    proto = load_model(model)
+    session = make_session(proto, optimization=optimization)
+    names = [i.name for i in session.get_inputs()]
+    if isinstance(inputs, Mapping):
+        feed = {k: to_numpy(v) for k, v in inputs.items()}
+    else:
+        if len(inputs) != len(names):
+            raise ValueError(f"run_onnx: the model takes {len(names)} inputs {names}, got {len(inputs)}")
+        feed = {k: to_numpy(v) for k, v in zip(names, inputs)}
+    return list(session.run(list(output_names) if output_names is not None else None, feed))
+
+
+def run_model(
+    model: ModelLike,
+    inputs: "Sequence[torch.Tensor | np.ndarray] | Mapping[str, Any]",
+    *,
+    optimization: str = "disable",
+) -> "torch.Tensor | tuple[torch.Tensor, ...]":
+    """``run_onnx`` returning torch tensors shaped like a module's result: one tensor for a
+    single output, else a tuple (what the pipeline compares against the FX graph)."""
+    import torch
+
+    outs = tuple(torch.from_numpy(np.asarray(o)) for o in run_onnx(model, inputs, optimization=optimization))
+    return outs[0] if len(outs) == 1 else outs
