@@ -142,18 +142,27 @@ def compile_cmd(
     console.print(f"wrote {out}/", markup=False)
 
 
-def _check_tensorrt(model: Any) -> list[Any] | None:
-    """CheckTensorRT findings, found through the pass registry (the framework never imports passes/)."""
+def _check_tensorrt(model: Any, shapes: list[tuple[int, ...]] | None) -> list[Any] | None:
+    """CheckTensorRT findings, found through the pass registry (the framework never imports passes/);
+    ``shapes`` (example input shapes) give the optimization profiles for dynamic inputs."""
     from .registry import available
 
     cls = available().get("check-tensorrt")
     if cls is None:
         return None
-    return importlib.import_module(cls.__module__).check_tensorrt(model)
+    profiles = None
+    if shapes:
+        from .backends.tensorrt import derive_profiles
+
+        profiles = derive_profiles(model, shapes)
+    return importlib.import_module(cls.__module__).check_tensorrt(model, profiles=profiles)
 
 
 @app.command()
-def inspect(path: Path = typer.Argument(..., help="An artifact directory, a .onnx file or a .fxg file.")) -> None:
+def inspect(path: Path = typer.Argument(..., help="An artifact directory, a .onnx file or a .fxg file."),
+            input_shape: Optional[str] = typer.Option(
+                None, "--input-shape", help="Example input shape(s) of an .onnx file: profiles for dynamic dims.")
+            ) -> None:
     """Print a graph's canonical text, and for artifacts the per-pass report."""
     from .graph_text import to_text
 
@@ -182,7 +191,7 @@ def inspect(path: Path = typer.Argument(..., help="An artifact directory, a .onn
     except Exception as exc:  # noqa: BLE001 - any decode failure is the same user error
         raise CliError(f"{path}: not an ONNX model ({type(exc).__name__}: {exc})") from exc
     console.print(to_text(model), markup=False, highlight=False)
-    findings = _check_tensorrt(model)
+    findings = _check_tensorrt(model, parse_shapes(input_shape) if input_shape else None)
     if findings is not None:
         console.print(f"CheckTensorRT: {len(findings)} finding(s)", markup=False)
         for f in findings:
@@ -241,6 +250,64 @@ def bench(
     console.print(b.table(results, baseline))
     if json_out:
         json_out.write_text(b.to_json(results, baseline) + "\n", encoding="utf-8")
+
+
+@app.command("compare")
+def compare_cmd(
+    path: Path = typer.Argument(..., help="An artifact directory."),
+    inputs: Path = typer.Option(..., "--inputs", help=".npy (one input) or .npz (several, keyed by input name)."),
+    original: Optional[str] = typer.Option(None, "--original",
+                                           help="module:factory of the source model (default: the artifact's)."),
+    tolerance: Optional[str] = typer.Option(None, "--tolerance",
+                                            help='Drift limits, e.g. "cosine=0.999,abs=1e-3" (abs: x max(1,|ref|max)).'),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the comparison as JSON here."),
+) -> None:
+    """Per-layer error: original torch vs rewritten FX vs ONNX Runtime (vs TensorRT on a GPU)."""
+    import torch
+
+    from . import compare as cmp
+    from .artifact import load
+    from .errors import InputError
+
+    if not path.is_dir():
+        raise CliError(f"{path}: not an artifact directory (make one with `fxcompress compile ... --out DIR`)")
+    compiled = load(path, backend="none")
+    try:
+        tol = cmp.Tolerance.parse(tolerance) if tolerance else cmp.Tolerance()
+    except InputError as exc:
+        raise CliError(f"--tolerance: {exc}") from exc
+    try:
+        args = cmp.load_inputs(inputs, compiled.inputs)
+    except InputError as exc:
+        raise CliError(f"--inputs: {exc}") from exc
+    notes: list[str] = []
+    model = graph = None
+    spec = original or (compiled.source or {}).get("factory")
+    if spec:
+        made = load_factory(spec)
+        example = args
+        if isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], torch.nn.Module):
+            made, example = made[0], made[1] if isinstance(made[1], tuple) else (made[1],)
+        if not isinstance(made, torch.nn.Module):
+            raise CliError(f"{spec!r}: the factory returned {type(made).__name__}, not a torch.nn.Module")
+        model = made
+        graph, why = cmp.rebuild_graph(model, example, compiled.pipeline)
+        if why:
+            notes.append(f"FX column omitted: {why}")
+    else:
+        notes.append("FX and original columns omitted: the artifact records no source factory; "
+                     "pass --original module:factory")
+    target = compiled.target if compiled.target in cmp.TRT_TARGETS else None
+    result = cmp.compare(model, graph, compiled.onnx_model, args, engine=compiled.engine, target=target, tolerance=tol)
+    result.notes[:0] = notes
+    if console.is_terminal:
+        console.print(result.table())
+    else:  # a pipe or file: the full table, never squeezed to 80 columns
+        console.print(result.render(), markup=False, highlight=False)
+    for line in result.summary():
+        console.print(line, markup=False, highlight=False)
+    if json_out:
+        json_out.write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
 
 
 @app.command()

@@ -417,7 +417,7 @@ class _Run:
             from .onnx_graph import to_model
 
             try:
-                new = to_model(result.graph)
+                new = to_model(result.graph, like=self.model)
                 onnx.checker.check_model(new)
                 outputs = self._run_onnx(new)
             except Exception as exc:

@@ -79,7 +79,7 @@ def flatten_outputs(out: Any) -> list[torch.Tensor]:
     if isinstance(out, torch.Tensor):
         return [out]
     if isinstance(out, dict):
-        return [t for k in sorted(out) for t in flatten_outputs(out[k])]
+        return [t for v in out.values() for t in flatten_outputs(v)]
     if isinstance(out, (list, tuple)):
         return [t for item in out for t in flatten_outputs(item)]
     return []
@@ -140,7 +140,7 @@ class _Recorder(Interpreter):
 
     def run_node(self, n: Node) -> Any:
         out = super().run_node(n)
-        self.values[n.name] = out
+        self.values[n.name] = out.clone() if isinstance(out, torch.Tensor) else out
         return out
 
 
