@@ -1,0 +1,59 @@
+"""Run calibration data through a graph and observe chosen tensors.
+
+Observers go into a throwaway copy of the graph as identity ``call_module`` nodes, so the graph
+runs as compiled Python (not an interpreter) and memory stays bounded by the observers' state.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+from torch.fx import GraphModule, Node
+
+from fxcompress.pass_base import PassContext
+
+from ..data import iter_inputs, to_device
+from .observers import Observer
+
+
+class _Probe(nn.Module):
+    def __init__(self, observer: Observer) -> None:
+        super().__init__()
+        self.observer = observer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            self.observer.observe(x)
+        return x
+
+
+def observe(gm: GraphModule, nodes: Iterable[Node], make: Callable[[Node], Observer], data: Any,
+            ctx: PassContext, *, batches: int, pass_name: str) -> dict[str, Observer]:
+    """Observers (by node name) of ``nodes``' outputs over the first ``batches`` batches of ``data``."""
+    names = [n.name for n in nodes]
+    probe_gm = GraphModule(gm, copy.deepcopy(gm.graph))
+    by_name = {n.name: n for n in probe_gm.graph.nodes}
+    observers: dict[str, Observer] = {}
+    for i, name in enumerate(names):
+        node = by_name[name]
+        obs = make(node)
+        observers[name] = obs
+        target = f"_fxq_probe_{i}"
+        probe_gm.add_module(target, _Probe(obs))
+        with probe_gm.graph.inserting_after(node):
+            probe = probe_gm.graph.call_module(target, (node,))
+        node.replace_all_uses_with(probe, delete_user_cb=lambda u: u is not probe)
+    probe_gm.recompile()
+    probe_gm.eval()
+    device = ctx.device
+    if device.type != "cpu":
+        probe_gm = copy.deepcopy(probe_gm).to(device)
+        observers = {name: probe_gm.get_submodule(f"_fxq_probe_{i}").observer for i, name in enumerate(names)}
+    with torch.no_grad(), ctx.progress(f"{pass_name}: calibrating", total=batches or None) as bar:
+        for inputs in iter_inputs(data, gm, argument="calibration", pass_name=pass_name, limit=batches):
+            probe_gm(*to_device(inputs, device))
+            bar.advance(1)
+    return observers

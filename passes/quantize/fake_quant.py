@@ -1,0 +1,173 @@
+"""The FX form of quantization and how it lowers to ONNX.
+
+Activations: ``torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)`` with
+python-float scales; the TorchScript ONNX exporter turns it into QuantizeLinear/DequantizeLinear
+(INT8 zero point for ``[-128, 127]``, UINT8 for ``[0, 255]``).
+
+Weights are stored quantized: an INT8 buffer and a float scale buffer feed
+``torch.ops.fxcompress_quant.dequantize(w_q, scale, axis)``, which lowers to one
+DequantizeLinear on an INT8 initializer (per-channel ``axis``, or per-tensor when ``axis`` is -1
+and the scale is a scalar), so the ONNX file holds 1 byte per weight.
+
+``dynamic_linear`` is dynamic INT8 for a Linear/matmul weight: lowers to DynamicQuantizeLinear
++ MatMulInteger + rescale, which ONNX Runtime fuses into its dynamic-quantized matmul kernel.
+
+QAT uses the modules ``LearnedFakeQuant`` (per-tensor activations) and ``LearnedWeightFakeQuant``
+(per-channel weights): straight-through rounding, LSQ-style learnable scales (or frozen).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+_NS = "fxcompress_quant"
+_lib = torch.library.Library(_NS, "DEF")
+_lib.define("dequantize(Tensor w_q, Tensor scale, int axis) -> Tensor")
+_lib.define("dynamic_linear(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias, int act_qmax) -> Tensor")
+
+
+def _channel_view(scale: torch.Tensor, dim: int, axis: int) -> torch.Tensor:
+    if axis < 0 or scale.dim() == 0:
+        return scale
+    shape = [1] * dim
+    shape[axis] = -1
+    return scale.view(shape)
+
+
+@torch.library.impl(_lib, "dequantize", "CompositeExplicitAutograd")
+def _dequantize(w_q: torch.Tensor, scale: torch.Tensor, axis: int) -> torch.Tensor:
+    return w_q.to(scale.dtype) * _channel_view(scale, w_q.dim(), axis)
+
+
+@torch.library.register_fake(f"{_NS}::dequantize")
+def _dequantize_fake(w_q: torch.Tensor, scale: torch.Tensor, axis: int) -> torch.Tensor:
+    return torch.empty(w_q.shape, dtype=scale.dtype, device=w_q.device)
+
+
+def dynamic_act_qparams(x: torch.Tensor, qmax: int = 255) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and UINT8 zero point of ONNX DynamicQuantizeLinear for ``x`` (range widened to 0)."""
+    lo = torch.clamp(x.min(), max=0.0)
+    hi = torch.clamp(x.max(), min=0.0)
+    scale = ((hi - lo) / qmax).clamp(min=1e-12)
+    zp = torch.clamp(torch.round(-lo / scale), 0, qmax)
+    return scale, zp
+
+
+@torch.library.impl(_lib, "dynamic_linear", "CompositeExplicitAutograd")
+def _dynamic_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                    act_qmax: int) -> torch.Tensor:
+    scale, zp = dynamic_act_qparams(x, act_qmax)
+    xq = torch.clamp(torch.round(x / scale) + zp, 0, act_qmax)
+    acc = torch.matmul(xq - zp, w_q.to(x.dtype))
+    y = acc * (scale * w_scale)
+    return y + bias if bias is not None else y
+
+
+@torch.library.register_fake(f"{_NS}::dynamic_linear")
+def _dynamic_linear_fake(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                         act_qmax: int) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], w_q.shape[-1]))
+
+
+dequantize = torch.ops.fxcompress_quant.dequantize.default
+dynamic_linear = torch.ops.fxcompress_quant.dynamic_linear.default
+
+
+def _register_onnx_symbolics() -> None:
+    from torch.onnx import register_custom_op_symbolic
+    from torch.onnx.symbolic_helper import _get_const, _is_none
+
+    def dequantize_symbolic(g, w_q, scale, axis):  # type: ignore[no-untyped-def]
+        ax = _get_const(axis, "i", "axis")
+        if ax < 0:
+            zp = g.op("Constant", value_t=torch.tensor(0, dtype=torch.int8))
+            return g.op("DequantizeLinear", w_q, scale, zp)
+        sizes = scale.type().sizes()
+        zp = g.op("Constant", value_t=torch.zeros(int(sizes[0]), dtype=torch.int8))
+        return g.op("DequantizeLinear", w_q, scale, zp, axis_i=ax)
+
+    def dynamic_linear_symbolic(g, x, w_q, w_scale, bias, act_qmax):  # type: ignore[no-untyped-def]
+        xq, x_scale, x_zp = g.op("DynamicQuantizeLinear", x, outputs=3)
+        sizes = w_scale.type().sizes()
+        w_zp = g.op("Constant", value_t=torch.zeros(int(sizes[0]) if sizes else 1, dtype=torch.int8))
+        acc = g.op("MatMulInteger", xq, w_q, x_zp, w_zp)
+        accf = g.op("Cast", acc, to_i=1)
+        y = g.op("Mul", accf, g.op("Mul", x_scale, w_scale))
+        if not _is_none(bias):
+            y = g.op("Add", y, bias)
+        return y
+
+    for opset in range(13, 22):
+        register_custom_op_symbolic(f"{_NS}::dequantize", dequantize_symbolic, opset)
+        register_custom_op_symbolic(f"{_NS}::dynamic_linear", dynamic_linear_symbolic, opset)
+
+
+_register_onnx_symbolics()
+
+
+def quantize_weight(w: torch.Tensor, scale: torch.Tensor, axis: int, qmin: int, qmax: int) -> torch.Tensor:
+    """``round(w / scale)`` clamped to ``[qmin, qmax]``, as INT8 (``scale`` per channel on ``axis``)."""
+    s = _channel_view(scale.to(w.dtype), w.dim(), axis)
+    return torch.clamp(torch.round(w.detach() / s), qmin, qmax).to(torch.int8)
+
+
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    return (torch.round(x) - x).detach() + x
+
+
+def _grad_scale(x: torch.Tensor, factor: float) -> torch.Tensor:
+    return (x - x * factor).detach() + x * factor
+
+
+def _lsq(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qmin: int, qmax: int, learn: bool) -> torch.Tensor:
+    """Fake quantization with a straight-through estimator for rounding; the scale gets the LSQ
+    gradient (scaled by ``1 / sqrt(numel * qmax)``) when ``learn``."""
+    if learn:
+        per = max(1, x.numel() // max(1, scale.numel()))
+        scale = _grad_scale(scale, 1.0 / math.sqrt(per * max(1, qmax)))
+    else:
+        scale = scale.detach()
+    scale = scale.abs().clamp(min=1e-12)
+    q = torch.clamp(_round_ste(x / scale) + zp, qmin, qmax)
+    return (q - zp) * scale
+
+
+class LearnedFakeQuant(nn.Module):
+    """Per-tensor activation fake quantization for QAT (scale learnable unless ``learn`` is False)."""
+
+    def __init__(self, scale: float, zero_point: int, qmin: int, qmax: int, learn: bool = True) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(float(scale)), requires_grad=learn)
+        self.register_buffer("zero_point", torch.tensor(float(zero_point)))
+        self.qmin, self.qmax, self.learn = qmin, qmax, learn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _lsq(x, self.scale, self.zero_point, self.qmin, self.qmax, self.learn and self.training)
+
+    def frozen(self) -> tuple[float, int]:
+        return float(self.scale.detach().abs().clamp(min=1e-12).to(torch.float32)), int(self.zero_point)
+
+    def extra_repr(self) -> str:
+        return f"qmin={self.qmin}, qmax={self.qmax}, learn={self.learn}"
+
+
+class LearnedWeightFakeQuant(nn.Module):
+    """Per-channel symmetric weight fake quantization for QAT; ``forward(w)`` returns ``w`` fake-quantized."""
+
+    def __init__(self, scale: torch.Tensor, axis: int, qmin: int, qmax: int, learn: bool = True) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(scale.detach().clone().float(), requires_grad=learn)
+        self.axis, self.qmin, self.qmax, self.learn = axis, qmin, qmax, learn
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        s = _channel_view(self.scale, w.dim(), self.axis)
+        return _lsq(w, s, torch.zeros((), dtype=w.dtype), self.qmin, self.qmax, self.learn and self.training)
+
+    def frozen(self) -> torch.Tensor:
+        return self.scale.detach().abs().clamp(min=1e-12).float().clone()
+
+    def extra_repr(self) -> str:
+        return f"axis={self.axis}, qmin={self.qmin}, qmax={self.qmax}, learn={self.learn}"

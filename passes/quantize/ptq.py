@@ -1,0 +1,161 @@
+"""``QuantizeInt8``: post-training INT8 quantization (or QAT preparation) with calibration.
+
+Calibrates activation ranges with a streaming observer over ``ctx.calibration``, then writes
+fake-quant on the tensors the backend scheme wants (see ``placement``) and INT8 per-channel
+weights. Exported to ONNX this is QuantizeLinear/DequantizeLinear with INT8 weight initializers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch.fx import GraphModule
+
+from fxcompress.errors import PassError, PipelineError
+from fxcompress.pass_base import Pass, PassContext, PassResult
+
+from .calibrate import observe
+from .observers import INT8, OBSERVERS, UINT8, QSpec, make_observer, per_channel_absmax, per_channel_mse_absmax
+from .placement import SCHEMES, Plan, build_plan, scheme_for_target
+from .rewrite import WeightQuant, apply_plan
+
+#: the ctx analysis key under which ``QuantSensitivity`` leaves its skip list
+SENSITIVITY_KEY = "quant-sensitivity"
+
+
+def _choice(value: str, allowed: tuple[str, ...], option: str, pass_name: str) -> None:
+    if value not in allowed:
+        raise PipelineError(f"{pass_name}: {option}={value!r} is not one of {', '.join(allowed)}")
+
+
+def ensure_shapes(gm: GraphModule, ctx: PassContext) -> None:
+    """Shape-propagate when some node lacks ``meta['tensor_meta']`` (placement reads dtypes)."""
+    if any("tensor_meta" not in n.meta for n in gm.graph.nodes if n.op not in ("output", "get_attr")):
+        if ctx.example_inputs:
+            from fxcompress.verify import propagate_shapes
+
+            propagate_shapes(gm, ctx.example_inputs)
+
+
+def weight_quant(weight: torch.Tensor, axis: int, qmax: int, per_channel: bool, observer: str) -> WeightQuant:
+    """Symmetric weight grid ``[-qmax, qmax]``: per channel on ``axis`` or one scale for the tensor."""
+    w = weight.detach().float()
+    if per_channel:
+        amax = per_channel_mse_absmax(w, axis, qmax) if observer == "mse" else per_channel_absmax(w, axis)
+        return WeightQuant((amax / qmax).clamp(min=1e-12), axis, -qmax, qmax)
+    amax = per_channel_mse_absmax(w.reshape(1, -1), 0, qmax)[0] if observer == "mse" else w.abs().max()
+    return WeightQuant((amax / qmax).clamp(min=1e-12).reshape(()), -1, -qmax, qmax)
+
+
+@dataclass(frozen=True)
+class QuantizeInt8(Pass):
+    """INT8 quantization: calibrated activations, per-channel INT8 weights, Q/DQ placed for the backend.
+
+    ``scheme`` ``auto`` follows the compile target (TensorRT targets -> ``tensorrt``, else
+    ``onnxruntime``). ``activations`` ``auto`` is symmetric INT8 for TensorRT and asymmetric UINT8
+    for ONNX Runtime (so ReLU folds into the quantization). ``reduce_range`` (ONNX Runtime only)
+    keeps weights in 7 bits (``[-64, 64]``) so x86 CPUs without VNNI do not saturate their u8*s8
+    16-bit accumulations. ``skip`` takes fnmatch patterns of node names, module paths or module
+    types (``"fc"``, ``"layer4.*"``, ``"Linear"``). With ``qat`` the fake-quant is learnable and a
+    following ``fine-tune`` pass trains it, then freezes it into this PTQ form.
+    """
+
+    name: ClassVar[str] = "quantize-int8"
+    requires: ClassVar[tuple[str, ...]] = ("calibration-data",)
+    provides: ClassVar[tuple[str, ...]] = ("int8",)
+
+    observer: str = "percentile"
+    percentile: float = 99.99
+    per_channel: bool = True
+    scheme: str = "auto"
+    activations: str = "auto"
+    reduce_range: bool = True
+    weight_observer: str = "minmax"
+    calibration_batches: int = 32
+    skip: tuple[str, ...] = ()
+    keep_first_last_fp: bool = False
+    qat: bool = False
+    learn_scales: bool = True
+
+    def __post_init__(self) -> None:
+        _choice(self.observer, OBSERVERS, "observer", self.name)
+        _choice(self.scheme, ("auto", *SCHEMES), "scheme", self.name)
+        _choice(self.activations, ("auto", "int8", "uint8"), "activations", self.name)
+        _choice(self.weight_observer, ("minmax", "mse"), "weight_observer", self.name)
+        if self.calibration_batches < 0:
+            raise PipelineError(f"{self.name}: calibration_batches must be >= 0 (0 = all); got "
+                                f"{self.calibration_batches}")
+        if isinstance(self.skip, str):
+            object.__setattr__(self, "skip", (self.skip,))
+
+    def resolve(self, target: str) -> tuple[str, QSpec, int]:
+        """(scheme, activation grid, weight qmax) for a compile target."""
+        scheme = scheme_for_target(self.scheme, target)
+        acts = self.activations if self.activations != "auto" else ("int8" if scheme == "tensorrt" else "uint8")
+        if scheme == "tensorrt" and acts == "uint8":
+            raise PipelineError(f"{self.name}: TensorRT takes symmetric INT8 only; activations='uint8' needs "
+                                f"scheme='onnxruntime'")
+        wmax = 64 if (scheme == "onnxruntime" and self.reduce_range) else 127
+        return scheme, (INT8 if acts == "int8" else UINT8), wmax
+
+    def plan(self, gm: GraphModule, ctx: PassContext, scheme: str) -> Plan:
+        reasons: dict[str, str] = {}
+        if SENSITIVITY_KEY in ctx.cached_analyses:
+            found = ctx.analysis(SENSITIVITY_KEY, lambda: {})
+            for name in found.get("skip", ()):
+                reasons[name] = (f"sensitivity: among the {len(found['skip'])} layers whose quantization "
+                                 f"hurts the output most (quant-sensitivity)")
+        return build_plan(gm, scheme, skip=tuple(self.skip), skip_reasons=reasons,
+                          keep_first_last_fp=self.keep_first_last_fp)
+
+    def calibrate(self, gm: GraphModule, ctx: PassContext, plan: Plan, spec: QSpec) -> dict[str, tuple[float, int]]:
+        """(scale, zero point) of every observed slot."""
+        observed = [s.node for s in plan.slots.values() if s.tie is None]
+        observers = observe(gm, observed, lambda n: make_observer(self.observer, percentile=self.percentile,
+                                                                  spec=spec),
+                            ctx.calibration, ctx, batches=self.calibration_batches, pass_name=self.name)
+        out: dict[str, tuple[float, int]] = {}
+        for name, obs in observers.items():
+            if not obs.seen:
+                raise PassError(f"{self.name}: tensor '{name}' was never computed on the calibration data",
+                                pass_name=self.name, node=name)
+            out[name] = obs.qparams(spec)
+        return out
+
+    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
+        if ctx.calibration is None:
+            raise PassError(f"{self.name} needs calibration data: pass calibration= to fxcompress.compile() "
+                            f"(an iterable of batches, e.g. a DataLoader of (x, y); {self.calibration_batches or 'all'}"
+                            f" batches are used)", pass_name=self.name)
+        scheme, spec, wmax = self.resolve(ctx.target)
+        ensure_shapes(gm, ctx)
+        plan = self.plan(gm, ctx, scheme)
+        act = self.calibrate(gm, ctx, plan, spec)
+        weights = {layer.node.name: weight_quant(layer.weight, layer.axis, wmax, self.per_channel, self.weight_observer)
+                   for layer in plan.layers if layer.weight.numel()}
+        int8_layers = [layer.node.name for layer in plan.layers]
+        summary = apply_plan(gm, plan, act, weights, spec, qat=self.qat, learn=self.learn_scales)
+        result = PassResult(graph=gm)
+        for node, reason in plan.float_layers.items():
+            result.info(f"stays in floating point: {reason}", node=node)
+        if not int8_layers:
+            result.warn("no Conv/Linear/matmul was quantized; see stats['float_layers']")
+        result.stats = self._stats(scheme, spec, wmax, plan, act, int8_layers, summary)
+        return result
+
+    def _stats(self, scheme: str, spec: QSpec, wmax: int, plan: Plan, act: dict[str, tuple[float, int]],
+               int8_layers: list[str], summary: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "scheme": scheme,
+            "observer": self.observer,
+            "activations": spec.dtype,
+            "weight_range": [-wmax, wmax],
+            "per_channel": self.per_channel,
+            "qat": self.qat,
+            "int8_layers": int8_layers,
+            "float_layers": dict(plan.float_layers),
+            "activation_quantizers": summary["activation_quantizers"],
+            "activation_qparams": {k: [v[0], v[1]] for k, v in sorted(act.items())},
+        }

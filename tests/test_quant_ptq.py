@@ -1,0 +1,261 @@
+"""QuantizeInt8 on the zoo: Q/DQ placement per scheme (structure + goldens), ONNX lowering,
+ONNX Runtime integer kernels and agreement with the FX fake-quant graph."""
+
+from __future__ import annotations
+
+import collections
+import re
+from pathlib import Path
+from typing import Any
+
+import onnx
+import pytest
+import torch
+from torch.fx import GraphModule
+
+import fxcompress as fxc
+from fxcompress.backends.onnx_export import export_onnx
+from fxcompress.backends.onnxruntime import OrtRunner
+from fxcompress.errors import PassError, PipelineError
+from fxcompress.graph_text import to_text
+from fxcompress.trace import trace
+from passes import FoldBatchNorm, QuantizeInt8
+from passes.quantize.fake_quant import dequantize
+from zoo import ZOO
+
+FQ = torch.fake_quantize_per_tensor_affine
+INT_KERNELS = ("QLinearConv", "QLinearAdd", "QLinearConcat", "QLinearGlobalAveragePool", "QLinearAveragePool",
+               "QGemm", "QLinearMatMul", "MatMulIntegerToFloat", "ConvInteger", "MatMulInteger")
+FLOAT_COMPUTE = ("Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul", "ConvTranspose")
+
+
+def prepared(name: str, target: str = "onnxruntime", batches: int = 4
+             ) -> tuple[GraphModule, tuple[torch.Tensor, ...], fxc.PassContext]:
+    model, ex = ZOO[name]()
+    gen = torch.Generator().manual_seed(0)
+    calib = [tuple(torch.randn(e.shape, generator=gen) for e in ex) for _ in range(batches)]
+    ctx = fxc.PassContext(ex, calibration=calib, target=target)
+    gm = FoldBatchNorm().run(trace(model, ex), ctx).graph
+    return gm, ex, ctx
+
+
+def quantized(name: str, target: str = "onnxruntime", **options: Any) -> tuple[GraphModule, tuple, Any]:
+    gm, ex, ctx = prepared(name, target)
+    result = QuantizeInt8(**options).run(gm, ctx)
+    return result.graph, ex, result
+
+
+def fq_nodes(gm: GraphModule) -> list[torch.fx.Node]:
+    return [n for n in gm.graph.nodes if n.target is FQ]
+
+
+def compute_nodes(gm: GraphModule) -> list[torch.fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in (
+        torch.conv1d, torch.conv2d, torch.conv3d, torch.nn.functional.linear)]
+
+
+def ort_ops(model: onnx.ModelProto, tmp_path: Path) -> collections.Counter:
+    path = tmp_path / "optimized.onnx"
+    OrtRunner(model, threads=1, optimized_model_path=path)
+    return collections.Counter(n.op_type for n in onnx.load(path).graph.node)
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
+
+
+def _first(out: Any) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else out[0]
+
+
+@pytest.mark.parametrize("scheme", ["onnxruntime", "tensorrt"])
+def test_every_conv_and_linear_gets_int8_weights_and_quantized_input(scheme: str) -> None:
+    gm, _, result = quantized("resnet_basic", scheme)
+    convs = compute_nodes(gm)
+    assert len(convs) == 7  # 6 convs + fc
+    for node in convs:
+        x, w = node.args[0], node.args[1]
+        assert x.target is FQ, node.name
+        assert w.target is dequantize, node.name
+        w_q = getattr(gm, w.args[0].target)
+        assert w_q.dtype == torch.int8
+    assert result.stats["float_layers"] == {}
+    assert result.stats["scheme"] == scheme
+    assert not any(p.dtype == torch.float32 and p.dim() == 4 for p in gm.parameters())
+
+
+def test_tensorrt_scheme_is_symmetric_and_leaves_conv_outputs_alone() -> None:
+    gm, _, result = quantized("resnet_basic", "tensorrt")
+    fqs = fq_nodes(gm)
+    assert all(n.args[2] == 0 and n.args[3:] == (-128, 127) for n in fqs)
+    convs = set(compute_nodes(gm))
+    after_conv = [n for n in fqs if n.args[0] in convs]
+    assert [n.args[0].name for n in after_conv] == ["layers_1_downsample_2"]  # the shortcut conv only
+    assert all("add" in str(u.target) for n in after_conv for u in n.users)
+    adds = [n for n in gm.graph.nodes if n.op == "call_function" and "add" in str(n.target)]
+    assert len(adds) == 2
+    for add in adds:  # conv output fused into the add, residual input quantized
+        kinds = sorted("fq" if a.target is FQ else "conv" if a in convs else "other" for a in add.args)
+        assert kinds == ["conv", "fq"], add.name
+    ranges = [getattr(gm, n.args[0].target) for n in gm.graph.nodes if n.target is dequantize]
+    assert max(int(r.abs().max()) for r in ranges) == 127
+    assert result.stats["activations"] == "int8" and result.stats["weight_range"] == [-127, 127]
+
+
+def test_onnxruntime_scheme_quantizes_outputs_after_relu_with_uint8() -> None:
+    gm, _, result = quantized("resnet_basic", "onnxruntime")
+    fqs = fq_nodes(gm)
+    assert all(n.args[3:] == (0, 255) for n in fqs)
+    after_relu = [n for n in fqs if n.args[0].op == "call_module" and "relu" in str(n.args[0].target)]
+    assert after_relu and all(n.args[2] == 0 for n in after_relu)  # zero point 0: ORT folds the ReLU
+    ranges = [getattr(gm, n.args[0].target) for n in gm.graph.nodes if n.target is dequantize]
+    assert max(int(r.abs().max()) for r in ranges) == 64  # reduce_range: 7-bit weights
+
+
+def test_passthrough_ops_share_the_scale_of_their_input() -> None:
+    gm, _, _ = quantized("resnet_basic", "onnxruntime")
+    flat = next(n for n in gm.graph.nodes if n.target is torch.flatten)
+    before, after = flat.args[0], next(iter(flat.users))
+    assert before.target is FQ and after.target is FQ
+    assert before.args[1:] == after.args[1:]
+
+
+def _stable_text(graph: Any) -> str:
+    """Graph text without calibration-dependent numbers (scales, zero points)."""
+    text = to_text(graph)
+    text = re.sub(r"(fake_quantize_per_tensor_affine \(%[\w.]+), [-0-9.e]+, -?\d+,", r"\1, <scale>, <zp>,", text)
+    return text
+
+
+@pytest.mark.parametrize("name", ["resnet_basic", "inverted_residual", "transformer_block"])
+@pytest.mark.parametrize("scheme", ["onnxruntime", "tensorrt"])
+def test_placement_goldens(golden: Any, name: str, scheme: str) -> None:
+    gm, ex, _ = quantized(name, scheme)
+    golden.check(_stable_text(gm), f"quant_{name}_{scheme}")
+    golden.check(to_text(export_onnx(gm, ex)), f"quant_{name}_{scheme}_onnx")
+
+
+@pytest.mark.parametrize("scheme", ["onnxruntime", "tensorrt"])
+def test_onnx_has_int8_weight_initializers_and_qdq(scheme: str) -> None:
+    gm, ex, _ = quantized("inverted_residual", scheme)
+    model = export_onnx(gm, ex)
+    inits = {i.name: i for i in model.graph.initializer}
+    dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+    assert len(dq) == len(compute_nodes(gm))
+    for n in dq:
+        assert inits[n.input[0]].data_type == onnx.TensorProto.INT8
+        assert any(a.name == "axis" and a.i == 0 for a in n.attribute)
+    q = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert q and not any(i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 4 for i in inits.values())
+
+
+def test_onnxruntime_runs_integer_kernels_and_no_float_conv(tmp_path: Path) -> None:
+    gm, ex, _ = quantized("resnet_bottleneck", "onnxruntime")
+    ops = ort_ops(export_onnx(gm, ex), tmp_path)
+    assert ops["QLinearConv"] == 12 and ops["QLinearAdd"] == 3 and ops["QGemm"] == 1
+    assert not any(ops[op] for op in FLOAT_COMPUTE), ops
+
+
+@pytest.mark.parametrize("name", ["resnet_basic", "resnet_bottleneck", "inverted_residual", "dense_block",
+                                  "transformer_block", "audio_conv1d", "conv_dropout_identity"])
+def test_ort_int8_agrees_with_fx_fake_quant(name: str) -> None:
+    gm, ex, _ = quantized(name, "onnxruntime")
+    ort_out = _first(OrtRunner(export_onnx(gm, ex), threads=1)(*ex))
+    with torch.no_grad():
+        fx_out = _first(gm(*ex))
+    assert cosine(ort_out, fx_out) > 0.999
+
+
+def test_fake_quant_graph_stays_close_to_fp32() -> None:
+    model, ex = ZOO["resnet_bottleneck"]()
+    gm, ex, _ = quantized("resnet_bottleneck", "onnxruntime")
+    with torch.no_grad():
+        assert cosine(gm(*ex), model(*ex)) > 0.99
+
+
+def test_int8_onnx_is_more_than_3x_smaller() -> None:
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(64, 10)).eval()
+    ex = (torch.randn(2, 3, 8, 8),)
+    ctx = fxc.PassContext(ex, calibration=[ex], target="onnxruntime")
+    gm = trace(model, ex)
+    fp32 = export_onnx(gm, ex).ByteSize()
+    int8 = export_onnx(QuantizeInt8().run(gm, ctx).graph, ex).ByteSize()
+    assert fp32 / int8 > 3.0
+
+
+def test_missing_calibration_names_the_argument() -> None:
+    gm, ex, _ = prepared("resnet_basic")
+    with pytest.raises(PassError, match="calibration="):
+        QuantizeInt8().run(gm, fxc.PassContext(ex))
+
+
+def test_bad_options_are_pipeline_errors() -> None:
+    with pytest.raises(PipelineError, match="observer"):
+        QuantizeInt8(observer="magic")
+    with pytest.raises(PipelineError, match="symmetric"):
+        QuantizeInt8(scheme="tensorrt", activations="uint8").resolve("onnxruntime")
+
+
+def test_skip_and_first_last_report_why_layers_stay_float() -> None:
+    gm, _, result = quantized("resnet_basic", "onnxruntime", skip=("layers.1.*",), keep_first_last_fp=True)
+    reasons = result.stats["float_layers"]
+    assert "skip pattern 'layers.1.*'" in reasons["layers_1_conv1"]
+    assert reasons["conv1"].startswith("keep_first_last_fp") and reasons["fc"].startswith("keep_first_last_fp")
+    assert "layers_0_conv1" in result.stats["int8_layers"]
+    assert isinstance(gm.get_submodule("fc"), torch.nn.Linear)
+    assert any(d.node == "fc" for d in result.diagnostics)
+
+
+def test_skip_by_module_type() -> None:
+    _, _, result = quantized("transformer_block", "onnxruntime", skip=("Linear",))
+    assert len(result.stats["float_layers"]) == 4 and result.stats["int8_layers"] == ["matmul", "matmul_1"]
+
+
+def test_unfolded_batchnorm_is_reported_as_blocking_fusion() -> None:
+    model, ex = ZOO["resnet_basic"]()
+    ctx = fxc.PassContext(ex, calibration=[ex], target="onnxruntime")
+    result = QuantizeInt8().run(trace(model, ex), ctx)
+    reasons = result.stats["float_layers"]
+    assert "would block fusion" in reasons["conv1"] and "fold-batchnorm" in reasons["conv1"]
+    assert result.stats["int8_layers"] == ["fc"]
+
+
+@pytest.mark.parametrize("observer", ["minmax", "moving-average", "percentile", "mse", "entropy"])
+def test_every_observer_calibrates_a_usable_graph(observer: str) -> None:
+    model, _ = ZOO["inverted_residual"]()
+    gm, ex, _ = quantized("inverted_residual", "onnxruntime", observer=observer)
+    with torch.no_grad():
+        assert cosine(gm(*ex), model(*ex)) > 0.98
+
+
+def test_per_tensor_weights() -> None:
+    gm, ex, _ = quantized("resnet_basic", "tensorrt", per_channel=False)
+    scales = [getattr(gm, n.args[1].target) for n in gm.graph.nodes if n.target is dequantize]
+    assert all(s.dim() == 0 for s in scales)
+    model = export_onnx(gm, ex)
+    dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and not n.input[0].startswith("/")]
+    assert dq and not any(a.name == "axis" for n in dq for a in n.attribute)
+
+
+def test_user_model_and_calibration_are_not_mutated() -> None:
+    model, ex = ZOO["resnet_basic"]()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calib = [(ex[0].clone(), torch.tensor([1, 2]))]
+    ctx = fxc.PassContext(ex, calibration=calib, target="onnxruntime")
+    gm = FoldBatchNorm().run(trace(model, ex), ctx).graph
+    QuantizeInt8().run(gm, ctx)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(calib[0][0], ex[0])
+
+
+@pytest.mark.parametrize("name", ["resnet_basic", "inverted_residual", "transformer_block"])
+def test_tensorrt_scheme_passes_the_tensorrt_check(name: str) -> None:
+    from fxcompress.backends.tensorrt import derive_profiles
+    from passes.onnx.check_tensorrt import check_tensorrt
+
+    gm, ex, _ = quantized(name, "tensorrt")
+    model = export_onnx(gm, ex)
+    findings = check_tensorrt(model, profiles=derive_profiles(model, [tuple(t.shape) for t in ex]))
+    assert findings == [], [str(f) for f in findings]
