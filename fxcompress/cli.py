@@ -158,6 +158,25 @@ def _check_tensorrt(model: Any, shapes: list[tuple[int, ...]] | None) -> list[An
     return importlib.import_module(cls.__module__).check_tensorrt(model, profiles=profiles)
 
 
+@app.command("passes")
+def list_passes(markdown: bool = typer.Option(False, "--markdown", help="Print the catalogue as Markdown.")) -> None:
+    """List every registered pass with its options."""
+    from .registry import available, catalogue_markdown, describe_options
+
+    if markdown:
+        console.print(catalogue_markdown(), markup=False, highlight=False)
+        return
+    from rich.table import Table
+
+    table = Table(title="passes")
+    for col in ("pass", "stage", "exact", "options"):
+        table.add_column(col)
+    for name, cls in available().items():
+        opts = ", ".join(f"{o}={d}" for o, _, d in describe_options(cls))
+        table.add_row(name, cls.stage, "yes" if cls.exact else "no", opts)
+    console.print(table)
+
+
 @app.command()
 def inspect(path: Path = typer.Argument(..., help="An artifact directory, a .onnx file or a .fxg file."),
             input_shape: Optional[str] = typer.Option(
