@@ -1,0 +1,438 @@
+"""The self-contained HTML report: table, run facts, plots, escaped diffs, one file, headless render."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any, ClassVar
+
+import matplotlib
+import pytest
+import torch
+from torch import nn
+from torch.fx import GraphModule
+
+import fxcompress as fxc
+from fxcompress.errors import InputError
+from fxcompress.pass_base import PassContext, PassResult
+from fxcompress.pipeline import Snapshot
+from fxcompress.report import PassRecord, Report
+from fxcompress.report_html import (pruning_layers, report_to_html_string, sensitivity_table,
+                                    write_html)
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn(self.conv(x)))
+        y = torch.relu(self.conv2(y))
+        return self.fc(y.mean(dim=(2, 3)))
+
+
+X = (torch.randn(2, 3, 8, 8),)
+
+
+@dataclass(frozen=True)
+class ReluToSigmoid(fxc.Pass):
+    """Claims to be exact but changes the activation: the pipeline rolls it back."""
+
+    name: ClassVar[str] = "test-html-relu-to-sigmoid"
+    exact: ClassVar[bool] = True
+
+    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
+        for n in gm.graph.nodes:
+            if n.target is torch.relu:
+                n.target = torch.sigmoid
+        gm.recompile()
+        return PassResult(gm)
+
+
+class Page(HTMLParser):
+    """Just enough of the DOM for the checks: table rows (cells as text), images, svgs, details."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(convert_charrefs=True)
+        self.rows: list[tuple[dict[str, str], list[str]]] = []
+        self.imgs: list[dict[str, str]] = []
+        self.svgs = 0
+        self.details = 0
+        self._row: tuple[dict[str, str], list[str]] | None = None
+        self._cell: list[str] | None = None
+        self.feed(text)
+        self.close()
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = {k: v or "" for k, v in attrs}
+        if tag == "tr":
+            self._row = (a, [])
+            self.rows.append(self._row)
+        elif tag in ("td", "th"):
+            self._cell = []
+        elif tag == "img":
+            self.imgs.append(a)
+        elif tag == "svg":
+            self.svgs += 1
+        elif tag == "details":
+            self.details += 1
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("td", "th") and self._cell is not None and self._row is not None:
+            self._row[1].append("".join(self._cell).strip())
+            self._cell = None
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._cell.append(data)
+
+    def pass_rows(self) -> dict[int, tuple[dict[str, str], list[str]]]:
+        return {int(a["id"].split("-")[1]): (a, cells) for a, cells in self.rows
+                if a.get("id", "").startswith("pass-")}
+
+
+@pytest.fixture(scope="module")
+def compiled() -> Any:
+    from passes import EliminateDeadCode, FoldBatchNorm
+
+    return fxc.compile(Net(), X, [FoldBatchNorm(), ReluToSigmoid(), EliminateDeadCode()], target="fx",
+                       on_error="skip")
+
+
+@pytest.fixture(scope="module")
+def page_html(compiled: Any) -> str:
+    return report_to_html_string(compiled.report, snapshots=compiled.snapshots)
+
+
+def _decode_png(src: str) -> Any:
+    import matplotlib.image as mpimg
+
+    assert src.startswith("data:image/png;base64,")
+    return mpimg.imread(io.BytesIO(base64.b64decode(src.split(",", 1)[1])), format="png")
+
+
+def _assert_self_contained(text: str) -> None:
+    assert not re.search(r"https?://", text)
+    assert "<script" not in text.lower() and "<link" not in text.lower()
+    for src in re.findall(r'\b(?:src|href)="([^"]*)"', text):
+        assert src.startswith(("data:", "#")), src
+
+
+# ------------------------------------------------------------------ a real compile()
+
+def test_table_has_one_row_per_pass_with_its_numbers(compiled: Any, page_html: str) -> None:
+    report = compiled.report
+    assert [r.status for r in report] == ["ok", "ok", "rolled-back", "unchanged"]
+    rows = Page(page_html).pass_rows()
+    assert sorted(rows) == [0, 1, 2, 3]
+    for r in report:
+        attrs, cells = rows[r.index]
+        assert cells[0] == str(r.index) and cells[1] == r.name and cells[2] == "fx" and cells[3] == r.status
+        assert cells[7] == f"{r.nodes:,}" and cells[8] == f"{r.params:,}" and cells[9] == f"{r.nonzero:,}"
+        assert cells[13] == f"{r.error['max_abs']:.3e}"
+        assert cells[15] == f"{r.error['cosine']:.6f}"
+    # folding BN removed parameters: the numbers differ between the first two rows
+    assert rows[0][1][8] != rows[1][1][8]
+
+
+def test_rolled_back_row_is_marked_and_its_diagnostic_listed(compiled: Any, page_html: str) -> None:
+    rows = Page(page_html).pass_rows()
+    assert rows[2][0]["class"] == "status-rolled-back"
+    assert [rows[i][0]["class"] for i in (0, 1, 3)] == ["status-ok", "status-ok", "status-unchanged"]
+    assert rows[2][1][-1] == "1"  # one diagnostic, linked to its list entry
+    assert 'id="diag-2"' in page_html
+    assert "declared exact but changed the outputs" in page_html
+    assert "first divergent node: &#x27;relu&#x27;" in page_html
+    # the attempted change (from the error) is shown as a diff
+    assert '<span class="add">+call_function %relu = torch.sigmoid' in page_html
+
+
+def test_plots_are_embedded_png_images(page_html: str) -> None:
+    page = Page(page_html)
+    # stages (error/size), quality vs size, params+MACs
+    assert len(page.imgs) == 3
+    for img in page.imgs:
+        pixels = _decode_png(img["src"])
+        assert pixels.shape[0] > 200 and pixels.shape[1] > 300
+        assert pixels.reshape(-1, pixels.shape[-1]).std(axis=0).max() > 0.05  # not a blank image
+    alts = " ".join(img["alt"] for img in page.imgs)
+    assert "max abs error" in alts and "size" in alts and "MACs" in alts
+
+
+def test_graph_diff_of_each_pass_is_collapsible(compiled: Any, page_html: str) -> None:
+    bn_line = next(line for line in compiled.snapshots[0].text.splitlines() if "BatchNorm2d" in line)
+    assert '<span class="del">-' + bn_line.replace("<", "&lt;").replace(">", "&gt;") + "</span>" in page_html
+    diffs = page_html[page_html.index('id="diffs"'):]
+    assert "#1 <code>fold-batchnorm</code>: +" in diffs
+    assert "#2 <code>test-html-relu-to-sigmoid</code>" in diffs and "rolled back" in diffs
+    assert "#3 <code>eliminate-dead-code</code>: no change" in diffs
+    assert Page(diffs).details >= 3
+    assert "-&gt; f32[2,8,6,6]" in diffs  # '->' in the graph text is escaped
+
+
+def test_run_meta_is_shown(compiled: Any, page_html: str) -> None:
+    run = page_html[page_html.index('id="run"'):page_html.index('id="passes"')]
+    assert "<dt>target</dt><dd>fx</dd>" in run
+    assert "<dt>backend</dt><dd>fx</dd>" in run
+    assert f"<code>{compiled.report.meta['pipeline']}</code>" in run
+    assert "opaque modules" in run and "none" in run
+
+
+def test_single_self_contained_file(compiled: Any, tmp_path: Path) -> None:
+    out = write_html(compiled, tmp_path / "sub" / "report.html")
+    assert out == tmp_path / "sub" / "report.html" and list(out.parent.iterdir()) == [out]
+    text = out.read_text(encoding="utf-8")
+    assert text.startswith("<!DOCTYPE html>") and text.rstrip().endswith("</html>")
+    _assert_self_contained(text)
+    # given a Compiled, its snapshots are used
+    assert "fold-batchnorm</code>: +" in text
+
+
+def test_real_pruning_stats_are_plotted() -> None:
+    c = fxc.compile(Net(), X, "fold-batchnorm,prune-channels{ratio=0.5},prune-magnitude{amount=0.5}",
+                    target="fx")
+    channels = {layer.name: layer for layer in pruning_layers(c.report.find("prune-channels")[0].stats)}
+    assert channels["conv"].before == 8 and channels["conv"].after == 4 and channels["conv"].kind == "Conv2d"
+    magnitude = pruning_layers(c.report.find("prune-magnitude")[0].stats)
+    assert magnitude and all(0.0 < layer.sparsity < 1.0 for layer in magnitude)
+    page = Page(report_to_html_string(c.report, snapshots=c.snapshots))
+    # stages, quality vs size, params+MACs, kept channels (#2), per-layer sparsity (#3)
+    assert len(page.imgs) == 5
+    assert "per-layer pruning of step 2 prune-channels" in page.imgs[3]["alt"]
+    assert "per-layer pruning of step 3 prune-magnitude" in page.imgs[4]["alt"]
+    tables = [cells for _, cells in page.rows]
+    assert ["conv", "Conv2d", "8", "4", "-"] in tables
+    first = magnitude[0]
+    assert [first.name, first.kind, "-", "-", f"{100 * first.sparsity:.1f}%"] in tables
+
+
+# ------------------------------------------------------------------ hand-made records
+
+def _records() -> Report:
+    layers = {"conv1": {"kind": "Conv2d", "channels_before": 16, "channels_after": 8, "kept": list(range(8))},
+              "layer1.0.conv<lambda>": {"kind": "Conv2d", "channels_before": 32, "channels_after": 24,
+                                        "kept": list(range(24))}}
+    rows = [
+        PassRecord(0, "input", "fx", nodes=10, params=10000, nonzero=10000, bytes=40000, macs=200000,
+                   error={"max_abs": 0.0, "mean_abs": 0.0, "cosine": 1.0, "top1": 1.0},
+                   stats={"accuracy": 0.975, "ort_latency_ms": 0.5}),
+        PassRecord(1, "prune-channels{ratio=0.5}", "fx", status="ok", changed=True, weights_changed=True,
+                   seconds=0.25, nodes=10, params=5000, nonzero=5000, bytes=20000, macs=90000,
+                   error={"max_abs": 0.3, "mean_abs": 0.05, "cosine": 0.99, "top1": 0.9},
+                   stats={"accuracy": 0.95, "ort_latency_ms": 0.3, "layers": layers, "sparsity": 0.5}),
+        PassRecord(2, "prune-magnitude", "fx", status="ok", changed=False, weights_changed=True,
+                   nodes=10, params=5000, nonzero=2500, bytes=20000, macs=90000,
+                   error={"max_abs": 0.4, "mean_abs": 0.06, "cosine": 0.98, "top1": 0.88},
+                   stats={"accuracy": 0.94, "ort_latency_ms": 0.3,
+                          "layers": {"conv1": {"params": 1000, "nonzero": 250},
+                                     "fc": {"params": 4000, "nonzero": 2250}}}),
+        PassRecord(3, "quant-sensitivity", "fx", status="unchanged", nodes=10, params=5000, nonzero=2500,
+                   bytes=20000, macs=90000,
+                   error={"max_abs": 0.4, "mean_abs": 0.06, "cosine": 0.98, "top1": 0.88},
+                   stats={"accuracy": 0.94, "ort_latency_ms": 0.3, "skip": ["fc"],
+                          "ranking": [{"layer": "fc", "max_abs": 0.2, "cosine": 0.97},
+                                      {"layer": "conv1", "max_abs": 0.05, "cosine": 0.999}]}),
+        PassRecord(4, "<script>alert(1)</script>", "fx", status="rolled-back", nodes=10, params=5000,
+                   nonzero=2500, bytes=20000, macs=90000,
+                   diagnostics=[{"severity": "error", "message": "broke node <lambda> & more",
+                                 "node": "a<b"}]),
+        PassRecord(5, "quantize-int8", "onnx", status="ok", changed=True, weights_changed=True, seconds=1.5,
+                   nodes=30, params=5000, nonzero=2500, bytes=6000, macs=90000,
+                   error={"max_abs": 0.5, "mean_abs": 0.07, "cosine": 0.97, "top1": 0.85},
+                   stats={"accuracy": 0.935, "ort_latency_ms": 0.2},
+                   diagnostics=[{"severity": "info", "message": "stays in floating point: head",
+                                 "node": "fc"}]),
+        PassRecord(6, "fine-tune", "fx", status="not-run", nodes=30, params=5000, nonzero=2500, bytes=6000,
+                   macs=90000),
+    ]
+    meta = {"target": "tensorrt-rtx", "backend": "onnxruntime (fallback from tensorrt-rtx: no GPU <none>)",
+            "pipeline": "prune-channels{ratio=0.5},quantize-int8", "precision": "int8",
+            "opaque_modules": {"attn": "untraceable control flow in forward() <if x.sum() > 0>"}}
+    return Report(rows, meta)
+
+
+def _snapshots() -> list[Snapshot]:
+    base = "# fxg 1 fx\nplaceholder   %x -> f32[1,3]\ncall_function %y = <lambda> (%x) -> f32[1,3]\n"
+    return [Snapshot(0, "input", "fx", base),
+            Snapshot(1, "prune-channels{ratio=0.5}", "fx", base.replace("f32[1,3]\n", "f32[1,2]\n")),
+            Snapshot(2, "prune-magnitude", "fx", base.replace("f32[1,3]\n", "f32[1,2]\n")),
+            Snapshot(3, "quant-sensitivity", "fx", base.replace("f32[1,3]\n", "f32[1,2]\n")),
+            Snapshot(4, "quantize-int8", "onnx", "# fxg 1 onnx\nnode QuantizeLinear <q>\n")]
+
+
+@pytest.fixture(scope="module")
+def hand_html() -> str:
+    return report_to_html_string(_records(), snapshots=_snapshots(), title="digits <demo>")
+
+
+def test_hand_made_report_tables_and_columns(hand_html: str) -> None:
+    text = hand_html
+    page = Page(text)
+    rows = page.pass_rows()
+    header = next(cells for a, cells in page.rows if "accuracy" in cells and "#" in cells)
+    assert header[-3:] == ["accuracy", "ORT latency (ms)", "diagnostics"]
+    assert rows[1][1][header.index("accuracy")] == "95.00%"
+    assert rows[5][1][header.index("ORT latency (ms)")] == "0.200"
+    assert rows[2][1][header.index("sparsity")] == "50.00%"
+    assert rows[4][0]["class"] == "status-rolled-back" and rows[6][0]["class"] == "status-not-run"
+    assert rows[3][0]["class"] == "status-unchanged"
+    # the summary compares the first and the last stage that produced a graph (#5, not the not-run #6)
+    summary = next(cells for _, cells in page.rows if cells and cells[0] == "size")
+    assert summary == ["size", "40.00KB", "6.00KB", "6.67x"]
+    assert "<title>digits &lt;demo&gt;</title>" in text
+
+
+def test_every_report_string_is_escaped(hand_html: str) -> None:
+    text = hand_html
+    assert "<script" not in text and "&lt;script&gt;alert(1)&lt;/script&gt;" in text
+    assert "<lambda>" not in text and "&lt;lambda&gt;" in text
+    assert "broke node &lt;lambda&gt; &amp; more" in text and "[a&lt;b]" in text
+    assert "&lt;if x.sum() &gt; 0&gt;" in text
+    assert "no GPU &lt;none&gt;" in text
+    _assert_self_contained(text)
+
+
+def test_fallback_backend_and_opaque_modules(hand_html: str) -> None:
+    text = hand_html
+    assert '<span class="fallback">onnxruntime (fallback from tensorrt-rtx' in text
+    assert "<dt>target</dt><dd>tensorrt-rtx</dd>" in text
+    assert "<code>attn</code>" in text
+
+
+def test_hand_made_plots_count_and_order(hand_html: str) -> None:
+    page = Page(hand_html)
+    alts = [img["alt"] for img in page.imgs]
+    # stages, quality vs size, params+MACs, pruning #1 (channels), pruning #2 (sparsity), sensitivity #3
+    assert len(alts) == 6
+    assert alts[0].startswith("quality, size and latency")
+    assert "accuracy" in alts[0] and "ORT latency" in alts[0]
+    assert alts[1] == "accuracy (%) vs size per stage"
+    assert "step 1 prune-channels" in alts[3] and "step 2 prune-magnitude" in alts[4]
+    assert alts[5] == "per-layer quantization sensitivity (max_abs) of step 3"
+    for img in page.imgs:
+        assert _decode_png(img["src"]).shape[1] >= 500
+
+
+def test_svg_images_are_inline_and_self_contained() -> None:
+    text = report_to_html_string(_records(), snapshots=_snapshots(), image_format="svg")
+    page = Page(text)
+    assert page.svgs == 6 and not page.imgs
+    assert "<?xml" not in text and "<!DOCTYPE svg" not in text
+    _assert_self_contained(text)
+    with pytest.raises(InputError, match="image_format"):
+        report_to_html_string(_records(), image_format="gif")
+    with pytest.raises(InputError, match="needs a fxcompress Report"):
+        report_to_html_string(42)
+
+
+def test_snapshot_diffs_and_stage_change(hand_html: str) -> None:
+    text = hand_html
+    diffs = text[text.index('id="diffs"'):]
+    assert '<span class="add">+call_function %y = &lt;lambda&gt; (%x) -&gt; f32[1,2]</span>' in diffs
+    assert "#2 <code>prune-magnitude</code>: weights changed, graph text unchanged" in diffs
+    assert "#5 <code>quantize-int8</code>: onnx graph text" in diffs and "QuantizeLinear &lt;q&gt;" in diffs
+    assert "#6 <code>fine-tune</code>: not-run" in diffs
+    no_snaps = report_to_html_string(Report(_records()[:1]))
+    assert "No graph snapshots were given" in no_snaps
+
+
+def test_report_loaded_from_json_renders() -> None:
+    data = json.loads(Report(_records()[:3]).to_json())
+    data["passes"][1]["error"]["max_abs"] = "nan"
+    text = report_to_html_string(Report.from_dict(data))
+    rows = Page(text).pass_rows()
+    assert rows[1][1][13] == "-" and rows[2][1][13] == "4.000e-01"
+
+
+def test_matplotlib_global_state_untouched(tmp_path: Path) -> None:
+    before_backend = matplotlib.get_backend()
+    before_rc = dict(matplotlib.rcParams)
+    had_pyplot = "matplotlib.pyplot" in sys.modules
+    write_html(_records(), tmp_path / "r.html", image_format="svg")
+    assert matplotlib.get_backend() == before_backend
+    assert dict(matplotlib.rcParams) == before_rc
+    assert ("matplotlib.pyplot" in sys.modules) == had_pyplot
+
+
+# ------------------------------------------------------------------ stats extraction
+
+def test_pruning_layers_accepts_the_known_forms() -> None:
+    assert pruning_layers({"sparsity": 0.5, "int8_layers": ["a"]}) == []
+    forms = [
+        {"layers": {"c": {"kind": "Conv2d", "channels_before": 8, "channels_after": 2, "kept": [0, 1]}}},
+        {"channels": {"c": [8, 2]}},
+        {"layers": [{"layer": "c", "channels": {"before": 8, "after": 2}}]},
+        {"layers": {"c": {"total": 8, "kept": [3, 7]}}},
+    ]
+    for stats in forms:
+        (layer,) = pruning_layers(stats)
+        assert (layer.name, layer.before, layer.after) == ("c", 8.0, 2.0), stats
+    (sparse,) = pruning_layers({"layers": {"fc": {"params": 400, "nonzero": 100}}})
+    assert sparse.sparsity == pytest.approx(0.75) and sparse.before is None
+    (pct,) = pruning_layers({"per_layer": {"fc": {"sparsity": 50}}})
+    assert pct.sparsity == pytest.approx(0.5)
+    (zeros,) = pruning_layers({"layers": {"fc": {"kind": "Linear", "params": 400, "zeros": 300}}})
+    assert zeros.sparsity == pytest.approx(0.75) and zeros.kind == "Linear"
+
+
+def test_sensitivity_table_ranks_worst_first() -> None:
+    metric, rows = sensitivity_table({"sensitivity": {"a": 0.1, "b": 0.5, "c": 0.3}})
+    assert metric == "sensitivity" and [r.name for r in rows] == ["b", "c", "a"]
+    metric, rows = sensitivity_table({"sensitivity": {"a": {"cosine": 0.99}, "b": {"cosine": 0.9}},
+                                      "skip": ["b"]})
+    assert metric == "cosine" and [(r.name, r.skipped) for r in rows] == [("b", True), ("a", False)]
+    metric, rows = sensitivity_table({"layers": [{"node": "x", "mse": 2.0}]}, name_hint="quant-sensitivity")
+    assert metric == "mse" and rows[0].value == 2.0
+    assert sensitivity_table({"layers": [{"node": "x", "mse": 2.0}]}, name_hint="prune") == ("", [])
+    metric, rows = sensitivity_table({"ranked_layers": [["b", 0.5], ["a", 0.1]]})
+    assert metric == "ranked_layers" and [r.name for r in rows] == ["b", "a"]
+
+
+# ------------------------------------------------------------------ headless browser
+
+def _chromium() -> str | None:
+    if os.path.exists("/usr/bin/chromium"):
+        return "/usr/bin/chromium"
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def test_renders_in_headless_chromium(tmp_path: Path) -> None:
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("chromium not installed")
+    html_path = write_html(_records(), tmp_path / "report.html", snapshots=_snapshots())
+    shot = tmp_path / "shot.png"
+    common = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+              "--disable-background-networking", "--disable-component-update", "--disable-sync",
+              f"--user-data-dir={tmp_path / 'profile'}"]
+    subprocess.run([*common, f"--screenshot={shot}", "--window-size=1280,2000", html_path.resolve().as_uri()],
+                   check=True, capture_output=True, cwd=tmp_path)
+    assert shot.exists() and shot.stat().st_size > 20000
+    import matplotlib.image as mpimg
+
+    pixels = mpimg.imread(str(shot))
+    assert pixels.shape[0] >= 1000 and pixels.shape[1] >= 1000
+    flat = pixels.reshape(-1, pixels.shape[-1])[:, :3]
+    assert flat.std(axis=0).max() > 0.05  # text, tables and plots, not one colour
+    dom = subprocess.run([*common, "--dump-dom", html_path.resolve().as_uri()], check=True,
+                         capture_output=True, text=True, cwd=tmp_path).stdout
+    page = Page(dom)
+    assert sorted(page.pass_rows()) == list(range(7)) and len(page.imgs) == 6
