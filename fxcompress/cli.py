@@ -135,7 +135,7 @@ def compile_cmd(
     console.print(compiled.report.table())
     console.print(f"backend: {compiled.backend}", markup=False)
     if report_html:
-        from .report import write_html
+        from .report_html import write_html
 
         write_html(compiled.report, report_html, snapshots=compiled.snapshots)
         console.print(f"wrote {report_html}", markup=False)

@@ -104,12 +104,9 @@ def run_demo(out: Path = Path("demo_out"), *, quick: bool = False, console: Cons
     console.print(diff(compiled.snapshots[0].text, last_fx.text, "input", last_fx.name), markup=False,
                   highlight=False)
     result.artifact = compiled.save(out)
-    try:
-        from .report import write_html
-    except ImportError:
-        write_html = None
-    if write_html is not None:
-        write_html(compiled.report, out / "report.html", snapshots=compiled.snapshots)
-        console.print(f"wrote {out / 'report.html'}", markup=False)
+    from .report_html import write_html
+
+    write_html(compiled.report, out / "report.html", snapshots=compiled.snapshots)
+    console.print(f"wrote {out / 'report.html'}", markup=False)
     console.print(f"wrote {out}/ (model.onnx, manifest.json, report.json, graphs/)", markup=False)
     return result
