@@ -1,0 +1,144 @@
+"""Helpers shared by the pruning passes: which layers to prune, the classifier head, and the
+before/after totals every pruning pass reports."""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+from torch.fx import GraphModule, Node
+
+from fxcompress.errors import PassError
+
+WEIGHT_TYPES = ("Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "Linear")
+
+#: ops a classifier head's output may pass through on its way to the model output
+_HEAD_PASS_METHODS = {"view", "reshape", "flatten", "squeeze", "contiguous", "float", "to", "softmax",
+                      "log_softmax", "sigmoid"}
+
+
+def _weight_layer(mod: nn.Module) -> bool:
+    return isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear))
+
+
+def head_layers(gm: GraphModule) -> set[str]:
+    """Module paths of the last Linear/Conv producing each model output (the classifier head),
+    found by walking back from the output through single-input ops."""
+    modules = dict(gm.named_modules())
+    heads: set[str] = set()
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    stack: list[Node] = []
+    torch.fx.node.map_arg(output.args, lambda n: stack.append(n) or n)
+    seen: set[Node] = set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.op == "call_module":
+            mod = modules[str(node.target)]
+            if _weight_layer(mod):
+                heads.add(str(node.target))
+                continue
+            if any(True for _ in mod.parameters()) and not isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                continue
+        elif node.op == "call_method" and node.target not in _HEAD_PASS_METHODS:
+            continue
+        elif node.op not in ("call_module", "call_function", "call_method"):
+            continue
+        tensors = [a for a in node.args if isinstance(a, Node) and a.meta.get("tensor_meta") is not None]
+        if len(tensors) == 1:
+            stack.append(tensors[0])
+    return heads
+
+
+def select_layers(gm: GraphModule, *, types: Sequence[str], include: Sequence[str], exclude: Sequence[str],
+                  exclude_head: bool) -> tuple[list[tuple[str, nn.Module]], dict[str, str]]:
+    """Called modules whose type name is in ``types``, whose path matches an ``include`` pattern and
+    no ``exclude`` pattern (nor the classifier head when ``exclude_head``); and the skipped ones
+    with the reason."""
+    heads = head_layers(gm) if exclude_head else set()
+    called = list(dict.fromkeys(str(n.target) for n in gm.graph.nodes if n.op == "call_module"))
+    chosen: list[tuple[str, nn.Module]] = []
+    skipped: dict[str, str] = {}
+    seen_weights: set[int] = set()
+    for path in called:
+        mod = gm.get_submodule(path)
+        if type(mod).__name__ not in types or getattr(mod, "weight", None) is None:
+            continue
+        if path in heads:
+            skipped[path] = "classifier head (set exclude_head=False to prune it)"
+        elif not any(fnmatch.fnmatchcase(path, p) for p in include):
+            skipped[path] = "not matched by include patterns"
+        elif any(fnmatch.fnmatchcase(path, p) for p in exclude):
+            skipped[path] = "excluded by pattern"
+        elif not mod.weight.is_floating_point():
+            skipped[path] = f"weight dtype {mod.weight.dtype} is not floating point"
+        elif id(mod.weight) in seen_weights:
+            skipped[path] = "shares its weight with an earlier layer"
+        else:
+            seen_weights.add(id(mod.weight))
+            chosen.append((path, mod))
+    return chosen, skipped
+
+
+def replace_weight(mod: nn.Module, value: torch.Tensor) -> None:
+    """Give ``mod`` a new weight Parameter (never writes into a tensor someone else may share)."""
+    old = mod.weight
+    mod.weight = nn.Parameter(value.to(old.dtype), requires_grad=old.requires_grad)
+
+
+def graph_totals(gm: GraphModule) -> Any:
+    """``fxcompress.stats.graph_stats`` of ``gm`` (nodes must carry shapes)."""
+    from fxcompress.stats import graph_stats
+
+    return graph_stats(gm)
+
+
+def totals(before: Any, after: Any) -> dict[str, Any]:
+    """The totals every pruning pass reports, relative to the parameter count before the pass."""
+    total = before.params
+    active = after.nonzero
+    pruned = total - active
+    ratio = total / active if active else math.inf
+    return {
+        "params_before": before.params, "params_after": after.params,
+        "total_params": total, "pruned_params": pruned, "active_params": active,
+        "sparsity": pruned / total if total else 0.0,
+        "compression_ratio": None if math.isinf(ratio) else ratio,
+        "macs_before": before.macs, "macs_after": after.macs,
+    }
+
+
+def check_runs(gm: GraphModule, example_inputs: Iterable[Any], pass_name: str) -> None:
+    """Re-propagate shapes on the rewritten graph; a clear ``PassError`` if it no longer runs."""
+    from fxcompress.verify import propagate_shapes
+
+    try:
+        propagate_shapes(gm, tuple(example_inputs))
+    except Exception as exc:  # the pass broke the graph: say so, keep the cause
+        raise PassError(f"{pass_name}: the pruned graph does not run on the example inputs ({exc}); "
+                        f"exclude the layers involved with exclude=[...] and report the model",
+                        pass_name=pass_name) from exc
+
+
+def need_shapes(gm: GraphModule, example_inputs: Sequence[Any], pass_name: str) -> None:
+    """Make sure every node carries ``tensor_meta`` (propagating from the example inputs if not)."""
+    if all("tensor_meta" in n.meta for n in gm.graph.nodes if n.op in ("call_module", "placeholder")):
+        return
+    if not example_inputs:
+        raise PassError(f"{pass_name} needs shapes: pass example_inputs to fxcompress.compile() "
+                        f"(or PassContext)", pass_name=pass_name)
+    check_runs(gm, example_inputs, pass_name)
+
+
+def as_tuple(value: Any, where: str) -> tuple:
+    """Option normalization: a list (or a single string) becomes a tuple."""
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, (list, tuple)):
+        return tuple(value)
+    raise PassError(f"{where} must be a tuple of strings, got {value!r}")

@@ -1,0 +1,127 @@
+"""Structured channel pruning: physically remove output channels (and everything that depends
+on them) so the model gets smaller and faster with ordinary dense kernels.
+
+The channel-dependency graph (``depgraph`` / ``analysis``) says which channels must go together;
+each group of coupled layers loses ``ratio`` of its channel units, the least important first
+(``importance``); ``rewrite`` rebuilds the modules and shape arguments. Whatever the analysis
+cannot prove safe stays as it is and is listed in ``stats["unpruned"]`` with the reason.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+from torch.fx import GraphModule
+
+from fxcompress.errors import PipelineError
+from fxcompress.pass_base import Pass, PassContext, PassResult
+
+from ._common import as_tuple, check_runs, graph_totals, need_shapes, totals
+from .depgraph import DependencyGraph, dependency_graph
+from .importance import CRITERIA, class_importance
+from .rewrite import apply_removal
+
+__all__ = ["PruneChannels"]
+
+
+@dataclass(frozen=True)
+class PruneChannels(Pass):
+    """Remove ``ratio`` of the output channels of every prunable group of layers.
+
+    ``ratios``: per-layer overrides, ``(("layer3.*", 0.6), ...)`` or a dict; a group takes the
+    first pattern matching one of its layers. ``round_to``: kept channel counts are multiples of
+    it (rounded up). ``min_channels``: never keep fewer channels in a layer. ``exclude``: layer
+    patterns whose output channels are kept (the classifier head always is: it feeds the output).
+    ``importance``: ``l2`` (default), ``l1``, ``bn-scale`` or ``taylor`` (needs train_data or
+    calibration data; ``batches`` of them are used).
+    """
+
+    name: ClassVar[str] = "prune-channels"
+    exact: ClassVar[bool] = False
+
+    ratio: float = 0.5
+    ratios: tuple[tuple[str, float], ...] | dict[str, float] = ()
+    round_to: int = 1
+    min_channels: int = 1
+    exclude: tuple[str, ...] = ()
+    importance: str = "l2"
+    batches: int = 8
+
+    def __post_init__(self) -> None:
+        ratios = self.ratios
+        if isinstance(ratios, dict):
+            ratios = tuple(ratios.items())
+        try:
+            ratios = tuple((str(p), float(r)) for p, r in ratios)
+        except (TypeError, ValueError) as exc:
+            raise PipelineError(f"prune-channels: ratios must be (pattern, ratio) pairs, got {self.ratios!r}") from exc
+        object.__setattr__(self, "ratios", ratios)
+        object.__setattr__(self, "exclude", as_tuple(self.exclude, "prune-channels: exclude"))
+        for what, r in (("ratio", self.ratio), *((f"ratios[{p!r}]", r) for p, r in ratios)):
+            if not 0.0 <= r < 1.0:
+                raise PipelineError(f"prune-channels: {what}={r} must be in [0, 1)")
+        if self.importance not in CRITERIA:
+            raise PipelineError(f"prune-channels: importance={self.importance!r}; choose one of "
+                                f"{', '.join(CRITERIA)}")
+        if self.round_to < 1 or self.min_channels < 1 or self.batches < 1:
+            raise PipelineError("prune-channels: round_to, min_channels and batches must be >= 1")
+
+    # ------------------------------------------------------------------ selection
+
+    def ratio_for(self, layers: list[str]) -> float:
+        for pattern, r in self.ratios:
+            if any(fnmatch.fnmatchcase(layer, pattern) for layer in layers):
+                return r
+        return self.ratio
+
+    def _n_keep(self, n: int, ratio: float, block: int, min_block: int) -> int:
+        keep = n - int(math.floor(ratio * n + 1e-9))
+        step = self.round_to // math.gcd(self.round_to, block)
+        keep = min(n, -(-keep // step) * step)
+        return min(n, max(keep, 1, -(-self.min_channels // max(min_block, 1))))
+
+    def select(self, dg: DependencyGraph, scores: np.ndarray) -> tuple[np.ndarray, list[dict[str, Any]]]:
+        """Boolean mask of removed classes and one record per group."""
+        removed = np.zeros(len(dg.classes), dtype=bool)
+        records = []
+        for g in dg.groups:
+            if not g.layers:
+                continue
+            ratio = self.ratio_for(g.layers)
+            n = len(g.classes)
+            n_remove = min(n - self._n_keep(n, ratio, g.block, g.min_block), len(g.prunable))
+            order = sorted(g.prunable, key=lambda c: (scores[c], c))
+            removed[order[:max(n_remove, 0)]] = True
+            records.append({"layers": g.layers, "ratio": ratio, "units_before": n,
+                            "units_after": n - max(n_remove, 0), "unit_size": g.block,
+                            "prunable_units": len(g.prunable)})
+        return removed, records
+
+    # ------------------------------------------------------------------ run
+
+    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
+        need_shapes(gm, ctx.example_inputs, self.name)
+        before = graph_totals(gm)
+        dg = dependency_graph(gm, exclude=self.exclude)
+        data, argument = (ctx.train_data, "train_data") if ctx.train_data is not None else \
+            (ctx.calibration, "calibration")
+        scores, notes = class_importance(gm, dg, self.importance, data=data, argument=argument,
+                                         batches=self.batches, pass_name=self.name)
+        removed, groups = self.select(dg, scores)
+        result = PassResult(graph=gm)
+        for note in notes:
+            result.info(note)
+        unpruned = dg.unpruned()
+        layers = apply_removal(gm, dg, removed)
+        if removed.any():
+            check_runs(gm, ctx.example_inputs, self.name)
+        after = graph_totals(gm)
+        for layer, reason in unpruned.items():
+            result.info(f"not pruned: {reason}", node=layer)
+        result.stats = {**totals(before, after), "layers": layers, "groups": groups, "unpruned": unpruned,
+                        "importance": self.importance}
+        return result

@@ -1,0 +1,92 @@
+"""Unstructured magnitude pruning: zero the smallest weights, per layer or with one global threshold.
+
+Zeros are written into the weights (new Parameters, no masks or hooks left behind): the graph
+stays a plain GraphModule and the sparsity survives export. Biases are never pruned.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+from torch.fx import GraphModule
+
+from fxcompress.errors import PipelineError
+from fxcompress.pass_base import Pass, PassContext, PassResult
+
+from ._common import WEIGHT_TYPES, as_tuple, graph_totals, need_shapes, replace_weight, select_layers, totals
+
+__all__ = ["PruneMagnitude", "smallest"]
+
+
+def smallest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Flat indices of the ``k`` smallest ``|values|`` (ties broken by position: deterministic)."""
+    if k <= 0:
+        return torch.empty(0, dtype=torch.long)
+    return torch.argsort(values.detach().abs().flatten(), stable=True)[:k]
+
+
+def _count(amount: float, n: int) -> int:
+    return min(n, int(amount * n + 0.5))
+
+
+@dataclass(frozen=True)
+class PruneMagnitude(Pass):
+    """Zero ``amount`` of the weights with the smallest magnitude (L1, unstructured).
+
+    ``scope="layer"``: every selected layer loses ``round(amount * numel)`` weights;
+    ``scope="global"``: one threshold across all selected layers (``round(amount * total)`` zeros
+    in all). Layers are selected by module type (``types``) and path patterns (``include`` /
+    ``exclude``); the classifier head is left dense unless ``exclude_head=False``.
+    """
+
+    name: ClassVar[str] = "prune-magnitude"
+    exact: ClassVar[bool] = False
+
+    amount: float = 0.5
+    scope: Literal["layer", "global"] = "layer"
+    types: tuple[str, ...] = WEIGHT_TYPES
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+    exclude_head: bool = True
+
+    def __post_init__(self) -> None:
+        for f in ("types", "include", "exclude"):
+            object.__setattr__(self, f, as_tuple(getattr(self, f), f"prune-magnitude: {f}"))
+        if not 0.0 <= self.amount <= 1.0:
+            raise PipelineError(f"prune-magnitude: amount={self.amount} must be in [0, 1]")
+        if self.scope not in ("layer", "global"):
+            raise PipelineError(f"prune-magnitude: scope={self.scope!r}; choose 'layer' or 'global'")
+
+    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
+        need_shapes(gm, ctx.example_inputs, self.name)
+        before = graph_totals(gm)
+        layers, skipped = select_layers(gm, types=self.types, include=self.include, exclude=self.exclude,
+                                        exclude_head=self.exclude_head)
+        result = PassResult(graph=gm)
+        if not layers:
+            result.warn(f"no layer selected (types {', '.join(self.types)}, include {self.include})")
+        weights = [mod.weight for _, mod in layers]
+        if self.scope == "layer":
+            picks = [smallest(w, _count(self.amount, w.numel())) for w in weights]
+        else:
+            flat = torch.cat([w.detach().flatten() for w in weights]) if weights else torch.empty(0)
+            chosen = smallest(flat, _count(self.amount, flat.numel()))
+            bounds = torch.tensor([0] + [w.numel() for w in weights]).cumsum(0)
+            picks = [chosen[(chosen >= lo) & (chosen < hi)] - lo for lo, hi in zip(bounds[:-1], bounds[1:])]
+        per_layer = {}
+        for (path, mod), idx in zip(layers, picks):
+            new = mod.weight.detach().clone()
+            new.view(-1)[idx] = 0
+            replace_weight(mod, new)
+            zeros = int((new == 0).sum())
+            per_layer[path] = {"kind": type(mod).__name__, "params": new.numel(), "zeros": zeros,
+                               "sparsity": zeros / new.numel()}
+        gm.recompile()
+        after = graph_totals(gm)
+        pruned = sum(v["zeros"] for v in per_layer.values())
+        total = sum(v["params"] for v in per_layer.values())
+        result.stats = {**totals(before, after), "scope": self.scope, "amount": self.amount, "layers": per_layer,
+                        "skipped": skipped, "selected_sparsity": pruned / total if total else 0.0}
+        return result

@@ -1,0 +1,96 @@
+"""N:M semi-structured sparsity (default 2:4): in every group of M consecutive input channels of
+a Conv/Linear weight (for each output channel and kernel position) at most N weights are non-zero.
+
+That is the layout of the sparse tensor-core kernels TensorRT uses for ``SPARSE_WEIGHTS``
+(weights ``K x C x R x S``, groups of M along ``C``). Layers whose input-channel count (per
+group) is not a multiple of M are skipped, with the reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch.fx import GraphModule
+
+from fxcompress.errors import PipelineError
+from fxcompress.pass_base import Pass, PassContext, PassResult
+
+from ._common import as_tuple, graph_totals, need_shapes, replace_weight, select_layers, totals
+
+__all__ = ["PruneNM", "check_nm", "nm_groups"]
+
+NM_TYPES = ("Conv1d", "Conv2d", "Conv3d", "Linear")
+
+
+def nm_groups(weight: torch.Tensor, m: int) -> torch.Tensor:
+    """``weight`` (``out x in x *kernel``) as rows of M consecutive input channels: ``(-1, m)``."""
+    if weight.dim() < 2:
+        raise ValueError(f"N:M sparsity needs a weight with an input-channel dim 1, got shape {tuple(weight.shape)}")
+    if weight.shape[1] % m:
+        raise ValueError(f"input channels {weight.shape[1]} are not a multiple of m={m}")
+    w = weight.movedim(1, -1)  # out x *kernel x in
+    return w.reshape(-1, m)
+
+
+def _from_groups(groups: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return groups.reshape(like.movedim(1, -1).shape).movedim(-1, 1)
+
+
+def check_nm(tensor: torch.Tensor, n: int = 2, m: int = 4) -> bool:
+    """True when every group of ``m`` consecutive input channels (dim 1) has at most ``n`` non-zeros."""
+    if tensor.dim() < 2 or tensor.shape[1] % m:
+        return False
+    return bool(((nm_groups(tensor.detach(), m) != 0).sum(1) <= n).all())
+
+
+@dataclass(frozen=True)
+class PruneNM(Pass):
+    """Keep the ``n`` largest-magnitude weights of every ``m`` along the input channels (2:4 by default)."""
+
+    name: ClassVar[str] = "prune-nm"
+    exact: ClassVar[bool] = False
+
+    n: int = 2
+    m: int = 4
+    types: tuple[str, ...] = NM_TYPES
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+    exclude_head: bool = True
+
+    def __post_init__(self) -> None:
+        for f in ("types", "include", "exclude"):
+            object.__setattr__(self, f, as_tuple(getattr(self, f), f"prune-nm: {f}"))
+        if not (0 <= self.n < self.m):
+            raise PipelineError(f"prune-nm: need 0 <= n < m, got n={self.n}, m={self.m}")
+        bad = [t for t in self.types if t not in NM_TYPES]
+        if bad:
+            raise PipelineError(f"prune-nm: types {bad} have no N:M layout; choose from {', '.join(NM_TYPES)}")
+
+    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
+        need_shapes(gm, ctx.example_inputs, self.name)
+        before = graph_totals(gm)
+        layers, skipped = select_layers(gm, types=self.types, include=self.include, exclude=self.exclude,
+                                        exclude_head=self.exclude_head)
+        result = PassResult(graph=gm)
+        per_layer = {}
+        for path, mod in layers:
+            w = mod.weight.detach()
+            if w.shape[1] % self.m:
+                skipped[path] = (f"{w.shape[1]} input channels per group are not a multiple of m={self.m}")
+                result.info(f"skipped: {skipped[path]}", node=path)
+                continue
+            groups = nm_groups(w, self.m).clone()
+            order = torch.argsort(groups.abs(), dim=1, descending=True, stable=True)
+            groups.scatter_(1, order[:, self.n:], 0.0)
+            new = _from_groups(groups, w).contiguous()
+            replace_weight(mod, new)
+            zeros = int((new == 0).sum())
+            per_layer[path] = {"kind": type(mod).__name__, "params": new.numel(), "zeros": zeros,
+                               "sparsity": zeros / new.numel()}
+        gm.recompile()
+        after = graph_totals(gm)
+        result.stats = {**totals(before, after), "n": self.n, "m": self.m, "layers": per_layer,
+                        "skipped": skipped}
+        return result

@@ -1,0 +1,494 @@
+"""PruneChannels: dependency analysis, coupling, exactness, ONNX lowering, goldens.
+
+The central correctness check is *zeroed equivalence*: for a removal chosen by the pass, zero
+every parameter position of the removed channels in the unpruned graph (producer rows, norm
+affine, consumer columns, broadcast tensors); the pruned graph must then compute exactly the
+same outputs. It exercises every transfer rule (coupling, cat offsets, heads, shuffle, split,
+flatten, slices) on real numbers rather than on shapes only.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor, nn
+from torch.fx import GraphModule, symbolic_trace
+
+from fxcompress.backends.onnx_export import export_onnx
+from fxcompress.backends.onnxruntime import OrtRunner
+from fxcompress.errors import PassError, PipelineError
+from fxcompress.pass_base import PassContext
+from fxcompress.pipeline import Pipeline
+from fxcompress.trace import trace
+from fxcompress.verify import propagate_shapes
+from passes import PruneChannels
+from passes.prune.depgraph import dependency_graph
+from passes.prune.importance import class_importance
+from passes.prune.rewrite import apply_removal
+from zoo import ZOO
+
+REQUIRED_ZOO = ["resnet_basic", "resnet_bottleneck", "inverted_residual", "dense_block", "transformer_block",
+                "audio_conv1d"]
+
+
+def traced(model: nn.Module, inputs: tuple[Tensor, ...]) -> GraphModule:
+    return propagate_shapes(symbolic_trace(copy.deepcopy(model)), inputs)
+
+
+def prune(model: nn.Module, inputs: tuple[Tensor, ...], p: PruneChannels, **ctx_kw):
+    gm = traced(model, inputs)
+    result = p.run(gm, PassContext(inputs, **ctx_kw))
+    result.graph.graph.lint()
+    propagate_shapes(result.graph, inputs)
+    return result
+
+
+def out(model, inputs):
+    with torch.no_grad():
+        return model(*inputs)
+
+
+# --------------------------------------------------------------------------- structural models
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _randomize(model: nn.Module, seed: int) -> nn.Module:
+    gen = _gen(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.3)
+                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=gen) * 0.2)
+            elif isinstance(m, nn.GroupNorm):
+                m.weight.copy_(torch.rand(m.num_channels, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(m.num_channels, generator=gen) * 0.2)
+    return model.eval()
+
+
+class ShuffleUnit(nn.Module):
+    """ShuffleNetV2-style: chunk, a depthwise branch, cat, channel shuffle (view-transpose-view)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.branch = nn.Sequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), nn.ReLU(),
+                                    nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8),
+                                    nn.Conv2d(8, 8, 1), nn.ReLU())
+        self.head = nn.Conv2d(16, 12, 1)
+        self.fc = nn.Linear(12, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.stem(x)
+        a, b = x.chunk(2, dim=1)
+        x = torch.cat([a, self.branch(b)], dim=1)
+        n, c, h, w = x.shape
+        x = x.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+        x = F.relu(self.head(x))
+        return self.fc(x.mean((2, 3)))
+
+
+class SqueezeExcite(nn.Module):
+    """A squeeze-excitation gate (per-channel mul), a learnable per-channel scale (get_attr) and a
+    grouped conv (groups=2: whole groups are pruned)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.fc1 = nn.Linear(16, 8)
+        self.fc2 = nn.Linear(8, 16)
+        self.scale = nn.Parameter(torch.rand(16, 1, 1) + 0.5)
+        self.grouped = nn.Conv2d(16, 8, 3, padding=1, groups=2)
+        self.gn = nn.GroupNorm(4, 8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.conv(x))
+        b, c = x.size(0), x.size(1)
+        s = torch.sigmoid(self.fc2(F.relu(self.fc1(x.mean((2, 3)))))).view(b, c, 1, 1)
+        x = x * s * self.scale
+        x = F.relu(self.gn(self.grouped(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class FlattenHead(nn.Module):
+    """conv -> flatten -> Linear (a channel is a block of h*w features), a channel slice, a
+    split with explicit sections and a transposed conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 12, 3, padding=1)
+        self.up = nn.ConvTranspose2d(6, 6, 2, stride=2)
+        self.down = nn.Conv2d(6, 6, 2, stride=2)
+        self.conv2 = nn.Conv2d(4, 6, 1)
+        self.fc = nn.Linear(12 * 4 * 4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.relu(self.conv(x))
+        head, rest = torch.split(y, [6, 6], dim=1)
+        head = self.down(F.relu(self.up(head)))
+        part = self.conv2(rest[:, 2:])
+        y = torch.cat([head, part], dim=1)
+        return self.fc(y.flatten(1))
+
+
+class HeadsView(nn.Module):
+    """Attention with separate q/k/v projections and view(b, t, heads, d) (prune whole heads),
+    an input projection so the residual stream is prunable, a LayerNorm-free MLP."""
+
+    def __init__(self, din: int = 6, dim: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.heads, self.d = heads, dim // heads
+        self.embed = nn.Linear(din, dim)
+        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.out = nn.Linear(dim, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.embed(x)
+        b, t, _ = h.shape
+        q = self.q(h).view(b, t, self.heads, self.d).transpose(1, 2)
+        k = self.k(h).view(b, t, self.heads, self.d).transpose(1, 2)
+        v = self.v(h).view(b, t, self.heads, self.d).transpose(1, 2)
+        a = F.scaled_dot_product_attention(q, k, v)
+        h = h + self.o(a.transpose(1, 2).reshape(b, t, self.heads * self.d))
+        h = h + self.mlp(h)
+        return self.out(h.mean(1))
+
+
+class Unsupported(nn.Module):
+    """Ops the analysis must refuse: a roll along channels, a channel mean, a shared module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.b = nn.Conv2d(3, 8, 1)
+        self.shared = nn.Conv2d(8, 8, 1)
+        self.c = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = torch.roll(self.a(x), 1, dims=1)
+        z = self.b(x)
+        z = z * z.mean(1, keepdim=True)
+        w = self.shared(self.shared(F.relu(self.c(y + z))))
+        return self.fc(w.mean((2, 3)))
+
+
+STRUCTURES = {
+    "shuffle": lambda: (_randomize(ShuffleUnit(), 1), (torch.randn(2, 3, 8, 8, generator=_gen(11)),)),
+    "squeeze_excite": lambda: (_randomize(SqueezeExcite(), 2), (torch.randn(2, 3, 8, 8, generator=_gen(12)),)),
+    "flatten_head": lambda: (_randomize(FlattenHead(), 3), (torch.randn(2, 2, 4, 4, generator=_gen(13)),)),
+    "heads_view": lambda: (_randomize(HeadsView(), 4), (torch.randn(2, 5, 6, generator=_gen(14)),)),
+}
+
+
+def _build(name: str):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        if name in STRUCTURES:
+            return STRUCTURES[name]()
+        return ZOO[name]()
+
+
+# --------------------------------------------------------------------------- zeroed equivalence
+
+def zero_removed(gm: GraphModule, dg, removed: np.ndarray) -> None:
+    """Zero every parameter position that belongs to a removed class (BN variance set to 1)."""
+    with torch.no_grad():
+        for s in dg.slices:
+            pos = np.nonzero(removed[dg.comp[s.labels]])[0]
+            if not len(pos):
+                continue
+            name = f"{s.owner}.{s.param}" if s.param else s.owner
+            t = gm.get_parameter(name) if name in dict(gm.named_parameters()) else gm.get_buffer(name)
+            t.index_fill_(s.dim, torch.as_tensor(pos), 1.0 if s.param == "running_var" else 0.0)
+
+
+@pytest.mark.parametrize("name", REQUIRED_ZOO + ["leaf_mha_lstm", "classifier_digits"] + list(STRUCTURES))
+def test_zeroed_equivalence(name: str) -> None:
+    model, inputs = _build(name)
+    gm = traced(model, inputs)
+    dg = dependency_graph(gm)
+    scores, _ = class_importance(gm, dg, "l2")
+    removed, _ = PruneChannels(ratio=0.5).select(dg, scores)
+    assert removed.any(), dg.summary()
+    zero_removed(gm, dg, removed)
+    expected = out(gm, inputs)
+    apply_removal(gm, dg, removed)
+    propagate_shapes(gm, inputs)
+    torch.testing.assert_close(out(gm, inputs), expected, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- the zoo at 0.5
+
+@pytest.mark.parametrize("name", REQUIRED_ZOO)
+def test_zoo_ratio_half(name: str, golden) -> None:
+    model, inputs = ZOO[name]()
+    before = copy.deepcopy(model.state_dict())
+    gm = trace(model, inputs)
+    result = PruneChannels(ratio=0.5).run(gm, PassContext(inputs))
+    pruned = result.graph
+    s = result.stats
+    assert out(pruned, inputs).shape == out(model, inputs).shape
+    assert s["params_after"] <= 0.6 * s["params_before"], s
+    assert s["macs_after"] <= 0.6 * s["macs_before"], s
+    assert s["pruned_params"] == s["total_params"] - s["active_params"]
+    assert s["compression_ratio"] == pytest.approx(s["total_params"] / s["active_params"])
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
+    onnx_model = export_onnx(pruned, inputs)
+    got = OrtRunner(onnx_model)(*inputs)
+    torch.testing.assert_close(got, out(pruned, inputs), rtol=1e-4, atol=1e-4)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), f"user model changed: {key}"
+    golden.check(pruned, f"prune_channels_{name}")
+
+
+def test_ratio_zero_is_exact_on_zoo() -> None:
+    for name in REQUIRED_ZOO:
+        model, inputs = ZOO[name]()
+        gm = traced(model, inputs)
+        result = PruneChannels(ratio=0.0).run(gm, PassContext(inputs))
+        assert torch.equal(out(result.graph, inputs), out(model, inputs)), name
+        assert result.stats["params_after"] == result.stats["params_before"]
+        assert all(r["channels_after"] == r["channels_before"] for r in result.stats["layers"].values())
+
+
+class ZeroChannelNet(nn.Module):
+    def __init__(self, bn: bool) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8) if bn else nn.Identity()
+        self.conv2 = nn.Conv2d(8, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.bn(self.conv1(x)))
+        return self.fc(F.relu(self.conv2(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("bn", [False, True])
+def test_zero_channel_is_removed_exactly(bn: bool) -> None:
+    torch.manual_seed(0)
+    model = _randomize(ZeroChannelNet(bn), 5)
+    with torch.no_grad():
+        model.conv1.weight[5] = 0
+        model.conv1.bias[5] = 0
+        if bn:  # BatchNorm maps 0 to beta - gamma * mean / std: zero mean and shift keep it 0
+            model.bn.bias[5] = 0
+            model.bn.running_mean[5] = 0
+    inputs = (torch.randn(2, 3, 6, 6, generator=_gen(3)),)
+    result = prune(model, inputs, PruneChannels(ratio=0.125, ratios=(("conv2", 0.0),)))
+    assert result.stats["layers"]["conv1"]["kept"] == [0, 1, 2, 3, 4, 6, 7]
+    torch.testing.assert_close(out(result.graph, inputs), out(model, inputs), rtol=1e-6, atol=1e-6)
+
+
+def test_zero_channel_exact_through_the_pipeline() -> None:
+    """The pipeline's report measures the error against the original model: it is zero."""
+    torch.manual_seed(0)
+    model = ZeroChannelNet(bn=False).eval()
+    with torch.no_grad():
+        model.conv1.weight[[1, 4]] = 0
+        model.conv1.bias[[1, 4]] = 0
+        model.conv2.weight[2] = 0
+        model.conv2.bias[2] = 0
+    inputs = (torch.randn(2, 3, 6, 6),)
+    gm = trace(model, inputs)
+    outcome = Pipeline.parse("prune-channels{ratio=0.2}").apply(gm, PassContext(inputs, original=model))
+    torch.testing.assert_close(out(outcome.graph_module, inputs), out(model, inputs), rtol=1e-6, atol=1e-6)
+    assert outcome.graph_module.conv1.out_channels == 7  # floor(0.2 * 8) = 1: channel 1 (ties: lowest index)
+    assert outcome.graph_module.conv2.out_channels == 5
+    record = outcome.report[-1]
+    assert record.stats["layers"]["conv2"]["kept"] == [0, 1, 3, 4, 5]
+
+
+# --------------------------------------------------------------------------- coupling
+
+def test_residual_add_inputs_share_kept_indices() -> None:
+    model, inputs = ZOO["resnet_basic"]()
+    layers = prune(model, inputs, PruneChannels(ratio=0.5)).stats["layers"]
+    stage1 = [layers[n]["kept"] for n in ("conv1", "bn1", "layers.0.conv2", "layers.0.bn2")]
+    assert len(stage1[0]) == 4 and all(k == stage1[0] for k in stage1)
+    stage2 = [layers[n]["kept"] for n in ("layers.1.conv2", "layers.1.bn2", "layers.1.downsample.0",
+                                          "layers.1.downsample.1")]
+    assert len(stage2[0]) == 8 and all(k == stage2[0] for k in stage2)
+    assert layers["fc"]["channels_after"] == 10
+
+
+def test_concat_offsets() -> None:
+    model, inputs = ZOO["dense_block"]()
+    gm = traced(model, inputs)
+    result = PruneChannels(ratio=0.5).run(gm, PassContext(inputs))
+    layers = result.stats["layers"]
+    offsets, expected = 0, []
+    for name, width in (("conv0", 8), ("dense.0.conv2", 4), ("dense.1.conv2", 4), ("dense.2.conv2", 4)):
+        expected += [offsets + i for i in layers[name]["kept"]]
+        offsets += width
+    assert layers["transition.0"]["kept"] == expected  # the BatchNorm on the concatenation
+    orig = traced(model, inputs)
+    kept_out = layers["transition.2"]["kept"]
+    w = orig.get_submodule("transition.2").weight[kept_out][:, expected]
+    assert torch.equal(result.graph.get_submodule("transition.2").weight, w)
+
+
+def test_depthwise_groups_equal_channels() -> None:
+    model, inputs = ZOO["inverted_residual"]()
+    pruned = prune(model, inputs, PruneChannels(ratio=0.5)).graph
+    dw = [m for m in pruned.modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
+    assert len(dw) == 3
+    for m in dw:
+        assert m.groups == m.in_channels == m.out_channels
+        assert m.weight.shape[1] == 1
+    assert [m.out_channels for m in dw] == [16, 16, 48]
+
+
+def test_attention_heads_are_pruned_whole() -> None:
+    model, inputs = ZOO["transformer_block"]()
+    result = prune(model, inputs, PruneChannels(ratio=0.5))
+    gm = result.graph
+    assert gm.attn.qkv.out_features == 3 * 2 * 4  # 2 of 4 heads kept, head_dim 4 unchanged
+    assert gm.attn.proj.in_features == 8
+    kept = result.stats["layers"]["attn.qkv"]["kept"]
+    heads = sorted({(i % 16) // 4 for i in kept})
+    assert len(heads) == 2
+    for part in range(3):  # q, k and v keep the same heads, each whole
+        assert [i for i in kept if part * 16 <= i < (part + 1) * 16] == \
+            [part * 16 + h * 4 + d for h in heads for d in range(4)]
+    assert "attn.proj" in result.stats["unpruned"]  # its output joins the model input (residual)
+    assert "x" in result.stats["unpruned"]["attn.proj"]
+
+
+def test_channel_shuffle_split_and_cat() -> None:
+    model, inputs = STRUCTURES["shuffle"]()
+    result = prune(model, inputs, PruneChannels(ratio=0.5))
+    kept = result.stats["layers"]["stem.0"]["kept"]
+    branch = result.stats["layers"]["branch.5"]["kept"]
+    # the shuffle interleaves the halves: channel i of the first half (a stem channel passed
+    # through) and channel i of the branch output form one unit; both halves keep the same count
+    assert [i for i in kept if i < 8] == branch
+    assert result.graph.head.in_channels == 2 * len(branch)
+    assert result.stats["layers"]["head"]["channels_after"] == 6
+
+
+def test_grouped_conv_groupnorm_and_layer_scale() -> None:
+    model, inputs = STRUCTURES["squeeze_excite"]()
+    result = prune(model, inputs, PruneChannels(ratio=0.5))
+    gm = result.graph
+    assert gm.grouped.groups == 1 and gm.grouped.in_channels == 8  # one of two whole groups
+    assert gm.conv.out_channels == 8 and gm.fc2.out_features == 8 and gm.scale.shape == (8, 1, 1)
+    assert gm.gn.num_groups == 2 and gm.gn.num_channels == 4
+    kept = result.stats["layers"]["conv"]["kept"]
+    assert kept == list(range(8)) or kept == list(range(8, 16))
+
+
+def test_flatten_slice_split_and_transpose_conv() -> None:
+    model, inputs = STRUCTURES["flatten_head"]()
+    result = prune(model, inputs, PruneChannels(ratio=0.5))
+    gm = result.graph
+    assert gm.fc.in_features == 16 * (gm.down.out_channels + gm.conv2.out_channels)
+    assert gm.conv.out_channels == 6
+    assert gm.up.in_channels + gm.conv2.in_channels <= 6
+
+
+def test_unsupported_ops_are_left_with_reasons() -> None:
+    model = Unsupported().eval()
+    inputs = (torch.randn(2, 3, 4, 4),)
+    result = prune(model, inputs, PruneChannels(ratio=0.5))
+    unpruned = result.stats["unpruned"]
+    assert "roll" in unpruned["a"]
+    assert "reduces over the channel axis" in unpruned["b"]
+    assert "called 2 times" in unpruned["c"]
+    assert result.graph.a.out_channels == 8 and result.graph.shared.out_channels == 8
+    torch.testing.assert_close(out(result.graph, inputs), out(model, inputs))
+
+
+# --------------------------------------------------------------------------- options
+
+def test_ratios_round_to_min_channels_exclude() -> None:
+    model, inputs = ZOO["resnet_bottleneck"]()
+    s = prune(model, inputs, PruneChannels(ratio=0.5, ratios={"layers.2.*": 0.75})).stats["layers"]
+    assert s["layers.2.conv1"]["channels_after"] == 2 and s["layers.0.conv1"]["channels_after"] == 2
+    s = prune(model, inputs, PruneChannels(ratio=0.7, round_to=4)).stats["layers"]
+    assert all(r["channels_after"] % 4 == 0 for n, r in s.items() if n != "fc")
+    assert s["layers.2.conv1"]["channels_after"] == 4  # 8 - floor(5.6) = 3 -> rounded up to 4
+    s = prune(model, inputs, PruneChannels(ratio=0.9, min_channels=3)).stats["layers"]
+    assert min(r["channels_after"] for r in s.values()) == 3
+    result = prune(model, inputs, PruneChannels(ratio=0.5, exclude=("layers.0.conv1",)))
+    assert result.stats["layers"]["layers.0.conv1"]["channels_after"] == 4
+    assert "excluded by pattern" in result.stats["unpruned"]["layers.0.conv1"]
+
+
+def test_pipeline_string_round_trip() -> None:
+    p = Pipeline.parse("prune-channels{ratio=0.5,round-to=8,ratios={layer3.*:0.6},exclude=[stem*]}")
+    (pc,) = p.leaves()
+    assert pc == PruneChannels(ratio=0.5, round_to=8, ratios=(("layer3.*", 0.6),), exclude=("stem*",))
+    assert Pipeline.parse(str(p)).leaves().__next__() == pc
+    with pytest.raises(PipelineError, match="ratio"):
+        PruneChannels(ratio=1.0)
+    with pytest.raises(PipelineError, match="importance"):
+        PruneChannels(importance="random")
+
+
+@pytest.mark.parametrize("importance", ["l1", "l2", "bn-scale", "taylor"])
+def test_importance_criteria(importance: str) -> None:
+    model, inputs = ZOO["resnet_basic"]()
+    data = [(torch.randn(4, 3, 16, 16, generator=_gen(i)), torch.randint(0, 10, (4,), generator=_gen(i)))
+            for i in range(2)]
+    result = prune(model, inputs, PruneChannels(ratio=0.5, importance=importance), train_data=data)
+    assert result.stats["layers"]["conv1"]["channels_after"] == 4
+    assert result.stats["importance"] == importance
+
+
+def test_bn_scale_keeps_largest_gamma() -> None:
+    model, inputs = ZOO["audio_conv1d"]()
+    gamma = model.features[1].weight.detach()
+    s = prune(model, inputs, PruneChannels(ratio=0.5, importance="bn-scale")).stats["layers"]
+    assert s["features.0"]["kept"] == sorted(torch.argsort(gamma, descending=True)[:4].tolist())
+
+
+def test_taylor_without_data_is_a_clear_error() -> None:
+    model, inputs = ZOO["resnet_basic"]()
+    with pytest.raises(PassError, match="train_data= or calibration="):
+        prune(model, inputs, PruneChannels(importance="taylor"))
+
+
+@settings(max_examples=10, deadline=None)
+@given(ratio=st.floats(0.0, 0.95), round_to=st.sampled_from([1, 2, 4]))
+def test_kept_counts_property(ratio: float, round_to: int) -> None:
+    model, inputs = ZOO["audio_conv1d"]()
+    s = prune(model, inputs, PruneChannels(ratio=ratio, round_to=round_to)).stats
+    for name, n in (("features.0", 8), ("features.4", 16), ("features.7", 16)):
+        after = s["layers"][name]["channels_after"]
+        want = max(1, min(n, math.ceil((n - math.floor(ratio * n + 1e-9)) / round_to) * round_to))
+        assert after == want
+    assert s["params_after"] <= s["params_before"]
+
+
+def test_compile_end_to_end_with_fold_and_repeat() -> None:
+    """The issue's usage: fold BatchNorm, prune iteratively, lower to ONNX Runtime; the report
+    carries the per-layer channel counts and totals of every pruning step."""
+    import fxcompress as fxc
+
+    model, inputs = ZOO["resnet_basic"]()
+    compiled = fxc.compile(model, inputs, "fold-batchnorm,repeat{n=2}(prune-channels{ratio=0.3,round-to=2})",
+                           target="onnxruntime", progress=False)
+    assert compiled(*inputs).shape == (2, 10)
+    steps = [r for r in compiled.report if "prune-channels" in r.name]
+    assert len(steps) == 2
+    first, second = steps[0].stats, steps[1].stats
+    assert first["layers"]["conv1"]["channels_after"] == 6 and second["layers"]["conv1"]["channels_after"] == 6
+    assert second["layers"]["layers.1.conv1"]["channels_before"] == 12
+    assert second["layers"]["layers.1.conv1"]["channels_after"] == 10
+    assert second["params_before"] == first["params_after"] > second["params_after"]
+    torch.testing.assert_close(compiled(*inputs), out(compiled.graph_module, inputs), rtol=1e-4, atol=1e-4)

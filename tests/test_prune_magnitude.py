@@ -1,0 +1,111 @@
+"""PruneMagnitude: exact sparsity per layer / globally, head exclusion, permanence, ONNX."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.fx import GraphModule, symbolic_trace
+
+from fxcompress.backends.onnx_export import export_onnx
+from fxcompress.backends.onnxruntime import OrtRunner
+from fxcompress.errors import PipelineError
+from fxcompress.pass_base import PassContext
+from fxcompress.pipeline import Pipeline
+from fxcompress.verify import propagate_shapes
+from passes import PruneMagnitude
+from passes.prune._common import head_layers
+from zoo import ZOO
+
+
+def run(name: str, p: PruneMagnitude):
+    model, inputs = ZOO[name]()
+    gm = propagate_shapes(symbolic_trace(copy.deepcopy(model)), inputs)
+    return model, inputs, p.run(gm, PassContext(inputs))
+
+
+def weights(gm: GraphModule, types=(nn.Conv2d, nn.Conv1d, nn.Linear)) -> dict[str, torch.Tensor]:
+    return {n: m.weight for n, m in gm.named_modules() if isinstance(m, types)}
+
+
+@settings(max_examples=12, deadline=None)
+@given(amount=st.floats(0.0, 1.0), name=st.sampled_from(["resnet_basic", "transformer_block", "audio_conv1d"]))
+def test_layer_scope_sparsity_is_exact_per_layer(amount: float, name: str) -> None:
+    model, _, result = run(name, PruneMagnitude(amount=amount, scope="layer"))
+    assert set(result.stats["layers"]) == set(weights(result.graph)) - head_layers(result.graph)
+    for path, w in weights(result.graph).items():
+        zeros, n = int((w == 0).sum()), w.numel()
+        if path in result.stats["layers"]:
+            assert abs(zeros - amount * n) <= 1, (path, zeros, amount * n)
+        else:  # the classifier head stays dense
+            assert zeros == 0
+
+
+@settings(max_examples=8, deadline=None)
+@given(amount=st.floats(0.0, 1.0))
+def test_global_scope_one_threshold(amount: float) -> None:
+    _, _, result = run("resnet_bottleneck", PruneMagnitude(amount=amount, scope="global"))
+    ws = [weights(result.graph)[p] for p in result.stats["layers"]]
+    total = sum(w.numel() for w in ws)
+    zeros = sum(int((w == 0).sum()) for w in ws)
+    assert abs(zeros - amount * total) <= 1
+    # one threshold: every surviving weight is at least as large as every removed one
+    kept = torch.cat([w[w != 0].abs() for w in ws])
+    model, _ = ZOO["resnet_bottleneck"]()
+    orig = dict(model.named_modules())
+    removed = torch.cat([orig[p].weight.detach()[w == 0].abs() for p, w in zip(result.stats["layers"], ws)])
+    if len(kept) and len(removed):
+        assert kept.min() >= removed.max()
+    assert result.stats["selected_sparsity"] == pytest.approx(zeros / total)
+
+
+def test_global_differs_from_layer_and_keeps_smallest_layers_denser() -> None:
+    _, _, layer = run("resnet_basic", PruneMagnitude(amount=0.6, scope="layer"))
+    _, _, glob = run("resnet_basic", PruneMagnitude(amount=0.6, scope="global"))
+    per_layer = [v["sparsity"] for v in layer.stats["layers"].values()]
+    per_glob = [v["sparsity"] for v in glob.stats["layers"].values()]
+    assert max(abs(s - 0.6) for s in per_layer) < 0.01
+    assert max(per_glob) - min(per_glob) > 0.05
+
+
+def test_zeros_are_permanent_and_outputs_change_only_through_weights() -> None:
+    model, inputs, result = run("resnet_basic", PruneMagnitude(amount=0.5))
+    gm = result.graph
+    assert type(gm.get_submodule("layers.0.conv1").weight) is nn.Parameter
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in gm.modules())
+    assert not any("mask" in n for n, _ in gm.named_buffers())
+    assert all(p.requires_grad for p in gm.parameters())
+    # the user's model is untouched
+    assert int((model.layers[0].conv1.weight == 0).sum()) == 0
+    onnx_model = export_onnx(gm, inputs)
+    torch.testing.assert_close(OrtRunner(onnx_model)(*inputs), gm(*inputs), rtol=1e-4, atol=1e-4)
+    s = result.stats
+    assert s["active_params"] == s["total_params"] - s["pruned_params"]
+    assert s["sparsity"] == pytest.approx(s["pruned_params"] / s["total_params"])
+    assert s["params_after"] == s["params_before"]
+
+
+def test_selection_by_type_pattern_and_head() -> None:
+    _, _, r = run("resnet_basic", PruneMagnitude(amount=0.5, types=("Linear",), exclude_head=False))
+    assert list(r.stats["layers"]) == ["fc"]
+    _, _, r = run("resnet_basic", PruneMagnitude(amount=0.5, include=("layers.1.*",), exclude=("*downsample*",)))
+    assert sorted(r.stats["layers"]) == ["layers.1.conv1", "layers.1.conv2"]
+    assert r.stats["skipped"]["layers.1.downsample.0"] == "excluded by pattern"
+    assert "classifier head" in r.stats["skipped"]["fc"]
+    assert head_layers(run("leaf_mha_lstm", PruneMagnitude(amount=0.0))[2].graph) == {"head.2"}
+    # a residual sum feeds the output: no single layer is the head
+    assert head_layers(run("transformer_block", PruneMagnitude(amount=0.0))[2].graph) == set()
+
+
+def test_pipeline_string_and_validation() -> None:
+    (p,) = Pipeline.parse("prune-magnitude{amount=0.8,scope=global}").leaves()
+    assert p == PruneMagnitude(amount=0.8, scope="global")
+    assert str(p) == "prune-magnitude{amount=0.8,scope=global}"
+    with pytest.raises(PipelineError):
+        PruneMagnitude(amount=1.5)
+    with pytest.raises(PipelineError):
+        Pipeline.parse("prune-magnitude{scope=everything}")
