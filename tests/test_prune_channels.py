@@ -492,3 +492,21 @@ def test_compile_end_to_end_with_fold_and_repeat() -> None:
     assert second["layers"]["layers.1.conv1"]["channels_after"] == 10
     assert second["params_before"] == first["params_after"] > second["params_after"]
     torch.testing.assert_close(compiled(*inputs), out(compiled.graph_module, inputs), rtol=1e-4, atol=1e-4)
+
+
+def test_layernorm_affine_is_sliced_and_taylor_uses_calibration() -> None:
+    """LayerNorm over pruned channels keeps its affine params for the kept ones (its statistics
+    are then taken over fewer channels: an approximation, like any pruning). Taylor importance
+    works from input-only calibration batches (the model's own predictions as targets)."""
+    model = nn.Sequential(nn.Linear(6, 16), nn.LayerNorm(16), nn.GELU(), nn.Linear(16, 4)).eval()
+    inputs = (torch.randn(3, 5, 6, generator=_gen(1)),)
+    calibration = [torch.randn(4, 5, 6, generator=_gen(i)) for i in range(3)]
+    result = prune(model, inputs, PruneChannels(ratio=0.5, importance="taylor"), calibration=calibration)
+    gm = result.graph
+    kept = result.stats["layers"]["0"]["kept"]
+    assert gm.get_submodule("1").normalized_shape == (8,)
+    assert torch.equal(gm.get_submodule("1").weight, model[1].weight[kept])
+    assert torch.equal(gm.get_submodule("3").weight, model[3].weight[:, kept])
+    assert out(gm, inputs).shape == (3, 5, 4)
+    onnx_model = export_onnx(gm, inputs)
+    torch.testing.assert_close(OrtRunner(onnx_model)(*inputs), out(gm, inputs), rtol=1e-4, atol=1e-4)
