@@ -104,14 +104,18 @@ def quantize_layer_weight(gm: GraphModule, layer: Layer, wq: WeightQuant, *, qat
 
 
 def insert_activation_quant(gm: GraphModule, producer: Node, consumers: list[Node] | None, scale: float,
-                            zero_point: int, spec: QSpec, *, qat: bool = False, learn: bool = True) -> Node:
-    """Fake-quantize ``producer``'s output for ``consumers`` (every user when None)."""
+                            zero_point: int, spec: QSpec, *, qat: bool = False, learn: bool = True,
+                            module: str | None = None) -> Node:
+    """Fake-quantize ``producer``'s output for ``consumers`` (every user when None). With ``qat``,
+    ``module`` names an existing fake-quant module to share (tied scales stay tied in training)."""
     graph = gm.graph
     users = list(producer.users) if consumers is None else list(consumers)
     with graph.inserting_after(producer):
         if qat:
-            target = fxu.unique_name(gm, f"{producer.name}_fq")
-            gm.add_module(target, LearnedFakeQuant(scale, zero_point, spec.qmin, spec.qmax, learn))
+            target = module
+            if target is None:
+                target = fxu.unique_name(gm, f"{producer.name}_fq")
+                gm.add_module(target, LearnedFakeQuant(scale, zero_point, spec.qmin, spec.qmax, learn))
             fq = graph.call_module(target, (producer,))
         else:
             fq = graph.call_function(torch.fake_quantize_per_tensor_affine,
@@ -131,10 +135,14 @@ def apply_plan(gm: GraphModule, plan: Plan, act: dict[str, tuple[float, int]], w
                spec: QSpec, *, qat: bool = False, learn: bool = True) -> dict[str, Any]:
     """Rewrite ``gm`` per ``plan``: ``act`` maps slot node names to (scale, zero point), ``weights``
     maps layer node names to their weight grid. Returns a summary for stats."""
+    shared: dict[str, str] = {}
     for slot in list(plan.slots.values()):
         src = slot.tie.name if slot.tie is not None else slot.node.name
         scale, zp = act[src]
-        insert_activation_quant(gm, slot.node, slot.consumers, scale, zp, spec, qat=qat, learn=learn)
+        fq = insert_activation_quant(gm, slot.node, slot.consumers, scale, zp, spec, qat=qat, learn=learn,
+                                     module=shared.get(src))
+        if qat:
+            shared.setdefault(src, str(fq.target))
     for layer in plan.layers:
         name = layer.node.name
         if name in weights:

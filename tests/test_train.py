@@ -1,0 +1,191 @@
+"""Batches (passes.data), the shared training loop, FineTune, and QAT fake-quant + freezing."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import fxcompress as fxc
+from fxcompress.errors import InputError, PassError, PipelineError
+from fxcompress.trace import trace
+from passes import FineTune, FoldBatchNorm, FreezeQuant, QuantizeInt8
+from passes.data import iter_batches, split_batch
+from passes.quantize.fake_quant import LearnedFakeQuant, LearnedWeightFakeQuant, dequantize
+from passes.train import _lr_factor, supervised_loss, train_loop
+from zoo import ZOO
+
+
+def test_split_batch_forms() -> None:
+    x, y = torch.randn(2, 3), torch.tensor([0, 1])
+    assert split_batch(x, 1) == ((x,), None)
+    inputs, target = split_batch((x, y), 1)
+    assert inputs == (x,) and target is y
+    inputs, target = split_batch([x, x, y], 2)
+    assert inputs == (x, x) and target is y
+    inputs, target = split_batch({"a": x, "b": x, "label": y}, 2, ["a", "b"])
+    assert inputs == (x, x) and target is y
+    inputs, target = split_batch((x, y, y), 1)
+    assert target == (y, y)
+
+
+def test_split_batch_errors_name_what_is_expected() -> None:
+    x = torch.randn(2, 3)
+    with pytest.raises(InputError, match="takes 2 inputs"):
+        split_batch(x, 2, ["a", "b"])
+    with pytest.raises(InputError, match="missing \\['b'\\]"):
+        split_batch({"a": x}, 2, ["a", "b"])
+    with pytest.raises(InputError, match="tensor, a tuple/list"):
+        split_batch("nope", 1)
+
+
+def test_dataloader_of_pairs_works_as_it_is() -> None:
+    model, ex = ZOO["resnet_basic"]()
+    gm = trace(model, ex)
+    loader = DataLoader(TensorDataset(torch.randn(6, 3, 16, 16), torch.arange(6)), batch_size=4)
+    got = list(iter_batches(loader, gm, argument="calibration", pass_name="t"))
+    assert [b[0][0].shape[0] for b in got] == [4, 2] and got[1][1].tolist() == [4, 5]
+    with pytest.raises(PassError, match="calibration="):
+        list(iter_batches(None, gm, argument="calibration", pass_name="t"))
+    with pytest.raises(PassError, match="no batches"):
+        list(iter_batches([], gm, argument="calibration", pass_name="t"))
+
+
+def test_lr_schedule_shapes() -> None:
+    assert _lr_factor(0, 100, 10, "cosine") == pytest.approx(0.1)
+    assert _lr_factor(9, 100, 10, "cosine") == pytest.approx(1.0)
+    assert _lr_factor(10, 100, 10, "cosine") == pytest.approx(1.0)
+    assert _lr_factor(55, 100, 10, "cosine") == pytest.approx(0.5)
+    assert _lr_factor(100, 100, 10, "cosine") == pytest.approx(0.0, abs=1e-12)
+    assert _lr_factor(55, 100, 10, "linear") == pytest.approx(0.5)
+    assert _lr_factor(80, 100, 0, "constant") == 1.0
+
+
+def _regression() -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 4, generator=gen)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]]) + 1.0
+    return nn.Linear(4, 1), [(x[i:i + 32], y[i:i + 32]) for i in range(0, 256, 32)]
+
+
+def test_train_loop_fits_a_linear_regression_and_is_repeatable() -> None:
+    model, data = _regression()
+    clone = nn.Linear(4, 1)
+    clone.load_state_dict(model.state_dict())
+    stats = train_loop(model, data, supervised_loss("mse"), epochs=30, lr=0.1, warmup=5)
+    assert stats["steps"] == 240 and stats["epochs"] == 30
+    assert stats["last_loss"] < stats["first_loss"] / 100
+    assert torch.allclose(model.bias, torch.tensor([1.0]), atol=0.05)
+    assert not model.training
+    train_loop(clone, data, supervised_loss("mse"), epochs=30, lr=0.1, warmup=5)
+    assert torch.equal(clone.weight, model.weight)
+
+
+def test_train_loop_max_steps_sgd_and_clipping() -> None:
+    model, data = _regression()
+    stats = train_loop(model, data, supervised_loss("mse"), epochs=5, lr=0.01, optimizer="sgd",
+                       schedule="linear", max_steps=3, grad_clip=0.1)
+    assert stats["steps"] == 3
+
+
+def test_train_loop_rejects_bad_options() -> None:
+    model, data = _regression()
+    with pytest.raises(PipelineError, match="optimizer"):
+        train_loop(model, data, supervised_loss(), optimizer="lion")
+    with pytest.raises(PassError, match="diverged"):
+        train_loop(model, data, lambda out, y, x: out.sum() * float("nan"), epochs=1)
+
+
+def test_supervised_loss_picks_by_target_dtype() -> None:
+    logits = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
+    ce = supervised_loss()(logits, torch.tensor([0, 1]), ())
+    assert float(ce) == pytest.approx(float(nn.functional.cross_entropy(logits, torch.tensor([0, 1]))))
+    mse = supervised_loss()(logits, torch.zeros(2, 2), ())
+    assert float(mse) == pytest.approx(2.0)
+    with pytest.raises(PassError, match="targets"):
+        supervised_loss()(logits, None, ())
+
+
+def _digits_subset() -> tuple[torch.Tensor, torch.Tensor]:
+    from fxcompress.digits import load_digits_tensors
+
+    x_tr, y_tr, _, _ = load_digits_tensors()
+    return x_tr[:512], y_tr[:512]
+
+
+def test_fine_tune_pass_trains_the_graph_on_real_digits() -> None:
+    x, y = _digits_subset()
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)).eval()
+    ex = (x[:2],)
+    loader = DataLoader(TensorDataset(x, y), batch_size=64)
+    gm = trace(model, ex)
+    ctx = fxc.PassContext(ex, train_data=loader)
+    before = float((gm(x).argmax(1) == y).float().mean())
+    result = FineTune(epochs=12, lr=1e-2).run(gm, ctx)
+    after = float((result.graph(x).argmax(1) == y).float().mean())
+    assert before < 0.3 and after > 0.9
+    assert result.stats["last_loss"] < result.stats["first_loss"]
+    assert model[1].weight.grad is None  # the user's model was not trained
+
+
+def test_fine_tune_without_train_data_names_the_argument() -> None:
+    model, ex = ZOO["resnet_basic"]()
+    with pytest.raises(PassError, match="train_data="):
+        FineTune().run(trace(model, ex), fxc.PassContext(ex))
+    with pytest.raises(PipelineError, match="schedule"):
+        FineTune(schedule="step")
+
+
+def _qat_graph(name: str = "resnet_basic") -> tuple[torch.fx.GraphModule, tuple[torch.Tensor, ...], fxc.PassContext]:
+    model, ex = ZOO[name]()
+    gen = torch.Generator().manual_seed(0)
+    calib = [(torch.randn(ex[0].shape, generator=gen), torch.tensor([0, 1])) for _ in range(4)]
+    ctx = fxc.PassContext(ex, calibration=calib, train_data=calib, target="onnxruntime")
+    gm = FoldBatchNorm().run(trace(model, ex), ctx).graph
+    return QuantizeInt8(qat=True).run(gm, ctx).graph, ex, ctx
+
+
+def test_qat_graph_has_learnable_scales_with_gradients() -> None:
+    gm, ex, _ = _qat_graph()
+    mods = [m for m in gm.modules() if isinstance(m, (LearnedFakeQuant, LearnedWeightFakeQuant))]
+    assert sum(isinstance(m, LearnedWeightFakeQuant) for m in mods) == 7
+    assert sum(isinstance(m, LearnedFakeQuant) for m in mods) >= 7
+    gm.train()
+    gm(*ex).pow(2).sum().backward()
+    assert all(m.scale.grad is not None and float(m.scale.grad.abs().sum()) > 0 for m in mods)
+    assert any(p.grad is not None for n, p in gm.named_parameters() if n.endswith("_weight"))
+
+
+def test_freeze_turns_qat_into_the_ptq_form_without_changing_outputs() -> None:
+    gm, ex, ctx = _qat_graph()
+    gm.eval()
+    with torch.no_grad():
+        before = gm(*ex)
+    result = FreezeQuant().run(gm, ctx)
+    frozen = result.graph
+    assert result.stats == {"activations": result.stats["activations"], "weights": 7}
+    assert not any(isinstance(m, (LearnedFakeQuant, LearnedWeightFakeQuant)) for m in frozen.modules())
+    assert sum(n.target is dequantize for n in frozen.graph.nodes) == 7
+    assert all(b.dtype != torch.float32 or b.dim() < 2 for b in frozen.buffers())
+    with torch.no_grad():
+        after = frozen(*ex)
+    assert torch.allclose(before, after, atol=1e-4 * float(before.abs().max()) + 1e-3)
+    cos = torch.nn.functional.cosine_similarity(before.flatten(), after.flatten(), dim=0)
+    assert float(cos) > 0.99999
+
+
+def test_fine_tune_trains_and_freezes_qat() -> None:
+    gm, ex, ctx = _qat_graph()
+    fq_nodes = [n for n in gm.graph.nodes if n.op == "call_module"
+                and isinstance(gm.get_submodule(str(n.target)), LearnedFakeQuant)]
+    scales_before = [float(gm.get_submodule(str(n.target)).scale) for n in fq_nodes]
+    result = FineTune(epochs=1, lr=1e-2).run(gm, ctx)
+    assert result.stats["frozen"]["weights"] == 7
+    assert not any(isinstance(m, LearnedFakeQuant) for m in result.graph.modules())
+    frozen_scales = [n.args[1] for n in result.graph.graph.nodes if n.target is torch.fake_quantize_per_tensor_affine]
+    assert len(frozen_scales) == len(scales_before)
+    assert sorted(frozen_scales) != sorted(scales_before)  # the scales were learned
+    assert math.isfinite(result.stats["last_loss"])
