@@ -1,0 +1,95 @@
+"""``QuantizeDynamic``: dynamic INT8 for Linear / matmul weights (no calibration).
+
+Weights are quantized once (symmetric INT8 per output column, stored transposed as ``in x out``);
+activations are quantized per call from their own range. The FX node is
+``fxcompress_quant.dynamic_linear``, which lowers to DynamicQuantizeLinear + MatMulInteger +
+rescale; ONNX Runtime fuses that into its dynamic-quantized matmul kernel. The choice for
+transformer/MLP models on CPU, where activation ranges vary too much per input for static scales.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+from torch.fx import GraphModule
+
+from fxcompress.pass_base import Pass, PassContext, PassResult
+
+from .. import _fx_utils as fxu
+from .fake_quant import dynamic_linear, quantize_weight
+from .patterns import classify, module_path
+from .placement import _matches
+
+
+@dataclass(frozen=True)
+class QuantizeDynamic(Pass):
+    """Dynamic INT8 Linear/matmul. ``reduce_range`` keeps weights in 7 bits (``[-64, 64]``) so the
+    u8 x s8 kernels of x86 CPUs without VNNI do not saturate; ``skip`` as in ``quantize-int8``."""
+
+    name: ClassVar[str] = "quantize-dynamic"
+
+    reduce_range: bool = True
+    skip: tuple[str, ...] = ()
+
+    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
+        qmax = 64 if self.reduce_range else 127
+        result = PassResult(graph=gm)
+        done: list[str] = []
+        floats: dict[str, str] = {}
+        for node in list(gm.graph.nodes):
+            info = classify(gm, node)
+            if info.kind not in ("linear", "matmul"):
+                continue
+            pat = _matches(tuple(self.skip), node, info.module, info.kind)
+            if pat:
+                floats[node.name] = f"skipped by user (skip pattern {pat!r})"
+                continue
+            if isinstance(info.module, nn.Linear):
+                weight, bias = info.module.weight.detach().t(), info.module.bias
+                x = node.args[0]
+            elif info.weight is not None and info.weight.op == "get_attr":
+                w = fxu.get_attr_value(gm, str(info.weight.target))
+                if not isinstance(w, torch.Tensor) or w.dim() != 2:
+                    floats[node.name] = "unsupported pattern: weight is not a 2-D parameter"
+                    continue
+                x = node.args[0]
+                if info.kind == "linear":
+                    weight = w.detach().t()
+                    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+                else:
+                    weight, bias = w.detach(), None
+                if isinstance(bias, torch.fx.Node):
+                    bias = fxu.get_attr_value(gm, str(bias.target)) if bias.op == "get_attr" else None
+                    if bias is None:
+                        floats[node.name] = "unsupported pattern: bias computed at run time"
+                        continue
+            else:
+                floats[node.name] = ("unsupported pattern: matmul of two activations (dynamic quantization "
+                                     "covers constant weights)")
+                continue
+            w = weight.float().contiguous()
+            scale = (w.abs().amax(dim=0) / qmax).clamp(min=1e-12)
+            base = (module_path(node) or node.name).replace(".", "_")
+            q = quantize_weight(w, scale, 1, -qmax, qmax)
+            with gm.graph.inserting_before(node):
+                qn = gm.graph.get_attr(fxu.register_tensor(gm, f"{base}_weight_q", q))
+                sn = gm.graph.get_attr(fxu.register_tensor(gm, f"{base}_weight_scale", scale))
+                bn = (gm.graph.get_attr(fxu.register_tensor(gm, f"{base}_bias", bias.detach().float().clone(),
+                                                            parameter=True)) if bias is not None else None)
+                new = gm.graph.call_function(dynamic_linear, (x, qn, sn, bn, 255))
+            new.meta = dict(node.meta)
+            node.replace_all_uses_with(new)
+            gm.graph.erase_node(node)
+            done.append(node.name)
+        fxu.eliminate_dead_code(gm)
+        fxu.delete_unused_attributes(gm)
+        gm.recompile()
+        for name, reason in floats.items():
+            result.info(f"stays in floating point: {reason}", node=name)
+        if not done:
+            result.warn("no Linear/matmul with a constant weight found; nothing was quantized")
+        result.stats = {"int8_layers": done, "float_layers": floats, "weight_range": [-qmax, qmax]}
+        return result

@@ -1,0 +1,71 @@
+"""QuantizeDynamic: INT8 Linear/matmul weights, DynamicQuantizeLinear + MatMulInteger in ONNX,
+fused by ONNX Runtime into its dynamic-quantized matmul, outputs close to FX and FP32."""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+
+import fxcompress as fxc
+from fxcompress.backends.onnx_export import export_onnx
+from fxcompress.backends.onnxruntime import OrtRunner
+from fxcompress.trace import trace
+from passes import QuantizeDynamic
+from passes.quantize.fake_quant import dynamic_act_qparams, dynamic_linear
+from zoo import ZOO
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))
+
+
+@pytest.mark.parametrize("name,layers", [("transformer_block", 4), ("leaf_mha_lstm", 3)])
+def test_dynamic_int8_runs_fused_in_ort_and_matches_fx(name: str, layers: int, tmp_path: Path) -> None:
+    model, ex = ZOO[name]()
+    result = QuantizeDynamic().run(trace(model, ex), fxc.PassContext(ex))
+    gm = result.graph
+    assert len(result.stats["int8_layers"]) == layers
+    assert sum(n.target is dynamic_linear for n in gm.graph.nodes) == layers
+    proto = export_onnx(gm, ex)
+    ops = collections.Counter(n.op_type for n in proto.graph.node)
+    assert ops["DynamicQuantizeLinear"] == layers and ops["MatMulInteger"] == layers
+    assert sum(i.data_type == onnx.TensorProto.INT8 for i in proto.graph.initializer) == layers
+    path = tmp_path / "opt.onnx"
+    ort_out = OrtRunner(proto, threads=1, optimized_model_path=path)(*ex)
+    assert collections.Counter(n.op_type for n in onnx.load(path).graph.node)["DynamicQuantizeMatMul"] == layers
+    with torch.no_grad():
+        fx_out, fp32 = gm(*ex), model(*ex)
+    assert _cos(ort_out, fx_out) > 0.9999
+    assert torch.allclose(ort_out, fx_out, atol=1e-4)
+    assert _cos(fx_out, fp32) > 0.999
+
+
+def test_dynamic_linear_matches_the_onnx_definition() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, generator=gen) + 0.7
+    scale, zp = dynamic_act_qparams(x)
+    lo, hi = min(0.0, float(x.min())), max(0.0, float(x.max()))
+    assert float(scale) == pytest.approx((hi - lo) / 255)
+    assert float(zp) == round(-lo / ((hi - lo) / 255))
+    w_q = torch.randint(-64, 65, (5, 4), generator=gen, dtype=torch.int8)
+    w_scale = torch.rand(4, generator=gen) * 0.01 + 0.001
+    y = dynamic_linear(x, w_q, w_scale, None, 255)
+    xq = torch.clamp(torch.round(x / scale) + zp, 0, 255)
+    expected = ((xq - zp) @ w_q.float()) * scale * w_scale
+    assert torch.allclose(y, expected, atol=1e-6)
+    assert torch.allclose(y, x @ (w_q.float() * w_scale), atol=0.05)
+
+
+def test_dynamic_skip_and_reasons() -> None:
+    model, ex = ZOO["transformer_block"]()
+    result = QuantizeDynamic(skip=("mlp.*",), reduce_range=False).run(trace(model, ex), fxc.PassContext(ex))
+    assert result.stats["int8_layers"] == ["attn_qkv", "attn_proj"]
+    reasons = result.stats["float_layers"]
+    assert "skip pattern" in reasons["mlp_0"]
+    assert "two activations" in reasons["matmul"]
+    w = [getattr(result.graph, n.args[1].target) for n in result.graph.graph.nodes if n.target is dynamic_linear]
+    assert max(int(t.abs().max()) for t in w) == 127

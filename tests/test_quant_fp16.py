@@ -1,0 +1,76 @@
+"""ConvertFP16: half weights/activations, keep-in-fp32 ops, float32 at the boundary, ORT agreement."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+import torch
+
+import fxcompress as fxc
+from fxcompress.backends.onnx_export import export_onnx
+from fxcompress.backends.onnxruntime import OrtRunner
+from fxcompress.trace import trace
+from passes import ConvertFP16, FoldBatchNorm
+from zoo import ZOO
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
+
+
+def _converted(name: str, **options: object) -> tuple[torch.nn.Module, torch.fx.GraphModule, tuple, dict]:
+    model, ex = ZOO[name]()
+    ctx = fxc.PassContext(ex)
+    gm = FoldBatchNorm().run(trace(model, ex), ctx).graph
+    result = ConvertFP16(**options).run(gm, ctx)
+    return model, result.graph, ex, result.stats
+
+
+@pytest.mark.parametrize("name", ["resnet_basic", "inverted_residual", "transformer_block", "dense_block"])
+def test_fp16_graph_keeps_float32_boundary_and_accuracy(name: str) -> None:
+    model, gm, ex, _ = _converted(name)
+    with torch.no_grad():
+        out, ref = gm(*ex), model(*ex)
+    assert out.dtype == torch.float32
+    assert _cos(out, ref) > 0.999
+    proto = export_onnx(gm, ex)
+    assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert proto.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    ort_out = OrtRunner(proto, threads=1)(*ex)
+    assert _cos(ort_out, out) > 0.999
+
+
+def test_weights_are_half_and_the_file_shrinks() -> None:
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(64, 10)).eval()
+    ex = (torch.randn(2, 3, 8, 8),)
+    gm = trace(model, ex)
+    fp32 = export_onnx(gm, ex)
+    result = ConvertFP16().run(gm, fxc.PassContext(ex))
+    assert all(p.dtype == torch.float16 for p in result.graph.parameters())
+    fp16 = export_onnx(result.graph, ex)
+    weights = [i for i in fp16.graph.initializer if len(i.dims) >= 2]
+    assert len(weights) == 3 and all(i.data_type == onnx.TensorProto.FLOAT16 for i in weights)
+    assert fp16.ByteSize() < 0.55 * fp32.ByteSize()
+    assert result.stats["casts"] == 2  # input to half, output to float
+
+
+def test_softmax_and_layernorm_stay_float32() -> None:
+    _, gm, ex, stats = _converted("transformer_block")
+    assert {"softmax", "norm1", "norm2"} <= set(stats["kept_fp32"])
+    for node in gm.graph.nodes:
+        if node.name in ("softmax", "norm2"):
+            src = node.args[0]
+            assert src.op == "call_method" and src.target == "to" and src.args[1] == torch.float32
+    assert gm.get_submodule("norm1").weight.dtype == torch.float32
+    assert gm.get_submodule("attn.qkv").weight.dtype == torch.float16
+
+
+def test_keep_list_is_configurable() -> None:
+    _, gm, ex, stats = _converted("transformer_block", keep_fp32=("Linear",))
+    assert gm.get_submodule("attn.qkv").weight.dtype == torch.float32
+    assert gm.get_submodule("mlp.0").weight.dtype == torch.float32
+    assert "attn_qkv" in stats["kept_fp32"] and "softmax" not in stats["kept_fp32"]
+    with torch.no_grad():
+        assert gm(*ex).dtype == torch.float32
