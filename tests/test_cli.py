@@ -106,12 +106,26 @@ def test_bench_compare_eager(workdir: Path) -> None:
     (("diff", "a.fxg", "b.fxg"), "a.fxg: no such file"),
     (("bench", "nowhere"), "not an artifact directory"),
 ])
-def test_errors_are_one_clear_line(workdir: Path, args: tuple[str, ...], message: str) -> None:
-    proc = run(*args, cwd=workdir)
-    assert proc.returncode != 0
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
-    assert "Traceback" not in proc.stderr
+def test_errors_are_one_clear_line(workdir: Path, args: tuple[str, ...], message: str,
+                                   monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The CLI's own entry point, in-process (a subprocess per case would only add interpreter start-up)."""
+    from fxcompress import cli
+
+    monkeypatch.chdir(workdir)
+    monkeypatch.setattr(sys, "argv", ["fxcompress", *args])
+    monkeypatch.setitem(cli._state, "debug", False)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code not in (0, None)
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+    assert "Traceback" not in err
+
+
+def test_error_exit_code_in_a_real_process(workdir: Path) -> None:
+    proc = run("inspect", "missing.onnx", cwd=workdir)
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: missing.onnx: no such file or directory"
 
 
 def test_list_recipes(workdir: Path) -> None:
@@ -120,7 +134,11 @@ def test_list_recipes(workdir: Path) -> None:
     assert "prune50-int8" in proc.stdout and "fold-batchnorm" in proc.stdout
 
 
-def test_help_for_every_command(workdir: Path) -> None:
-    for cmd in ("compile", "inspect", "diff", "bench", "demo"):
-        proc = run(cmd, "--help", cwd=workdir)
-        assert proc.returncode == 0 and "Usage" in proc.stdout, cmd
+@pytest.mark.parametrize("cmd", ["compile", "inspect", "diff", "bench", "demo", "passes"])
+def test_help_for_every_command(cmd: str) -> None:
+    from typer.testing import CliRunner
+
+    from fxcompress.cli import app
+
+    result = CliRunner().invoke(app, [cmd, "--help"])
+    assert result.exit_code == 0 and "Usage" in result.output and cmd in result.output
