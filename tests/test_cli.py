@@ -134,7 +134,7 @@ def test_list_recipes(workdir: Path) -> None:
     assert "prune50-int8" in proc.stdout and "fold-batchnorm" in proc.stdout
 
 
-@pytest.mark.parametrize("cmd", ["compile", "inspect", "diff", "bench", "demo", "passes"])
+@pytest.mark.parametrize("cmd", ["compile", "inspect", "diff", "bench", "compare", "demo", "passes"])
 def test_help_for_every_command(cmd: str) -> None:
     from typer.testing import CliRunner
 
