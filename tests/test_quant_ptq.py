@@ -259,3 +259,50 @@ def test_tensorrt_scheme_passes_the_tensorrt_check(name: str) -> None:
     model = export_onnx(gm, ex)
     findings = check_tensorrt(model, profiles=derive_profiles(model, [tuple(t.shape) for t in ex]))
     assert findings == [], [str(f) for f in findings]
+
+
+def _deconv_net() -> tuple[torch.nn.Module, tuple[torch.Tensor]]:
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.ConvTranspose2d(8, 8, 2, stride=2), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 4, 1)).eval()
+    return model, (torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)),)
+
+
+def test_conv_transpose_per_channel_axis_1_for_tensorrt() -> None:
+    model, ex = _deconv_net()
+    ctx = fxc.PassContext(ex, calibration=[ex], target="tensorrt")
+    result = QuantizeInt8().run(trace(model, ex), ctx)
+    gm = result.graph
+    deconv = next(n for n in gm.graph.nodes if n.target is torch.conv_transpose2d)
+    assert deconv.args[1].target is dequantize and deconv.args[1].args[2] == 1
+    assert result.stats["float_layers"] == {}
+    with torch.no_grad():
+        assert cosine(gm(*ex), model(*ex)) > 0.999
+    assert cosine(OrtRunner(export_onnx(gm, ex))(*ex), gm(*ex)) > 0.999
+
+
+def test_conv_transpose_stays_float_for_onnxruntime_with_a_reason() -> None:
+    model, ex = _deconv_net()
+    ctx = fxc.PassContext(ex, calibration=[ex], target="onnxruntime")
+    result = QuantizeInt8().run(trace(model, ex), ctx)
+    assert "no INT8 ConvTranspose kernel" in result.stats["float_layers"]["_2"]
+    assert result.stats["int8_layers"] == ["_0", "_4"]
+
+
+def test_tensorrt_rtx_builds_a_markedly_smaller_int8_engine() -> None:
+    pytest.importorskip("tensorrt_rtx")
+    from fxcompress.backends import tensorrt as trt
+
+    convs = [torch.nn.Conv2d(3, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(64, 128, 3, padding=1),
+             torch.nn.ReLU(), torch.nn.Conv2d(128, 256, 3, padding=1), torch.nn.ReLU()]
+    model = torch.nn.Sequential(*convs, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(256, 10)).eval()
+    ex = (torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0)),)
+    ctx = fxc.PassContext(ex, calibration=[ex], target="tensorrt-rtx")
+    sizes = {}
+    for precision, gm in (("fp32", trace(model, ex)), ("int8", QuantizeInt8().run(trace(model, ex), ctx).graph)):
+        proto = export_onnx(gm, ex)
+        build = trt.build_engine(proto, "tensorrt-rtx", trt.BuildOptions.from_compile(
+            precision=precision, example_inputs=ex, onnx_model=proto))
+        sizes[precision] = len(build.engine)
+    assert sizes["int8"] < 0.6 * sizes["fp32"], sizes

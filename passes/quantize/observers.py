@@ -351,7 +351,8 @@ def entropy_threshold(hist: torch.Tensor, bin_width: float, levels: int = 128) -
     KL(P || Q), both smoothed so empty bins cost ``eps`` instead of infinity (as MXNet's
     calibrator does; otherwise a lone outlier makes every clipped candidate infinite). As in TensorRT's and pytorch-quantization's calibrators, the first bin takes its
     neighbour's count, so a spike of exact zeros (ReLU outputs, image padding) does not dominate
-    the divergence."""
+    the divergence. Wide histograms are searched coarse-to-fine (every ``stride``-th candidate,
+    then each one around the best), which keeps calibration of many tensors fast."""
     h = hist.detach().to(torch.float64).cpu().numpy().copy()
     if len(h) > 1:
         h[0] = h[1]
@@ -362,8 +363,17 @@ def entropy_threshold(hist: torch.Tensor, bin_width: float, levels: int = 128) -
     if last <= levels:
         return last * bin_width
     tail = np.concatenate([np.cumsum(h[::-1])[::-1], [0.0]])
-    best_i, best_kl = last, math.inf
-    for i in range(levels, last + 1):
+    stride = max(1, (last - levels) // 384)
+    best_i, best_kl = _kl_search(h, tail, levels, range(levels, last + 1, stride), last, math.inf)
+    if stride > 1:  # coarse pass, then every candidate around the best one
+        lo, hi = max(levels, best_i - stride), min(last, best_i + stride)
+        best_i, best_kl = _kl_search(h, tail, levels, range(lo, hi + 1), best_i, best_kl)
+    return best_i * bin_width
+
+
+def _kl_search(h: np.ndarray, tail: np.ndarray, levels: int, candidates: range, best_i: int,
+               best_kl: float) -> tuple[int, float]:
+    for i in candidates:
         src = h[:i]
         p = src.copy()
         p[-1] += tail[i]
@@ -379,7 +389,7 @@ def entropy_threshold(hist: torch.Tensor, bin_width: float, levels: int = 128) -
         kl = float(np.sum(pn * np.log(pn / qn)))
         if kl < best_kl:
             best_i, best_kl = i, kl
-    return best_i * bin_width
+    return best_i, best_kl
 
 
 def _smooth(p: np.ndarray, eps: float = 1e-4) -> np.ndarray:

@@ -113,6 +113,9 @@ def _unsupported(node: Node, info: OpInfo, weight: torch.Tensor | None) -> str |
 
 def _blocks_fusion(node: Node, infos: dict[Node, OpInfo], scheme: str) -> str | None:
     users = list(node.users)
+    if scheme == "onnxruntime" and infos[node].kind == "conv_transpose":
+        return ("unsupported pattern: ONNX Runtime's CPU provider has no INT8 ConvTranspose kernel (Q/DQ around "
+                "it would only add work); quantized for TensorRT with scheme='tensorrt'")
     if scheme == "onnxruntime" and infos[node].kind in ("conv", "conv_transpose") and users and all(
             infos.get(u, OpInfo("other", ())).kind == "batchnorm" for u in users):
         return (f"would block fusion: followed by BatchNorm '{users[0].name}' that is not folded "
