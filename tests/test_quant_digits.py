@@ -1,7 +1,9 @@
 """Real data: a residual CNN trained here on scikit-learn's digits, compiled to INT8 for ONNX Runtime.
 
-Measured (this machine, ``pytest tests/test_quant_digits.py``): FP32 98.33 %, PTQ INT8 98.33 %
-(drop 0.0 points), QAT INT8 98.06 % (drop 0.28); the ORT graph runs only integer kernels.
+Measured on this machine (2 shared AMD EPYC cores, AVX2, no VNNI; width-8 DigitsResNet, 8 epochs,
+360 test images), two runs: FP32 98.33 % / PTQ INT8 98.33 % / QAT INT8 98.06 % (percentile
+observer), and FP32 98.06 % / PTQ 98.06 % / QAT 98.61 % (default mse observer): PTQ drop 0.0
+points, QAT within 0.3 points (or above FP32). The ORT graph runs only integer kernels.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def _example(digits: Any) -> tuple[torch.Tensor]:
 def test_ptq_int8_within_one_point_and_runs_integer_kernels(trained: Any, digits: Any, tmp_path: Path) -> None:
     model, fp32 = trained
     assert fp32 > 0.95
-    c = fxc.compile(model, _example(digits), passes=[FoldBatchNorm(), QuantizeInt8(observer="percentile")],
+    c = fxc.compile(model, _example(digits), passes=[FoldBatchNorm(), QuantizeInt8()],
                     calibration=digits.calibration, target="onnxruntime")
     int8 = accuracy(c, digits.test)
     assert fp32 - int8 <= 0.010, (fp32, int8)

@@ -42,7 +42,7 @@ class QuantSensitivity(Pass):
     requires: ClassVar[tuple[str, ...]] = ("calibration-data",)
 
     k: int = 0
-    observer: str = "percentile"
+    observer: str = "mse"
     percentile: float = 99.99
     per_channel: bool = True
     scheme: str = "auto"
