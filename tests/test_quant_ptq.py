@@ -306,3 +306,33 @@ def test_tensorrt_rtx_builds_a_markedly_smaller_int8_engine() -> None:
             precision=precision, example_inputs=ex, onnx_model=proto))
         sizes[precision] = len(build.engine)
     assert sizes["int8"] < 0.6 * sizes["fp32"], sizes
+
+
+def test_compile_onnxruntime_pipeline_string_end_to_end() -> None:
+    model, ex = ZOO["resnet_bottleneck"]()
+    gen = torch.Generator().manual_seed(0)
+    calib = [(torch.randn(ex[0].shape, generator=gen), torch.tensor([0, 1])) for _ in range(3)]
+    c = fxc.compile(model, ex, passes="fold-batchnorm,quantize-int8", calibration=calib, target="onnxruntime",
+                    progress=False)
+    row = c.report.find("quantize-int8")[0]
+    assert row.stats["scheme"] == "onnxruntime" and row.stats["float_layers"] == {}
+    assert len(row.stats["int8_layers"]) == 13
+    with torch.no_grad():
+        assert cosine(c(*ex), c.graph_module(*ex)) > 0.999
+        assert cosine(c(*ex), model(*ex)) > 0.99
+
+
+def test_compile_for_tensorrt_rtx_derives_the_tensorrt_scheme() -> None:
+    pytest.importorskip("tensorrt_rtx")
+    model, ex = ZOO["resnet_basic"]()
+    c = fxc.compile(model, ex, passes=[FoldBatchNorm(), QuantizeInt8()], calibration=[ex], target="tensorrt-rtx",
+                    precision="int8", fallback="onnxruntime", progress=False)
+    assert c.report.find("quantize-int8")[0].stats["scheme"] == "tensorrt"
+    assert c.engine  # built ahead of time on the CPU
+    inits = {i.name: i for i in c.onnx_model.graph.initializer}
+    zps = [n.input[2] for n in c.onnx_model.graph.node if n.op_type == "QuantizeLinear"]
+    consts = {n.output[0]: n for n in c.onnx_model.graph.node if n.op_type == "Constant"}
+    for zp in zps:
+        value = onnx.numpy_helper.to_array(consts[zp].attribute[0].t) if zp in consts else \
+            onnx.numpy_helper.to_array(inits[zp])
+        assert value.dtype.name == "int8" and not value.any()

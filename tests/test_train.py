@@ -189,3 +189,21 @@ def test_fine_tune_trains_and_freezes_qat() -> None:
     assert len(frozen_scales) == len(scales_before)
     assert sorted(frozen_scales) != sorted(scales_before)  # the scales were learned
     assert math.isfinite(result.stats["last_loss"])
+
+
+def test_qat_for_tensorrt_exports_symmetric_int8_like_ptq() -> None:
+    from fxcompress.backends.onnx_export import export_onnx
+    import onnx
+
+    model, ex = ZOO["inverted_residual"]()
+    gen = torch.Generator().manual_seed(0)
+    data = [(torch.randn(ex[0].shape, generator=gen), torch.tensor([3, 7])) for _ in range(3)]
+    ctx = fxc.PassContext(ex, calibration=data, train_data=data, target="tensorrt")
+    gm = FoldBatchNorm().run(trace(model, ex), ctx).graph
+    gm = QuantizeInt8(qat=True).run(gm, ctx).graph
+    gm = FineTune(epochs=1, lr=1e-3).run(gm, ctx).graph
+    fqs = [n for n in gm.graph.nodes if n.target is torch.fake_quantize_per_tensor_affine]
+    assert fqs and all(n.args[2] == 0 and n.args[3:] == (-128, 127) for n in fqs)
+    proto = export_onnx(gm, ex)
+    int8 = [i for i in proto.graph.initializer if i.data_type == onnx.TensorProto.INT8]
+    assert len(int8) == sum(n.target is dequantize for n in gm.graph.nodes) == 11  # 10 convs + classifier
