@@ -21,7 +21,7 @@ from fxcompress.pass_base import Pass, PassContext, PassResult
 from .. import _fx_utils as fxu
 from .fake_quant import dynamic_linear, quantize_weight
 from .patterns import classify, module_path
-from .placement import _matches
+from .placement import matches_skip
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class QuantizeDynamic(Pass):
             info = classify(gm, node)
             if info.kind not in ("linear", "matmul"):
                 continue
-            pat = _matches(tuple(self.skip), node, info.module, info.kind)
+            pat = matches_skip(tuple(self.skip), node, info.module, info.kind)
             if pat:
                 floats[node.name] = f"skipped by user (skip pattern {pat!r})"
                 continue

@@ -349,9 +349,9 @@ def entropy_threshold(hist: torch.Tensor, bin_width: float, levels: int = 128) -
     of ``i // levels`` bins (the remainder joins the last group) and spreads each group's mass
     evenly over its non-empty bins. The threshold is the right edge of the ``i`` with the smallest
     KL(P || Q), both smoothed so empty bins cost ``eps`` instead of infinity (as MXNet's
-    calibrator does; otherwise a lone outlier makes every clipped candidate infinite). As in TensorRT's and pytorch-quantization's calibrators, the first bin takes its
-    neighbour's count, so a spike of exact zeros (ReLU outputs, image padding) does not dominate
-    the divergence. Wide histograms are searched coarse-to-fine (every ``stride``-th candidate,
+    calibrator does; otherwise a lone outlier makes every clipped candidate infinite). As in
+    TensorRT's and pytorch-quantization's calibrators, the first bin takes its neighbour's count,
+    so a spike of exact zeros (ReLU outputs, image padding) does not dominate the divergence. Wide histograms are searched coarse-to-fine (every ``stride``-th candidate,
     then each one around the best), which keeps calibration of many tensors fast."""
     h = hist.detach().to(torch.float64).cpu().numpy().copy()
     if len(h) > 1:

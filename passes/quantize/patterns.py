@@ -105,7 +105,7 @@ def classify(gm: GraphModule, node: Node) -> OpInfo:
         w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
         return OpInfo(kind, (x,) if isinstance(x, Node) else (), weight=w if isinstance(w, Node) else None)
     if kind == "matmul":
-        args = [a for a in (node.args[:2] if node.op == "call_function" else node.args[:2]) if isinstance(a, Node)]
+        args = [a for a in node.args[:2] if isinstance(a, Node)]
         if len(args) != 2:
             return OpInfo("other", tuple(args))
         a, b = args
@@ -131,15 +131,6 @@ def classify(gm: GraphModule, node: Node) -> OpInfo:
             return OpInfo("other", tuple(_tensor_args(node)))
     first = node.args[0] if node.args and isinstance(node.args[0], Node) else None
     return OpInfo(kind, (first,) if first is not None else ())
-
-
-def weight_axis(kind: str, gm: GraphModule, node: Node, weight: torch.Tensor) -> int:
-    """The output-channel axis of a compute op's weight (per-channel quantization axis)."""
-    if kind == "conv_transpose":
-        return 1
-    if kind == "matmul":
-        return weight.dim() - 1
-    return 0
 
 
 def module_path(node: Node) -> str:

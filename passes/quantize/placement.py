@@ -82,7 +82,8 @@ def _weight_of(gm: GraphModule, node: Node, info: OpInfo) -> torch.Tensor | None
     return None
 
 
-def _matches(patterns: tuple[str, ...], node: Node, mod: nn.Module | None, kind: str) -> str | None:
+def matches_skip(patterns: tuple[str, ...], node: Node, mod: nn.Module | None, kind: str) -> str | None:
+    """The first fnmatch pattern matching the node name, module path, op kind or module type."""
     names = [node.name, module_path(node), kind]
     if mod is not None:
         names.append(type(mod).__name__)
@@ -157,7 +158,7 @@ def build_plan(gm: GraphModule, scheme: str, *, skip: tuple[str, ...] = (),
     for n in compute:
         info = infos[n]
         weight = _weight_of(gm, n, info)
-        pat = _matches(skip, n, info.module, info.kind)
+        pat = matches_skip(skip, n, info.module, info.kind)
         external = (skip_reasons or {}).get(n.name)
         reason = (f"skipped by user (skip pattern {pat!r})" if pat else
                   external if external else
@@ -238,4 +239,4 @@ def build_plan(gm: GraphModule, scheme: str, *, skip: tuple[str, ...] = (),
     return Plan(scheme, layers, slots, float_layers, infos)
 
 
-__all__ = ["Layer", "Plan", "SCHEMES", "Slot", "build_plan", "module_of", "scheme_for_target"]
+__all__ = ["Layer", "Plan", "SCHEMES", "Slot", "build_plan", "matches_skip", "module_of", "scheme_for_target"]
