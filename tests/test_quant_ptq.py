@@ -61,7 +61,8 @@ def ort_ops(model: onnx.ModelProto, tmp_path: Path) -> collections.Counter:
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
+    a, b = a.detach().flatten().double(), b.detach().flatten().double()
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
 
 
 def _first(out: Any) -> torch.Tensor:
@@ -205,7 +206,8 @@ def test_skip_and_first_last_report_why_layers_stay_float() -> None:
     assert reasons["conv1"].startswith("keep_first_last_fp") and reasons["fc"].startswith("keep_first_last_fp")
     assert "layers_0_conv1" in result.stats["int8_layers"]
     assert isinstance(gm.get_submodule("fc"), torch.nn.Linear)
-    assert any(d.node == "fc" for d in result.diagnostics)
+    assert any(d.node == "fc" and "module 'fc'" in d.message for d in result.diagnostics)
+    assert result.stats["float_layer_modules"]["layers_1_conv1"] == "layers.1.conv1"
 
 
 def test_skip_by_module_type() -> None:

@@ -18,6 +18,7 @@ from fxcompress.pass_base import Pass, PassContext, PassResult
 
 from .calibrate import observe
 from .observers import INT8, OBSERVERS, UINT8, QSpec, make_observer, per_channel_absmax, per_channel_mse_absmax
+from .patterns import module_path
 from .placement import SCHEMES, Plan, build_plan, scheme_for_target
 from .rewrite import WeightQuant, apply_plan
 
@@ -141,11 +142,14 @@ class QuantizeInt8(Pass):
         int8_layers = [layer.node.name for layer in plan.layers]
         summary = apply_plan(gm, plan, act, weights, spec, qat=self.qat, learn=self.learn_scales)
         result = PassResult(graph=gm)
+        modules = {n.name: module_path(n) for n in gm.graph.nodes if n.name in plan.float_layers}
         for node, reason in plan.float_layers.items():
-            result.info(f"stays in floating point: {reason}", node=node)
+            where = f" (module '{modules[node]}')" if modules.get(node) else ""
+            result.info(f"stays in floating point{where}: {reason}", node=node)
         if not int8_layers:
             result.warn("no Conv/Linear/matmul was quantized; see stats['float_layers']")
         result.stats = self._stats(scheme, spec, wmax, plan, act, int8_layers, summary)
+        result.stats["float_layer_modules"] = modules
         return result
 
     def _stats(self, scheme: str, spec: QSpec, wmax: int, plan: Plan, act: dict[str, tuple[float, int]],
