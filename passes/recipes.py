@@ -1,8 +1,13 @@
 """Named pipelines (``fxcompress compile --recipe NAME``): each is just a pipeline string.
 
-Every recipe starts with the same exact clean-up (eval-mode dropout and identities out, BatchNorm
-folded into the preceding conv/linear) so quantization sees fused layers, and works on any
-traceable model: passes with nothing to do are reported ``unchanged``.
+Every recipe starts with the same exact clean-up (eval-mode dropout and identities out) and works
+on any traceable model: passes with nothing to do are reported ``unchanged``. BatchNorm is folded
+into the preceding conv/linear right before quantization (so the quantized layers are fused), but
+AFTER any training step: a pruned network recovers far better while it still has its BatchNorms
+(measured on digits, DigitsResNet(width=32), 50% channels pruned, 2 epochs of fine-tuning: 99.2%
+when BN is folded after training, 71.9% when folded before). Recovery uses lr 5e-3 (cosine decay):
+on the narrower DigitsResNet(width=16) it reached 97.5% against 77.5% with lr 1e-3. The 2:4 recipe
+fine-tunes gently (lr 1e-3) because the pattern is re-applied afterwards (95.6% vs 92.2%).
 
 - ``int8``: static INT8 (Q/DQ placed for the compile target); needs ``calibration=``.
 - ``fp16``: float16 weights and activations, normalization/softmax/reductions kept in float32.
@@ -16,14 +21,17 @@ traceable model: passes with nothing to do are reported ``unchanged``.
 
 from __future__ import annotations
 
-CLEANUP = "remove-dropout,remove-identity,fold-batchnorm"
+CLEANUP = "remove-dropout,remove-identity"
+QUANTIZE = "fold-batchnorm,quantize-int8"
+PRUNE50 = "prune-channels{ratio=0.5,round-to=8}"
+SPARSE24 = "prune-nm{n=2,m=4}"
 
 RECIPES: dict[str, str] = {
-    "int8": f"{CLEANUP},quantize-int8",
-    "fp16": f"{CLEANUP},convert-fp16",
-    "prune50-int8": f"{CLEANUP},prune-channels{{ratio=0.5,round-to=8}},fine-tune{{epochs=2}},quantize-int8",
-    "distill-prune-int8": f"{CLEANUP},prune-channels{{ratio=0.5,round-to=8}},distill{{epochs=3}},quantize-int8",
-    "sparse24-int8": f"{CLEANUP},prune-nm{{n=2,m=4}},fine-tune{{epochs=1}},prune-nm{{n=2,m=4}},quantize-int8",
+    "int8": f"{CLEANUP},{QUANTIZE}",
+    "fp16": f"{CLEANUP},fold-batchnorm,convert-fp16",
+    "prune50-int8": f"{CLEANUP},{PRUNE50},fine-tune{{epochs=2,lr=0.005}},{QUANTIZE}",
+    "distill-prune-int8": f"{CLEANUP},{PRUNE50},distill{{epochs=3,lr=0.005}},{QUANTIZE}",
+    "sparse24-int8": f"{CLEANUP},{SPARSE24},fine-tune{{epochs=1}},{SPARSE24},{QUANTIZE}",
 }
 
-__all__ = ["CLEANUP", "RECIPES"]
+__all__ = ["CLEANUP", "PRUNE50", "QUANTIZE", "RECIPES", "SPARSE24"]
