@@ -66,8 +66,18 @@ def model_size(obj: Any) -> int | None:
 
 
 def benchmark(fn: Callable[..., Any], inputs: Sequence[Any], *, name: str = "model", warmup: int = 10,
-              iters: int = 100, size: int | None = None) -> BenchResult:
-    """Time ``fn(*inputs)``: median and p90 latency, throughput (samples/s), peak memory."""
+              iters: int = 100, size: int | None = None, torch_threads: int | None = None) -> BenchResult:
+    """Time ``fn(*inputs)``: median and p90 latency, throughput (samples/s), peak memory.
+
+    ``torch_threads`` sets torch's intra-op thread count for the measurement only (compare eager
+    with an ONNX Runtime session of the same thread count)."""
+    if torch_threads is not None:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(torch_threads)
+        try:
+            return benchmark(fn, inputs, name=name, warmup=warmup, iters=iters, size=size)
+        finally:
+            torch.set_num_threads(previous)
     inputs = tuple(inputs)
     batch = int(inputs[0].shape[0]) if inputs and hasattr(inputs[0], "shape") and inputs[0].dim() else 1
     if isinstance(fn, torch.nn.Module):

@@ -75,26 +75,32 @@ def run_demo(out: Path = Path("demo_out"), *, quick: bool = False, console: Cons
 
     x = next(iter(data.test))[0][:1]
     iters = 50 if quick else 200
-    eager = benchmark(model, (x,), warmup=20, iters=iters)
+    eager = benchmark(model, (x,), warmup=20, iters=iters, torch_threads=1)
     console.print(f"[bold]2. compile[/bold] {pipeline} -> onnxruntime")
     evaluate = Evaluate(lambda run: accuracy(run, data.test))
     compiled = api.compile(model, (x,), pipeline, target="onnxruntime", calibration=data.calibration,
                            train_data=data.train, instruments=[evaluate, _OrtLatency(x, iters)])
 
-    table = Table(title="digits: every stage next to the original")
-    for col in ("stage", "accuracy", "params", "non-zero", "size", "MACs", "ORT latency (b=1)"):
+    table = Table(title="digits: every stage next to the original (latency: batch 1, one thread)")
+    for col in ("stage", "accuracy", "params", "non-zero", "size", "MACs", "latency"):
         table.add_column(col, justify="left" if col == "stage" else "right")
     table.add_row("original (eager torch)", f"{result.original_accuracy:.2%}", human(compiled.report[0].params),
                   human(compiled.report[0].nonzero), human(compiled.report[0].bytes, "B"),
-                  human(compiled.report[0].macs), f"{eager.median_ms:.3f} ms (torch)")
+                  human(compiled.report[0].macs), f"{eager.median_ms:.3f} ms (torch eager)")
     for row in compiled.report:
         stage = Stage(row.name, row.stats.get("accuracy", float("nan")), row.params, row.nonzero, row.bytes,
                       row.macs, row.stats.get("ort_latency_ms"))
         result.stages.append(stage)
         table.add_row(stage.name, f"{stage.accuracy:.2%}", human(stage.params), human(stage.nonzero),
                       human(stage.bytes, "B"), human(stage.macs),
-                      f"{stage.latency_ms:.3f} ms" if stage.latency_ms is not None else "-")
+                      f"{stage.latency_ms:.3f} ms (ORT)" if stage.latency_ms is not None else "-")
     console.print(table)
+    final, first = result.stages[-1], result.stages[0]
+    console.print(f"result: accuracy {result.original_accuracy:.2%} -> {final.accuracy:.2%}, "
+                  f"size {human(first.bytes, 'B')} -> {human(final.bytes, 'B')} "
+                  f"({first.bytes / max(final.bytes, 1):.1f}x smaller), MACs {first.macs / max(final.macs, 1):.1f}x fewer, "
+                  f"latency {eager.median_ms:.3f} ms (torch eager) -> {final.latency_ms or float('nan'):.3f} ms (ORT)",
+                  markup=False, highlight=False)
     console.print(compiled.report.table(title="per-pass report"))
 
     from .graph_text import diff
