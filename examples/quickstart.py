@@ -6,7 +6,7 @@ folding, 50% channel pruning, fine-tuning, INT8) to ONNX Runtime, prints the per
 test accuracy before and after and the model size, then saves the artifact and loads it back
 without the source model.
 
-    python examples/quickstart.py                     # about a minute on 2 CPU cores
+    python examples/quickstart.py                     # about 15 s on 2 CPU cores
     python examples/quickstart.py --recipe int8       # any name from `fxcompress compile --list-recipes`
     python examples/quickstart.py --quick             # tiny model, few epochs: seconds (what CI runs)
 """

@@ -14,7 +14,7 @@ built into a real engine on a CPU-only machine.
 6. Save the artifact (model.onnx, model.engine, manifest.json) and print what a GPU user runs for
    ``target="tensorrt", precision="int8"``.
 
-    python examples/tensorrt_int8.py                      # a wider model: about a minute
+    python examples/tensorrt_int8.py                      # a wider model (width 96): about 30 s
     python examples/tensorrt_int8.py --quick              # what CI runs: seconds
     python examples/tensorrt_int8.py --target tensorrt    # on a machine with TensorRT and a GPU
 """

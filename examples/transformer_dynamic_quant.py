@@ -11,7 +11,7 @@ compiles it twice to ONNX Runtime (FP32, and ``quantize-dynamic``), and in the s
 the latency of both sessions (median of many calls, same thread count), the model sizes, and the
 output error of INT8 against the FP32 model.
 
-    python examples/transformer_dynamic_quant.py            # d=512, 8 x 128 tokens
+    python examples/transformer_dynamic_quant.py            # d=512, 8 x 128 tokens: about a minute
     python examples/transformer_dynamic_quant.py --quick    # d=128, 2 x 32 tokens (what CI runs)
 """
 
