@@ -349,22 +349,20 @@ def main() -> None:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         Console(stderr=True, soft_wrap=True).print(f"error: {first}", markup=False, highlight=False)
         raise SystemExit(2) from None
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
+    except typer.Exit as exc:
+        raise SystemExit(exc.exit_code) from None
+    except typer.Abort:
+        raise SystemExit(1) from None
+    except Exception as exc:
+        if hasattr(exc, "show") and hasattr(exc, "exit_code"):  # usage errors (bad option, missing argument)
             exc.show()
             raise SystemExit(exc.exit_code) from None
-        if isinstance(exc, click.exceptions.Exit):
-            raise SystemExit(exc.exit_code) from None
-        if isinstance(exc, click.exceptions.Abort):
-            raise SystemExit(1) from None
         if _state["debug"]:
             raise
-        Console(stderr=True, soft_wrap=True).print(f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-                                                   markup=False, highlight=False)
+        detail = str(exc).splitlines()[0] if str(exc) else ""
+        Console(stderr=True, soft_wrap=True).print(f"error: {type(exc).__name__}: {detail} (rerun with --debug for "
+                                                   "the traceback)", markup=False, highlight=False)
         raise SystemExit(1) from None
-
 
 if __name__ == "__main__":
     main()

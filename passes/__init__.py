@@ -37,6 +37,8 @@ def _public_classes() -> dict[str, type]:
 
 
 def __getattr__(name: str) -> type:
+    if name in {info.name for info in pkgutil.iter_modules(__path__)}:
+        return importlib.import_module(f"{__name__}.{name}")  # type: ignore[return-value]
     classes = _public_classes()
     if name in classes:
         return classes[name]
