@@ -38,11 +38,11 @@ import onnx
 import torch
 from onnx import numpy_helper
 from torch import nn
-from torch.fx import GraphModule, Interpreter, Node
+from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
 from .errors import FxCompressError, InputError
-from .verify import flatten_outputs
+from .verify import flatten_outputs, node_values as _fx_values, snapshot as _snapshot
 
 __all__ = ["STAGES", "Comparison", "LayerRow", "Metric", "Tolerance", "compare", "load_inputs",
            "rebuild_graph"]
@@ -305,36 +305,6 @@ def _as_inputs(inputs: Any) -> tuple[torch.Tensor, ...]:
         return tuple(torch.from_numpy(np.asarray(x)) if isinstance(x, np.ndarray) else x for x in inputs)
     raise InputError("compare needs inputs as a tensor or a non-empty tuple of tensors, "
                      f"got {type(inputs).__name__}")
-
-
-def _snapshot(value: Any) -> Any:
-    """A copy of every tensor in ``value`` (a later in-place op must not change what was recorded)."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().clone()
-    if isinstance(value, (list, tuple)):
-        return type(value)(_snapshot(v) for v in value) if not hasattr(value, "_fields") \
-            else type(value)(*(_snapshot(v) for v in value))
-    if isinstance(value, dict):
-        return {k: _snapshot(v) for k, v in value.items()}
-    return value
-
-
-class _Recorder(Interpreter):
-    def __init__(self, gm: GraphModule) -> None:
-        super().__init__(gm)
-        self.values: dict[str, Any] = {}
-
-    def run_node(self, n: Node) -> Any:
-        out = super().run_node(n)
-        self.values[n.name] = _snapshot(out)
-        return out
-
-
-def _fx_values(gm: GraphModule, inputs: tuple[torch.Tensor, ...]) -> dict[str, Any]:
-    rec = _Recorder(gm)
-    with torch.no_grad():
-        rec.run(*inputs)
-    return rec.values
 
 
 def _eager_outputs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[dict[str, list[Any]], Any]:

@@ -133,6 +133,18 @@ def allclose(reference: Any, actual: Any, rtol: float = RTOL, atol: float = ATOL
         for r, a in zip(refs, outs))
 
 
+def snapshot(value: Any) -> Any:
+    """A copy of every tensor in ``value`` (a later in-place op must not change what was recorded)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, (list, tuple)):
+        return type(value)(snapshot(v) for v in value) if not hasattr(value, "_fields") \
+            else type(value)(*(snapshot(v) for v in value))
+    if isinstance(value, dict):
+        return {k: snapshot(v) for k, v in value.items()}
+    return value
+
+
 class _Recorder(Interpreter):
     def __init__(self, gm: GraphModule) -> None:
         super().__init__(gm)
@@ -140,7 +152,7 @@ class _Recorder(Interpreter):
 
     def run_node(self, n: Node) -> Any:
         out = super().run_node(n)
-        self.values[n.name] = out.clone() if isinstance(out, torch.Tensor) else out
+        self.values[n.name] = snapshot(out)
         return out
 
 
