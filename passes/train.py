@@ -21,6 +21,7 @@ from fxcompress.errors import PassError, PipelineError
 from fxcompress.pass_base import Pass, PassContext, PassResult, _no_progress
 
 from .data import graph_inputs, split_batch, to_device
+from .distributed import shard, sync_module, wrap_ddp
 
 LossFn = Callable[[Any, Any, tuple[Any, ...]], torch.Tensor]
 OPTIMIZERS = ("adamw", "sgd")
@@ -140,7 +141,7 @@ def train_loop(model: nn.Module, data: Iterable[Any], loss_fn: LossFn, *, epochs
                     value = float(loss.detach())
                     first_loss = value if first_loss is None else first_loss
                     running, count, step = running + value, count + 1, step + 1
-                    bar.advance(1)
+                    bar.advance(1, loss=running / count)
                 if count:
                     epoch_losses.append(running / count)
                 if max_steps and step >= max_steps:
@@ -197,11 +198,15 @@ class FineTune(Pass):
             raise PassError(f"{self.name} needs training data: pass train_data= to fxcompress.compile() "
                             f"(an iterable of (inputs..., target) batches, e.g. a DataLoader of (x, y))",
                             pass_name=self.name)
-        stats = train_loop(gm, ctx.train_data, supervised_loss(self.loss), epochs=self.epochs, lr=self.lr,
+        names = graph_inputs(gm)
+        gm.to(ctx.device)
+        stats = train_loop(wrap_ddp(gm, device=ctx.device), shard(ctx.train_data, seed=ctx.seed),
+                           supervised_loss(self.loss), epochs=self.epochs, lr=self.lr,
                            optimizer=self.optimizer, schedule=self.schedule, warmup=self.warmup,
                            grad_clip=self.grad_clip, weight_decay=self.weight_decay, device=ctx.device,
                            progress=ctx.progress, max_steps=self.max_steps, seed=ctx.seed,
-                           description=f"{self.name}")
+                           n_inputs=len(names), input_names=names, description=f"{self.name}")
+        sync_module(gm)
         gm.to("cpu")
         if self.freeze_quant:
             stats["frozen"] = finalize_training(gm)

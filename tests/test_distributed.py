@@ -164,3 +164,46 @@ def test_example_under_torchrun(tmp_path: Path) -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([os.path.abspath(__file__), "-q", "-p", "no:randomly"]))
+
+
+def _qat_worker(rank: int, store: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    try:
+        import fxcompress as fxc
+        from fxcompress.digits import DigitsResNet, load_digits_tensors
+
+        x, y, _, _ = load_digits_tensors(0)
+        x, y = x[:256], y[:256]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = DigitsResNet(width=4).eval()
+        # each rank calibrates on its own half: the all-reduced scales must still agree
+        mine = x[rank * 128:(rank + 1) * 128]
+        calib = [mine[i:i + 32] for i in range(0, 128, 32)]
+        train = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
+        compiled = fxc.compile(model, (x[:2],), "fold-batchnorm,quantize-int8{qat=true},fine-tune{epochs=1,lr=0.005}",
+                               target="fx", calibration=calib, train_data=train, progress=False)
+        ptq = fxc.compile(model, (x[:2],), "fold-batchnorm,quantize-int8", target="fx", calibration=calib,
+                          progress=False)
+        (Path(out_dir) / f"qat{rank}.json").write_text(json.dumps({
+            # activation scales are constants in the code, weights and weight scales in the state dict
+            "qat": [_digest(compiled.graph_module), compiled.graph_module.code],
+            "ptq": [_digest(ptq.graph_module), ptq.graph_module.code],
+            "steps": compiled.report.find("fine-tune")[0].stats.get("steps")}))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_qat_fine_tune_and_ptq_calibration_agree_across_two_processes(tmp_path: Path) -> None:
+    """FineTune trains QAT in DistributedDataParallel on each rank's shard and PTQ observers are
+    all-reduced: both ranks end with bit-identical weights and scales."""
+    import torch.multiprocessing as mp
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available in this torch build")
+    mp.spawn(_qat_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD, join=True)
+    r0, r1 = (json.loads((tmp_path / f"qat{r}.json").read_text()) for r in range(WORLD))
+    assert r0["qat"] == r1["qat"] and r0["ptq"] == r1["ptq"]
+    assert r0["steps"] == r1["steps"] == 4  # 256 samples, batch 32, half per rank, 1 epoch

@@ -16,6 +16,7 @@ from torch.fx import GraphModule
 from fxcompress.errors import PassError, PipelineError
 from fxcompress.pass_base import Pass, PassContext, PassResult
 
+from ..distributed import all_reduce_observers
 from .calibrate import observe
 from .observers import INT8, OBSERVERS, UINT8, QSpec, make_observer, per_channel_absmax, per_channel_mse_absmax
 from .patterns import module_path
@@ -120,6 +121,7 @@ class QuantizeInt8(Pass):
         observers = observe(gm, observed, lambda n: make_observer(self.observer, percentile=self.percentile,
                                                                   spec=spec),
                             ctx.calibration, ctx, batches=self.calibration_batches, pass_name=self.name)
+        all_reduce_observers(observers)  # under torchrun: every rank gets the scales of all ranks' data
         out: dict[str, tuple[float, int]] = {}
         for name, obs in observers.items():
             if not obs.seen:
