@@ -504,16 +504,9 @@ def onnx_op_name(node: Any) -> str:
 
 def iter_onnx_nodes(graph: Any) -> Iterator[Any]:
     """Every node of an ONNX GraphProto, including those of subgraphs (If/Loop/Scan bodies)."""
-    import onnx
+    from .onnx_graph import iter_nodes
 
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from iter_onnx_nodes(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from iter_onnx_nodes(g)
+    return iter(iter_nodes(graph))
 
 
 def _onnx_graph_lines(graph: Any, types: dict[str, str], indent: str, lines: list[str]) -> None:

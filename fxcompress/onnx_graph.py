@@ -58,7 +58,7 @@ def fx_node_of(node: Any) -> str | None:
 
 def stamp_fx_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
     """Write ``metadata_props["fx_node"]`` on every node whose name carries an FX node; in place."""
-    for node in _all_nodes(model.graph):
+    for node in iter_nodes(model.graph):
         fx = fx_node_from_name(node.name)
         existing = [p for p in node.metadata_props if p.key == FX_NODE_KEY]
         if fx is None or existing:
@@ -68,15 +68,16 @@ def stamp_fx_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def _all_nodes(graph: onnx.GraphProto) -> Iterable[onnx.NodeProto]:
+def iter_nodes(graph: onnx.GraphProto) -> Iterable[onnx.NodeProto]:
+    """Every node of an ONNX GraphProto, including those of subgraphs (If/Loop/Scan bodies)."""
     for node in graph.node:
         yield node
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _all_nodes(attr.g)
+                yield from iter_nodes(attr.g)
             elif attr.type == onnx.AttributeProto.GRAPHS:
                 for g in attr.graphs:
-                    yield from _all_nodes(g)
+                    yield from iter_nodes(g)
 
 
 def fx_node_outputs(model: "onnx.ModelProto | gs.Graph") -> dict[str, list[str]]:
