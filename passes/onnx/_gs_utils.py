@@ -71,16 +71,18 @@ def bypass(graph: gs.Graph, node: gs.Node, src: gs.Tensor, dst: gs.Tensor, prote
         readers = [r for r in list(src.outputs) if r is not node]
         node.outputs.clear()
         node.inputs.clear()
-        for reader in readers:
-            for i, t in enumerate(reader.inputs):
-                if t is src:
-                    reader.inputs[i] = dst
+        redirect_readers(src, dst, readers)
         producer.outputs[index] = dst
         return True
-    for reader in list(dst.outputs):
-        for i, t in enumerate(reader.inputs):
-            if t is dst:
-                reader.inputs[i] = src
+    redirect_readers(dst, src)
     node.outputs.clear()
     node.inputs.clear()
     return True
+
+
+def redirect_readers(old: Any, new: Any, readers: Any = None) -> None:
+    """Make every node that reads tensor ``old`` (or just ``readers``) read ``new`` instead."""
+    for reader in list(old.outputs if readers is None else readers):
+        for i, t in enumerate(reader.inputs):
+            if t is old:
+                reader.inputs[i] = new

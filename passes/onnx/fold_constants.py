@@ -25,7 +25,7 @@ from onnx import numpy_helper
 from fxcompress.onnx_graph import run_onnx
 from fxcompress.pass_base import OnnxPass, PassContext, PassResult
 
-from ._gs_utils import op_counts, removed_ops
+from ._gs_utils import op_counts, redirect_readers, removed_ops
 
 __all__ = ["OnnxFoldConstants"]
 
@@ -105,10 +105,7 @@ def _fold_weight_quantize(graph: gs.Graph) -> list[str]:
             name, k = f"{base}_{k}", k + 1
         taken.add(name)
         const = gs.Constant(name, np.asarray(value))
-        for reader in list(out.outputs):
-            for idx, t in enumerate(reader.inputs):
-                if t is out:
-                    reader.inputs[idx] = const
+        redirect_readers(out, const)
         node.outputs.clear()
         node.inputs.clear()
         stored.append(weight.name)
