@@ -3,8 +3,10 @@
 An artifact directory holds ``model.onnx``, ``model.engine`` (TensorRT targets),
 ``report.json``, ``graphs/NN_<step>.fxg`` and ``manifest.json``: format version, library
 versions, the pipeline string, target and backend, input/output specs, engine build options
-and the sha256 of every file. ``load`` refuses an unknown format version or a file whose hash
-does not match.
+and the sha256 of every file. ``load`` refuses an unknown format version, a file whose hash
+does not match, a required file (model, report, snapshots, a present engine) the manifest does
+not list, and any manifest path that leaves the directory. Input/output names are the ONNX
+graph's.
 """
 
 from __future__ import annotations
@@ -25,13 +27,30 @@ from .verify import flatten_outputs
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+ENGINE = "model.engine"
 
 
 def tensor_specs(values: Any, names: Sequence[str] | None) -> list[dict[str, Any]]:
+    """``{name, shape, dtype}`` of each flattened tensor; unnamed outputs get the exporter's names
+    (``output``, ``output_1``, ...)."""
     tensors = flatten_outputs(values)
-    names = list(names) if names else [f"output{i}" if i else "output" for i in range(len(tensors))]
+    names = list(names) if names else [f"output_{i}" if i else "output" for i in range(len(tensors))]
     return [{"name": n, "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
             for n, t in zip(names, tensors)]
+
+
+def onnx_io_names(model: Any) -> tuple[list[str], list[str]]:
+    """The graph's real input names (initializers listed as inputs left out) and its output names."""
+    initializers = {t.name for t in model.graph.initializer}
+    return ([i.name for i in model.graph.input if i.name not in initializers],
+            [o.name for o in model.graph.output])
+
+
+def _renamed(specs: list[dict[str, Any]], names: list[str]) -> list[dict[str, Any]]:
+    """``specs`` (copies) named after the ONNX graph; unchanged when the counts differ."""
+    if len(specs) != len(names):
+        return [dict(s) for s in specs]
+    return [{**s, "name": n} for s, n in zip(specs, names)]
 
 
 def _sha256(path: Path) -> str:
@@ -76,6 +95,15 @@ class Compiled:
     _runner: Callable[..., Any] | None = field(default=None, repr=False)
     _backend_options: dict[str, Any] = field(default_factory=dict, repr=False)
 
+    def __post_init__(self) -> None:
+        if self.onnx_model is not None:
+            self.inputs, self.outputs = self._io_specs(self.onnx_model)
+
+    def _io_specs(self, model: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Input/output specs named as in ``model``'s graph: the names a session or engine answers to."""
+        in_names, out_names = onnx_io_names(model)
+        return _renamed(self.inputs, in_names), _renamed(self.outputs, out_names)
+
     def use_backend(self, backend: str, *, providers: Sequence[str] | None = None, threads: int | None = None,
                     note: str | None = None) -> None:
         """Choose what ``__call__`` runs on: ``fx``, ``onnxruntime``, ``tensorrt``, ``tensorrt-rtx`` or ``none``."""
@@ -118,12 +146,15 @@ class Compiled:
             if self.lower is None or self.graph_module is None:
                 raise ArtifactError("nothing to save: this Compiled has neither an ONNX model nor a graph to export")
             model = self.lower(self.graph_module)
+        inputs, outputs = self._io_specs(model)
         files: list[str] = []
         onnx.save_model(model, str(out / "model.onnx"))
         files.append("model.onnx")
         if self.engine is not None:
-            (out / "model.engine").write_bytes(self.engine)
-            files.append("model.engine")
+            (out / ENGINE).write_bytes(self.engine)
+            files.append(ENGINE)
+        elif (out / ENGINE).exists():  # left by an earlier save: load() would refuse it as unlisted
+            (out / ENGINE).unlink()
         self.report.save(out / "report.json")
         files.append("report.json")
         for snap in self.snapshots:
@@ -139,8 +170,8 @@ class Compiled:
             "backend": self.backend,
             "load_backend": runnable,
             "pipeline": self.pipeline,
-            "inputs": self.inputs,
-            "outputs": self.outputs,
+            "inputs": inputs,
+            "outputs": outputs,
             "engine": self.engine_info or None,
             "source": self.source,
             "snapshots": [{"index": s.index, "name": s.name, "stage": s.stage, "file": f"graphs/{s.filename}"}
@@ -167,6 +198,14 @@ class _LazyTrtRunner:
         return self._runner(*inputs)
 
 
+def _inside(root: Path, rel: Any, manifest: Path) -> None:
+    """Refuse a manifest path that is absolute or leaves the artifact directory (``..``, symlinks)."""
+    if not isinstance(rel, str) or not rel or Path(rel).is_absolute() or \
+            not (root / rel).resolve().is_relative_to(root.resolve()):
+        raise ArtifactError(f"{manifest}: file path {rel!r} leaves the artifact directory {root}; a manifest may "
+                            "only name files inside it (relative paths without '..')")
+
+
 def read_manifest(directory: str | Path) -> dict[str, Any]:
     """The manifest of an artifact directory, checked: format version known, every file's hash right."""
     root = Path(directory)
@@ -182,7 +221,22 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     if manifest.get("format") != "fxcompress-artifact" or version != FORMAT_VERSION:
         raise ArtifactError(f"{path}: unknown artifact format version {version!r}; this fxcompress reads "
                             f"version {FORMAT_VERSION} (re-save it with this version)")
-    for rel, digest in manifest.get("files", {}).items():
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise ArtifactError(f"{path}: the manifest lists no files (its 'files' map is missing or empty), so "
+                            "nothing can be verified; re-save the artifact")
+    for rel in files:
+        _inside(root, rel, path)
+    if (root / ENGINE).exists() and ENGINE not in files:
+        raise ArtifactError(f"{root / ENGINE} is not listed in the manifest, so its sha256 cannot be checked; "
+                            "refusing to load an unverified engine (delete it, or re-save the artifact)")
+    required = ["model.onnx", "report.json",
+                *(s.get("file") for s in manifest.get("snapshots") or [] if isinstance(s, dict))]
+    for rel in required:
+        if rel not in files:
+            raise ArtifactError(f"{path}: {rel} is not listed in the manifest's files, so its sha256 cannot be "
+                                "checked; refusing to load it (re-save the artifact)")
+    for rel, digest in files.items():
         file = root / rel
         if not file.is_file():
             raise ArtifactError(f"{file} is listed in the manifest but missing")
@@ -204,11 +258,11 @@ def load(directory: str | Path, *, backend: str | None = None, providers: Sequen
     report = Report.from_dict(json.loads((root / "report.json").read_text(encoding="utf-8")))
     snapshots = [Snapshot(s["index"], s["name"], s["stage"], (root / s["file"]).read_text(encoding="utf-8"))
                  for s in manifest.get("snapshots", [])]
-    engine_path = root / "model.engine"
+    engine_path = root / ENGINE if ENGINE in manifest["files"] else None
     compiled = Compiled(
         graph_module=None, onnx_model=model, report=report, snapshots=snapshots, pipeline=manifest["pipeline"],
         target=manifest["target"], inputs=manifest["inputs"], outputs=manifest["outputs"],
-        engine=engine_path.read_bytes() if engine_path.is_file() else None, engine_info=manifest.get("engine") or {},
+        engine=engine_path.read_bytes() if engine_path else None, engine_info=manifest.get("engine") or {},
         source=manifest.get("source"))
     chosen = backend or manifest.get("load_backend", "onnxruntime")
     note = manifest.get("backend") if chosen == manifest.get("load_backend") else None

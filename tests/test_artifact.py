@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -51,9 +52,27 @@ def test_layout_and_manifest(saved: tuple[Path, fxc.Compiled]) -> None:
     assert manifest["versions"]["torch"].startswith("2.") and manifest["versions"]["onnxruntime"]
     assert set(manifest["files"]) == {"model.onnx", "report.json", *(f"graphs/{p.name}" for p in (out / "graphs").iterdir())}
     assert manifest["backend"] == "onnxruntime"
-    assert b"pickle" not in (out / "model.onnx").read_bytes()[:0]  # artifacts hold no pickles: only ONNX/JSON/text
+    assert_no_pickles(out)
     report = json.loads((out / "report.json").read_text())
     assert [r["name"] for r in report["passes"]] == ["input", "fold-batchnorm", "eliminate-dead-code", "export-onnx"]
+
+
+def assert_no_pickles(out: Path) -> None:
+    """Every file is ONNX, JSON, graph text or an engine: none starts like a pickle (0x80 + protocol) or
+    a torch.save zip, and each parses as what its name says."""
+    import onnx
+
+    files = sorted(p for p in out.rglob("*") if p.is_file())
+    assert {p.suffix for p in files} <= {".onnx", ".json", ".fxg", ".engine"}, files
+    for p in files:
+        head = p.read_bytes()[:2]
+        assert head[:1] != b"\x80" and head != b"PK", p
+        if p.suffix == ".onnx":
+            onnx.checker.check_model(onnx.load_model(str(p)))
+        elif p.suffix == ".json":
+            assert isinstance(json.loads(p.read_text(encoding="utf-8")), dict), p
+        elif p.suffix == ".fxg":
+            assert p.read_text(encoding="utf-8").startswith("# fxg 1 "), p
 
 
 def test_load_in_a_fresh_process_without_the_model_code(saved: tuple[Path, fxc.Compiled], tmp_path: Path) -> None:
@@ -109,6 +128,114 @@ def test_missing_file_and_unknown_version_are_refused(saved: tuple[Path, fxc.Com
         fxc.load(gone)
     with pytest.raises(fxc.ArtifactError, match=r"manifest.json is missing"):
         fxc.load(tmp_path)
+
+
+def _edit_manifest(out: Path, edit: Any) -> None:
+    manifest = json.loads((out / "manifest.json").read_text())
+    edit(manifest)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_unlisted_model_with_rewritten_weights_is_refused(saved: tuple[Path, fxc.Compiled], tmp_path: Path) -> None:
+    import onnx
+    from onnx import numpy_helper
+
+    out = _copy(saved[0], tmp_path / "unlisted")
+    model = onnx.load_model(str(out / "model.onnx"))
+    weight = max(model.graph.initializer, key=lambda t: len(t.dims))
+    weight.CopyFrom(numpy_helper.from_array(np.zeros_like(numpy_helper.to_array(weight)), weight.name))
+    onnx.save_model(model, str(out / "model.onnx"))
+    _edit_manifest(out, lambda m: m["files"].pop("model.onnx"))
+    with pytest.raises(fxc.ArtifactError, match=r"model.onnx is not listed in the manifest's files, so its sha256 "
+                                                r"cannot be checked; refusing to load it"):
+        fxc.load(out)
+    snap = _copy(saved[0], tmp_path / "snap")
+    _edit_manifest(snap, lambda m: m["files"].pop("graphs/01_fold-batchnorm.fxg"))
+    with pytest.raises(fxc.ArtifactError, match=r"graphs/01_fold-batchnorm.fxg is not listed"):
+        fxc.load(snap)
+
+
+def test_empty_files_map_is_refused(saved: tuple[Path, fxc.Compiled], tmp_path: Path) -> None:
+    for name, edit in [("empty", lambda m: m.update(files={})), ("absent", lambda m: m.pop("files"))]:
+        out = _copy(saved[0], tmp_path / name)
+        _edit_manifest(out, edit)
+        with pytest.raises(fxc.ArtifactError, match=r"the manifest lists no files \(its 'files' map is missing or "
+                                                    r"empty\), so nothing can be verified"):
+            fxc.load(out)
+
+
+def test_unlisted_engine_is_refused_and_a_listed_one_is_verified(saved: tuple[Path, fxc.Compiled],
+                                                                 tmp_path: Path) -> None:
+    out = _copy(saved[0], tmp_path / "engine")
+    (out / "model.engine").write_bytes(b"not an engine")
+    with pytest.raises(fxc.ArtifactError, match=r"model.engine is not listed in the manifest, so its sha256 cannot "
+                                                r"be checked; refusing to load an unverified engine"):
+        fxc.load(out)
+    _edit_manifest(out, lambda m: m["files"].update({"model.engine": "0" * 64}))
+    with pytest.raises(fxc.ArtifactError, match=r"model.engine was modified after saving"):
+        fxc.load(out)
+
+
+def test_resaving_without_an_engine_removes_a_stale_one(saved: tuple[Path, fxc.Compiled], tmp_path: Path) -> None:
+    out = _copy(saved[0], tmp_path / "stale")
+    (out / "model.engine").write_bytes(b"from an earlier save")
+    saved[1].save(out)
+    assert not (out / "model.engine").exists()
+    assert fxc.load(out).engine is None
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m["files"].update({"../outside.txt": "0" * 64}),
+     r"file path '\.\./outside\.txt' leaves the artifact directory"),
+    (lambda m: m["files"].update({"/etc/hostname": "0" * 64}), r"file path '/etc/hostname' leaves the artifact"),
+    (lambda m: m["snapshots"][0].update(file="../outside.txt"),
+     r"\.\./outside\.txt is not listed in the manifest's files"),
+])
+def test_paths_leaving_the_directory_are_refused(saved: tuple[Path, fxc.Compiled], tmp_path: Path, edit: Any,
+                                                 message: str) -> None:
+    out = _copy(saved[0], tmp_path / "traversal")
+    (tmp_path / "outside.txt").write_text("secret")
+    _edit_manifest(out, edit)
+    with pytest.raises(fxc.ArtifactError, match=message):
+        fxc.load(out)
+
+
+def test_symlink_out_of_the_directory_is_refused(saved: tuple[Path, fxc.Compiled], tmp_path: Path) -> None:
+    out = _copy(saved[0], tmp_path / "link")
+    (tmp_path / "elsewhere.onnx").write_bytes((out / "model.onnx").read_bytes())
+    (out / "model.onnx").unlink()
+    (out / "model.onnx").symlink_to(tmp_path / "elsewhere.onnx")
+    with pytest.raises(fxc.ArtifactError, match=r"file path 'model.onnx' leaves the artifact directory"):
+        fxc.load(out)
+
+
+class TwoHeads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.fc(x)
+        return y, y.softmax(-1)
+
+
+@pytest.mark.parametrize("target", ["onnxruntime", "fx"])
+def test_manifest_io_names_are_the_onnx_graphs(target: str, tmp_path: Path) -> None:
+    import onnx
+
+    x = torch.randn(2, 4)
+    compiled = fxc.compile(TwoHeads().eval(), (x,), "eliminate-dead-code", target=target)
+    out = compiled.save(tmp_path / target)
+    graph = onnx.load_model(str(out / "model.onnx")).graph
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [o["name"] for o in manifest["outputs"]] == [o.name for o in graph.output] == ["output", "output_1"]
+    assert [i["name"] for i in manifest["inputs"]] == [i.name for i in graph.input] == ["x"]
+    assert [o["shape"] for o in manifest["outputs"]] == [[2, 3], [2, 3]]
+    again = fxc.load(out)
+    assert [o["name"] for o in again.outputs] == ["output", "output_1"]
+    y, p = again(x)
+    torch.testing.assert_close(p, y.softmax(-1))
 
 
 def test_fx_target_saves_an_exported_model(tmp_path: Path) -> None:
