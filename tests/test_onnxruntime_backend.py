@@ -139,3 +139,36 @@ def test_any_batch_size_matches_eager(net, runner, batch, seed) -> None:
     x, b = torch.randn(batch, 3, 6, 6, generator=gen), torch.randn(batch, 5, generator=gen)
     with torch.no_grad():
         torch.testing.assert_close(runner(x, b), m(x, b), rtol=RTOL, atol=ATOL)
+
+
+def test_a_meta_tensor_is_refused_naming_the_input(runner) -> None:
+    with pytest.raises(InputError, match=r"input #0 'x' is a meta tensor \(device 'meta': a shape without data\), "
+                                         r"which cannot run; pass a real tensor"):
+        runner(torch.empty(2, 3, 6, 6, device="meta"), torch.randn(2, 5))
+    with pytest.raises(InputError, match=r"input #1 'bias' is a meta tensor"):
+        runner(torch.randn(2, 3, 6, 6), torch.empty(2, 5, device="meta"))
+
+
+@pytest.mark.parametrize(("device", "providers", "pattern"), [
+    ("cuda:0", ["CPUExecutionProvider"],
+     r"input #0 'x' is on device 'cuda:0' but this ONNX Runtime session runs on CPUExecutionProvider; move it to "
+     r"the CPU with x\.cpu\(\), or create the runner with providers=\['CUDAExecutionProvider'\]"),
+    ("mps", ["CPUExecutionProvider"], r"input #0 'x' is on device 'mps', which ONNX Runtime cannot read; move it"),
+    ("xpu:1", ["CUDAExecutionProvider", "CPUExecutionProvider"], r"device 'xpu:1', which ONNX Runtime cannot read"),
+])
+def test_unsupported_devices_are_refused(device: str, providers: list[str], pattern: str) -> None:
+    from fxcompress.backends.onnxruntime import check_device
+
+    with pytest.raises(InputError, match=pattern):
+        check_device("input #0 'x'", torch.device(device), providers)
+
+
+@pytest.mark.parametrize(("device", "providers"), [
+    ("cpu", ["CPUExecutionProvider"]),
+    ("cuda:0", ["CUDAExecutionProvider", "CPUExecutionProvider"]),
+    ("cuda:1", ["TensorrtExecutionProvider", "CUDAExecutionProvider"]),
+])
+def test_cpu_and_cuda_with_a_gpu_provider_are_accepted(device: str, providers: list[str]) -> None:
+    from fxcompress.backends.onnxruntime import check_device
+
+    assert check_device("input #0 'x'", torch.device(device), providers) is None

@@ -4,7 +4,8 @@
 Conv+BN, Q/DQ into integer kernels, ...), the CPU provider by default and any installed provider
 on request. Inputs are checked against the session's declared inputs (count, dtype, rank, static
 dimensions, and one size per named dynamic dimension such as ``batch``) before ONNX Runtime sees
-them, so a mistake gives an ``InputError`` naming the input instead of an ORT stack trace.
+them, so a mistake gives an ``InputError`` naming the input instead of an ORT stack trace; so
+does a tensor on a device the session cannot take (meta, or CUDA without a GPU provider).
 """
 
 from __future__ import annotations
@@ -150,6 +151,7 @@ class OrtRunner:
                                     optimization=optimization, optimized_model_path=optimized_model_path)
         self.input_specs: tuple[TensorSpec, ...] = tuple(_spec(a) for a in self.session.get_inputs())
         self.output_specs: tuple[TensorSpec, ...] = tuple(_spec(a) for a in self.session.get_outputs())
+        self._providers = tuple(self.session.get_providers())
 
     @property
     def providers(self) -> list[str]:
@@ -199,7 +201,8 @@ class OrtRunner:
 
         where = f"input #{i} {spec.name!r}"
         if isinstance(value, torch.Tensor):
-            array = np.ascontiguousarray(value.detach().cpu().numpy())
+            check_device(where, value.device, self._providers)
+            array = np.ascontiguousarray(value.detach().to("cpu").numpy())
         elif isinstance(value, np.ndarray):
             array = np.ascontiguousarray(value)
         else:
@@ -238,6 +241,29 @@ class OrtRunner:
     def run_numpy(self, *tensors: Any, **named: Any) -> list[np.ndarray]:
         """Like calling the runner, but returns ORT's numpy arrays."""
         return list(self.session.run(None, self.feed(*tensors, **named)))
+
+
+#: execution providers that run on an NVIDIA GPU, so a CUDA tensor is a meaningful input for them
+CUDA_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider", "NvTensorRTRTXExecutionProvider")
+
+
+def check_device(where: str, device: Any, providers: Sequence[str]) -> None:
+    """Refuse an input ONNX Runtime cannot take from this device: a meta tensor (no data), a CUDA
+    tensor for a session without a GPU provider, or any other device. CPU tensors, and CUDA tensors
+    for a CUDA/TensorRT provider, are accepted (the feed is copied through host memory and the
+    outputs come back as CPU tensors)."""
+    kind = device.type
+    if kind == "cpu" or (kind == "cuda" and any(p in CUDA_PROVIDERS for p in providers)):
+        return
+    if kind == "meta":
+        raise InputError(f"{where} is a meta tensor (device 'meta': a shape without data), which cannot run; "
+                         "pass a real tensor, e.g. torch.randn(shape) on the CPU, or materialize the data first")
+    if kind == "cuda":
+        raise InputError(f"{where} is on device '{device}' but this ONNX Runtime session runs on "
+                         f"{', '.join(providers)}; move it to the CPU with x.cpu(), or create the runner with "
+                         "providers=['CUDAExecutionProvider'] (needs the onnxruntime-gpu package)")
+    raise InputError(f"{where} is on device '{device}', which ONNX Runtime cannot read; move it to the CPU with "
+                     "x.cpu()")
 
 
 def _fmt(shape: tuple[int | str | None, ...]) -> str:
