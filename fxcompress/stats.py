@@ -23,7 +23,7 @@ Conventions (every report relies on them):
 * **nonzero** counts stored values that are not zero (for quantized tensors the raw integers,
   i.e. zero means "quantized to the zero point 0").
 * **bytes** is the storage of every tensor the graph holds (params and buffers), by dtype;
-  ``bytes_by_dtype`` sums to ``bytes``.
+  ``bytes_by_dtype`` sums to ``bytes``, in total and per layer (``LayerStats.bytes_by_dtype``).
 * **MACs** are multiply-accumulates of the layers with weights or matmuls: Conv/ConvTranspose
   (bias not counted), Linear, matmul/mm/bmm/addmm/baddbmm/einsum, scaled dot-product attention
   (its two matmuls), ``nn.MultiheadAttention`` (four projections and the two attention matmuls),
@@ -77,6 +77,8 @@ class LayerStats:
     bytes: int = 0
     shape: str | None = None
     macs_known: bool = True
+    #: this layer's storage by dtype name; sums to ``bytes``
+    bytes_by_dtype: dict[str, int] = field(default_factory=dict)
 
     @property
     def sparsity(self) -> float:
@@ -84,7 +86,8 @@ class LayerStats:
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "params": self.params, "nonzero": self.nonzero,
-                "sparsity": self.sparsity, "macs": self.macs, "bytes": self.bytes, "shape": self.shape,
+                "sparsity": self.sparsity, "macs": self.macs, "bytes": self.bytes,
+                "bytes_by_dtype": dict(sorted(self.bytes_by_dtype.items())), "shape": self.shape,
                 "macs_known": self.macs_known}
 
 
@@ -141,7 +144,9 @@ class GraphStats:
     def from_dict(cls, data: Mapping[str, Any]) -> GraphStats:
         """Inverse of ``to_dict`` (derived fields are recomputed, not read)."""
         fields = ("name", "kind", "params", "nonzero", "macs", "bytes", "shape", "macs_known")
-        layers = [LayerStats(**{k: row[k] for k in fields if k in row}) for row in data.get("layers", ())]
+        layers = [LayerStats(**{k: row[k] for k in fields if k in row},
+                             bytes_by_dtype={str(k): int(v) for k, v in row.get("bytes_by_dtype", {}).items()})
+                  for row in data.get("layers", ())]
         return cls(params=int(data["params"]), nonzero=int(data["nonzero"]), bytes=int(data["bytes"]),
                    bytes_by_dtype={str(k): int(v) for k, v in data["bytes_by_dtype"].items()},
                    macs=int(data["macs"]), layers=layers, macs_unknown=list(data.get("macs_unknown", ())))
@@ -242,6 +247,7 @@ class _Tally:
             return
         self.seen.add(key)
         layer.bytes += nbytes
+        layer.bytes_by_dtype[dtype] = layer.bytes_by_dtype.get(dtype, 0) + nbytes
         self.bytes_by_dtype[dtype] = self.bytes_by_dtype.get(dtype, 0) + nbytes
         if is_param:
             layer.params += numel

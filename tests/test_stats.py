@@ -33,6 +33,11 @@ def check_totals(stats: GraphStats) -> None:
     assert stats.nonzero == sum(l.nonzero for l in stats.layers)
     assert stats.macs == sum(l.macs for l in stats.layers)
     assert stats.bytes == sum(l.bytes for l in stats.layers) == sum(stats.bytes_by_dtype.values())
+    for layer in stats.layers:
+        assert sum(layer.bytes_by_dtype.values()) == layer.bytes, layer
+    dtypes = {d for layer in stats.layers for d in layer.bytes_by_dtype}
+    assert {d: sum(l.bytes_by_dtype.get(d, 0) for l in stats.layers) for d in dtypes} == \
+        {d: n for d, n in stats.bytes_by_dtype.items() if n}
 
 
 # --------------------------------------------------------------------------- conv / linear
@@ -104,6 +109,8 @@ def test_batchnorm_buffers_are_bytes_not_params() -> None:
     assert (bn.params, bn.macs) == (6, 0)
     # weight, bias (params) + running_mean, running_var: 12 floats; num_batches_tracked: one int64
     assert bn.bytes == 12 * 4 + 8
+    assert bn.bytes_by_dtype == {"float32": 12 * 4, "int64": 8}
+    assert stats.layer("0").bytes_by_dtype == {"float32": 9 * 4}
     assert stats.params == 9 + 6
     assert stats.bytes_by_dtype == {"float32": (9 + 12) * 4, "int64": 8}
     check_totals(stats)
@@ -303,6 +310,7 @@ def test_int8_buffers_count_as_params_with_one_byte_each() -> None:
     assert int8.params == fp32.params == 36 and int8.macs == fp32.macs == 60
     # 30 int8 weights + 6 fp32 bias + the fp32 scalar scale
     assert int8.bytes_by_dtype == {"float32": 7 * 4, "int8": 30}
+    assert layer.bytes_by_dtype == {"float32": 7 * 4, "int8": 30}
     assert int8.bytes < fp32.bytes == 36 * 4
     assert [l.name for l in int8.layers] == ["linear"]
 
@@ -486,6 +494,8 @@ def test_onnx_int8_initializers_are_one_byte() -> None:
         "int32": 12, "int64": 8 * 5, "uint8": 2,
     }
     assert stats.macs == 486 + 24 + 6
+    assert qconv.bytes_by_dtype["int8"] == 54 + 3 and qconv.bytes_by_dtype["int32"] == 12
+    assert stats.layer("const_mm").bytes_by_dtype["int8"] == 12
     check_totals(stats)
 
 
@@ -511,6 +521,7 @@ def test_to_dict_round_trip_and_compare() -> None:
     assert list(data) == ["params", "nonzero", "pruned_params", "active_params", "sparsity",
                           "compression_ratio", "bytes", "bytes_by_dtype", "macs", "macs_unknown", "layers"]
     assert GraphStats.from_dict(json.loads(json.dumps(data, allow_nan=False))) == before
+    assert data["layers"][1]["bytes_by_dtype"] == {"float32": 16 * 4, "int64": 8}
 
     report = GraphStats.compare(before, after)
     assert report == compare(before, after)
