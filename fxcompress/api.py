@@ -13,6 +13,7 @@ from .artifact import Compiled, tensor_specs
 from .errors import BackendUnavailable, ExportError, FxCompressError, PipelineError
 from .pass_base import Pass, PassContext
 from .pipeline import Pipeline
+from .verify import fresh_inputs
 
 TARGETS = ("fx", "onnx", "onnxruntime", "tensorrt", "tensorrt-rtx")
 PRECISIONS = ("fp32", "fp16", "int8", "best")
@@ -94,7 +95,7 @@ def compile(
     original = copy.deepcopy(model).eval()
     gm = trace(model, inputs, leaf_modules=leaf_modules, concrete_args=concrete_args,
                on_untraceable=on_untraceable)
-    ctx = PassContext(inputs, calibration=calibration, train_data=train_data, original=original, target=target,
+    ctx = PassContext(fresh_inputs(inputs), calibration=calibration, train_data=train_data, original=original, target=target,
                       device=device, seed=seed, logger=logger,
                       options={"precision": precision, "dynamic_axes": dynamic_axes, "opset": opset})
     input_names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
@@ -111,7 +112,7 @@ def compile(
         "opaque_modules": dict(gm.meta.get("opaque_modules", {})),
     })
     with torch.no_grad():
-        sample_out = outcome.graph_module(*inputs)
+        sample_out = outcome.graph_module(*fresh_inputs(inputs))
     compiled = Compiled(
         graph_module=outcome.graph_module, onnx_model=outcome.onnx_model, report=report,
         snapshots=outcome.snapshots, pipeline=str(pipeline), target=target,

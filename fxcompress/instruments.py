@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Iterator, TextIO
 
 from .pass_base import Pass, PassContext
 from .report import PassRecord, Report
-from .verify import error_metrics
+from .verify import error_metrics, output_mismatch
 
 
 def _matches(p: Pass | None, names: Iterable[str]) -> bool:
@@ -81,6 +81,9 @@ class NumericCheck:
     def check(self, p: Pass, graph: Any, outputs: Any, reference: Any, ctx: PassContext) -> str | None:
         if reference is None:
             return None
+        mismatch = output_mismatch(reference, outputs)
+        if mismatch is not None:
+            return f"{mismatch} vs the original model"
         m = error_metrics(reference, outputs)
         if self.max_abs is not None and m.max_abs > self.max_abs:
             return f"max abs error {m.max_abs:.3g} > {self.max_abs:g} vs the original model"

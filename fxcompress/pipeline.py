@@ -25,7 +25,8 @@ from torch.fx import GraphModule
 from .errors import FxCompressError, PassError, PassVerificationError, PipelineError
 from .pass_base import Diagnostic, Pass, PassContext, PassResult, copy_graph_module, not_in_pipeline_string
 from .report import PassRecord, Report
-from .verify import (ATOL, RTOL, allclose, error_metrics, first_divergent_node, lint, propagate_shapes)
+from .verify import (ATOL, RTOL, allclose, error_metrics, first_divergent_node, first_divergent_onnx_node,
+                     fresh_inputs, lint, output_mismatch, propagate_shapes)
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
@@ -145,10 +146,15 @@ class Pipeline(Pass):
             raise PipelineError("this pipeline has ONNX passes but no lowering: use fxcompress.compile() "
                                 "with an ONNX target, or pass lower=")
         run = _Run(self, ctx, lower, reference)
-        run.start(gm)
-        run.execute(self, prefix="", verify=self.verify, on_error=self.on_error)
-        if lower_at_end and run.model is None:
-            run.lower_now()
+        try:
+            run.start(gm)
+            run.execute(self, prefix="", verify=self.verify, on_error=self.on_error)
+            if lower_at_end and run.model is None:
+                run.lower_now()
+        except BaseException:
+            run.end(quiet=True)
+            raise
+        run.end()
         return run.finish()
 
 
@@ -192,8 +198,16 @@ class Outcome:
 
 
 def _weights_digest(module: torch.nn.Module) -> str:
+    """Digest of every tensor the modules hold: the state dict, non-persistent buffers and plain
+    tensor attributes (``self.scale = torch.tensor(2.0)`` in a leaf module); a pass may change any."""
+    tensors = dict(module.state_dict())
+    tensors.update(module.named_buffers())
+    for path, sub in module.named_modules():
+        for key, value in vars(sub).items():
+            if isinstance(value, torch.Tensor):
+                tensors.setdefault(f"{path}.{key}" if path else key, value)
     h = hashlib.blake2b(digest_size=16)
-    for name, t in sorted(module.state_dict().items()):
+    for name, t in sorted(tensors.items()):
         h.update(name.encode())
         h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
@@ -222,6 +236,7 @@ class _Run:
         self.outputs: Any = None
         self.text = ""
         self.digest = ""
+        self.started = False
 
     # -- helpers ------------------------------------------------------------------------------
     def _hook(self, hook: str, *args: Any) -> list[Any]:
@@ -229,7 +244,7 @@ class _Run:
 
     def _run_fx(self, gm: GraphModule) -> Any:
         with torch.no_grad():
-            return gm(*self.ctx.example_inputs)
+            return gm(*fresh_inputs(self.ctx.example_inputs))
 
     def _run_onnx(self, model: "onnx.ModelProto") -> Any:
         from .onnx_graph import run_model
@@ -254,13 +269,17 @@ class _Run:
     def _record(self, name: str, stage: str, graph: Any, outputs: Any, *, seconds: float = 0.0,
                 status: str = "ok", changed: bool = False, weights_changed: bool = False,
                 result: PassResult | None = None) -> PassRecord:
-        err = error_metrics(self.reference, outputs).to_dict() if self.reference is not None else None
+        mismatch = output_mismatch(self.reference, outputs) if self.reference is not None else None
+        err = error_metrics(self.reference, outputs).to_dict() if self.reference is not None and not mismatch else None
         row = PassRecord(index=len(self.report), name=name, stage=stage, status=status, changed=changed,
                          weights_changed=weights_changed, seconds=seconds, error=err, **self._stats(graph))
         if result is not None:
             row.diagnostics = [{"severity": d.severity, "message": d.message, "node": d.node}
                                for d in result.diagnostics]
             row.stats = dict(result.stats)
+        if mismatch:
+            row.diagnostics.append({"severity": "warning", "node": None,
+                                    "message": f"error vs the original model not measured: {mismatch}"})
         self.report.append(row)
         return row
 
@@ -273,17 +292,35 @@ class _Run:
         propagate_shapes(self.gm, self.ctx.example_inputs)
         if self.reference is None and self.ctx.original is not None:
             with torch.no_grad():
-                self.reference = self.ctx.original(*self.ctx.example_inputs)
+                self.reference = self.ctx.original(*fresh_inputs(self.ctx.example_inputs))
         self.outputs = self._run_fx(self.gm)
         self.text = self._text(self.gm)
         self.digest = _weights_digest(self.gm)
+        self.started = True
         self._hook("on_pipeline_start", self.pipeline, self.ctx)
         self._snapshot("input", "fx", self.text)
         row = self._record("input", "fx", self.gm, self.outputs)
         self._hook("after_pass", None, self.gm, row, self.ctx)
 
+    def end(self, quiet: bool = False) -> None:
+        """Call ``on_pipeline_end`` once, also when a pass raised (a progress bar must stop).
+        ``quiet``: an instrument failing here is logged, not raised over the error in flight."""
+        if not self.started:
+            return
+        self.started = False
+        for instrument in self.instruments:
+            hook = getattr(instrument, "on_pipeline_end", None)
+            if hook is None:
+                continue
+            if not quiet:
+                hook(self.report, self.ctx)
+                continue
+            try:
+                hook(self.report, self.ctx)
+            except Exception as exc:  # noqa: BLE001 - the pass error in flight matters more
+                self.ctx.logger.warning("instrument %s failed in on_pipeline_end: %s", type(instrument).__name__, exc)
+
     def finish(self) -> Outcome:
-        self._hook("on_pipeline_end", self.report, self.ctx)
         return Outcome(self.gm, self.model, self.report, self.snapshots)
 
     def lower_now(self) -> None:
@@ -424,15 +461,17 @@ class _Run:
                 raise fail(f"left an invalid ONNX graph: {type(exc).__name__}: {exc}", None, exc) from exc
             text, digest = self._text(new), _onnx_digest(new)
 
-        unchanged = text == self.text and digest == self.digest
-        if verify and p.exact and not unchanged and not allclose(self.outputs, outputs, RTOL, ATOL):
-            node = None
-            if p.stage == "fx":
-                node = first_divergent_node(self.gm, new, self.ctx.example_inputs)
-            metrics = error_metrics(self.outputs, outputs)
-            raise fail(f"is declared exact but changed the outputs (max abs error {metrics.max_abs:.3g}, "
-                       f"rtol {RTOL}, atol {ATOL})", node, None, new,
-                       cls=PassVerificationError)
+        if verify and p.exact:
+            mismatch = output_mismatch(self.outputs, outputs)
+            if mismatch is not None or not allclose(self.outputs, outputs, RTOL, ATOL):
+                if p.stage == "fx":
+                    node = first_divergent_node(self.gm, new, self.ctx.example_inputs)
+                else:
+                    node = first_divergent_onnx_node(self.model, new, self.ctx.example_inputs)
+                what = mismatch or (f"max abs error {error_metrics(self.outputs, outputs).max_abs:.3g}, "
+                                    f"rtol {RTOL}, atol {ATOL}")
+                raise fail(f"is declared exact but changed the outputs ({what})", node, None, new,
+                           cls=PassVerificationError)
         for d in result.diagnostics:
             if not isinstance(d, Diagnostic):
                 raise fail(f"returned a diagnostic that is not a Diagnostic: {d!r}", None, None)

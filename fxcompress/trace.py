@@ -329,10 +329,12 @@ def _propagate(gm: GraphModule, inputs: tuple[Any, ...]) -> None:
 
 def _locate_failure(gm: GraphModule, inputs: tuple[Any, ...], exc: BaseException
                     ) -> tuple[Node | None, BaseException]:
+    from .verify import fresh_inputs
+
     runner = _NodeRunner(gm)
     try:
         with torch.no_grad():
-            runner.run(*inputs)
+            runner.run(*fresh_inputs(inputs))
     except Exception as again:
         return runner.current, again
     return None, exc

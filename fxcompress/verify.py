@@ -39,7 +39,7 @@ def propagate_shapes(gm: GraphModule, example_inputs: Sequence[Any]) -> GraphMod
     A failure raises ``PassError`` naming the node that could not run."""
     try:
         with torch.no_grad():
-            _TrackingShapeProp(gm).propagate(*example_inputs)
+            _TrackingShapeProp(gm).propagate(*fresh_inputs(example_inputs))
     except _NodeError as err:
         raise PassError(
             f"node '{err.node.name}' ({_describe_target(gm, err.node)}) fails on the example inputs: "
@@ -98,17 +98,31 @@ class ErrorMetrics:
         return asdict(self)
 
 
-def error_metrics(reference: Any, actual: Any) -> ErrorMetrics:
-    """Max/mean absolute error, cosine similarity, and top-1 agreement for 2-D logits."""
+def output_mismatch(reference: Any, actual: Any) -> str | None:
+    """Why ``actual`` cannot be compared with ``reference`` element-wise (a different number of
+    output tensors, or a different shape), or None when the structures match."""
     refs, outs = flatten_outputs(reference), flatten_outputs(actual)
     if len(refs) != len(outs):
-        raise ValueError(f"output count differs: reference has {len(refs)}, actual has {len(outs)}")
+        return f"output count differs: reference has {len(refs)}, actual has {len(outs)}"
+    for i, (r, a) in enumerate(zip(refs, outs)):
+        if r.shape != a.shape:
+            which = "output shape" if len(refs) == 1 else f"shape of output {i}"
+            return f"{which} differs: reference {tuple(r.shape)}, actual {tuple(a.shape)}"
+    return None
+
+
+def error_metrics(reference: Any, actual: Any) -> ErrorMetrics:
+    """Max/mean absolute error, cosine similarity, and top-1 agreement for 2-D logits.
+
+    Raises ``ValueError`` (the ``output_mismatch`` text) when the outputs cannot be compared."""
+    mismatch = output_mismatch(reference, actual)
+    if mismatch is not None:
+        raise ValueError(mismatch)
+    refs, outs = flatten_outputs(reference), flatten_outputs(actual)
     max_abs, mean_abs, cosine, top1 = 0.0, 0.0, 1.0, None
     for r, a in zip(refs, outs):
         r = r.detach().to("cpu", torch.float64)
         a = a.detach().to("cpu", torch.float64)
-        if r.shape != a.shape:
-            raise ValueError(f"output shape differs: reference {tuple(r.shape)}, actual {tuple(a.shape)}")
         if r.numel() == 0:
             continue
         diff = (r - a).abs()
@@ -145,6 +159,12 @@ def snapshot(value: Any) -> Any:
     return value
 
 
+def fresh_inputs(inputs: Sequence[Any]) -> tuple[Any, ...]:
+    """Clones of ``inputs`` for one run of a graph or model: an in-place op in the model (``x.mul_(2)``)
+    must change neither the caller's tensors nor what the next run sees."""
+    return tuple(snapshot(x) for x in inputs)
+
+
 class _Recorder(Interpreter):
     def __init__(self, gm: GraphModule) -> None:
         super().__init__(gm)
@@ -160,7 +180,7 @@ def node_values(gm: GraphModule, inputs: Sequence[Any]) -> dict[str, Any]:
     """Output of every node of ``gm`` on ``inputs``, keyed by node name."""
     rec = _Recorder(gm)
     with torch.no_grad():
-        rec.run(*inputs)
+        rec.run(*fresh_inputs(inputs))
     return rec.values
 
 
@@ -184,4 +204,32 @@ def first_divergent_node(before: GraphModule, after: GraphModule, inputs: Sequen
     if not allclose(old[before_out.name] if before_out.name in old else None,
                     new.get(out_node.name), rtol, atol):
         return out_node.name
+    return None
+
+
+def first_divergent_onnx_node(before: Any, after: Any, inputs: Sequence[Any],
+                              rtol: float = RTOL, atol: float = ATOL) -> str | None:
+    """Name of the first node of the ONNX model ``after`` (in graph order) with an output tensor
+    that ``before`` also produces, of the same shape, but with different values in ONNX Runtime.
+    Best effort: None when no such tensor differs or the models cannot be run with it exposed."""
+    import numpy as np
+
+    from .onnx_graph import expose_outputs, run_onnx
+
+    produced = {o for n in before.graph.node for o in n.output if o}
+    owners = [(n.name or n.op_type, o) for n in after.graph.node for o in n.output if o in produced]
+    if not owners:
+        return None
+    names = list(dict.fromkeys(o for _, o in owners))
+    try:
+        old = dict(zip(names, run_onnx(expose_outputs(before, names), inputs, output_names=names)))
+        new = dict(zip(names, run_onnx(expose_outputs(after, names), inputs, output_names=names)))
+    except Exception:  # noqa: BLE001 - naming the node is a hint; the failure is reported anyway
+        return None
+    for node, tensor in owners:
+        a, b = np.asarray(old[tensor]), np.asarray(new[tensor])
+        if a.shape != b.shape or a.dtype.kind not in "fiub" or b.dtype.kind not in "fiub":
+            continue
+        if not np.allclose(b.astype(np.float64), a.astype(np.float64), rtol=rtol, atol=atol, equal_nan=True):
+            return node
     return None

@@ -235,6 +235,9 @@ def test_numeric_check_rolls_back_a_pass_beyond_limits() -> None:
                    instruments=[fxc.NumericCheck(min_cosine=0.9999, max_abs=0.01)])
     assert [r.status for r in c.report] == ["ok", "ok", "rolled-back"]
     assert "max abs error" in c.report[2].diagnostics[0]["message"]
+    c = compile_fx([LossyDoubleOutput()], on_error="skip", instruments=[fxc.NumericCheck(max_abs=0.01)])
+    assert [r.status for r in c.report] == ["ok", "rolled-back"]
+    assert "output shape differs" in c.report[1].diagnostics[0]["message"]
 
 
 def test_analysis_cache_is_invalidated_when_the_graph_changes() -> None:
@@ -269,3 +272,129 @@ def test_bad_compile_arguments() -> None:
         fxc.compile(lambda x: x, X, [])  # type: ignore[arg-type]
     with pytest.raises(fxc.PipelineError, match="example_inputs must be"):
         fxc.compile(Net(), [], [])
+
+
+@fxc.register
+@dataclass(frozen=True)
+class DoubleOutput(fxc.Pass):
+    """Deliberately broken: claims to be exact but concatenates the output with itself."""
+
+    name: ClassVar[str] = "test-double-output"
+    exact: ClassVar[bool] = True
+
+    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        with gm.graph.inserting_before(out):
+            cat = gm.graph.call_function(torch.cat, ([out.args[0], out.args[0]], 1))
+        out.args = (cat,)
+        return PassResult(gm)
+
+
+@dataclass(frozen=True)
+class LossyDoubleOutput(DoubleOutput):
+    name: ClassVar[str] = "test-lossy-double-output"
+    exact: ClassVar[bool] = False
+
+
+fxc.register(LossyDoubleOutput)
+
+
+def test_exact_pass_changing_the_output_shape_is_a_verification_error() -> None:
+    with pytest.raises(fxc.PassVerificationError) as info:
+        compile_fx([NoOp(), DoubleOutput()])
+    err = info.value
+    assert err.pass_name == "test-double-output" and err.position == 2
+    assert "output shape differs: reference (2, 4), actual (2, 8)" in str(err) and "rolled back" in str(err)
+    c = compile_fx([DoubleOutput(), NoOp()], on_error="skip")
+    assert [r.status for r in c.report] == ["ok", "rolled-back", "unchanged"]
+    assert c.graph_module(*X).shape == (2, 4) and "torch.cat" not in c.graph_module.code
+
+
+def test_lossy_pass_changing_the_output_shape_records_no_error_but_a_diagnostic() -> None:
+    c = compile_fx([LossyDoubleOutput()])
+    row = c.report[1]
+    assert row.status == "ok" and row.error is None
+    assert row.diagnostics[-1]["severity"] == "warning"
+    assert "not measured: output shape differs: reference (2, 4), actual (2, 8)" in row.diagnostics[-1]["message"]
+    assert c.report[0].error is not None
+
+
+class _Ends:
+    def __init__(self) -> None:
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+
+    def on_pipeline_start(self, pipeline, ctx) -> None:  # type: ignore[no-untyped-def]
+        self.starts.append(1)
+
+    def on_pipeline_end(self, report, ctx) -> None:  # type: ignore[no-untyped-def]
+        self.ends.append(len(report))
+
+
+def test_pipeline_end_hooks_run_when_a_pass_raises() -> None:
+    ends, bar = _Ends(), fxc.ProgressBar()
+    with pytest.raises(fxc.PassError, match="test-explode"):
+        compile_fx([NoOp(), Explode()], instruments=[ends, bar])
+    assert ends.starts == [1] and ends.ends == [2]
+    assert not bar.progress.live.is_started
+    compile_fx([NoOp()], instruments=[ends])
+    assert ends.ends == [2, 2]
+
+
+class Shift(nn.Module):
+    """A leaf module reading tensors no state_dict shows: a non-persistent buffer and a plain attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("offset", torch.zeros(4), persistent=False)
+        self.scale = torch.tensor(2.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale + self.offset
+
+
+class WithShift(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(4, 4)
+        self.shift = Shift()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shift(self.fc(x))
+
+
+@dataclass(frozen=True)
+class BumpTensor(fxc.Pass):
+    """Deliberately broken: claims to be exact but changes a tensor no state_dict shows."""
+
+    name: ClassVar[str] = "test-bump-tensor"
+    exact: ClassVar[bool] = True
+    attr: str = "offset"
+
+    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
+        getattr(gm.shift, self.attr).add_(1.0)
+        return PassResult(gm)
+
+
+@pytest.mark.parametrize("attr", ["offset", "scale"])
+def test_exact_pass_changing_an_unsaved_tensor_is_caught(attr: str) -> None:
+    x = (torch.randn(2, 4),)
+    assert attr not in str(list(trace(WithShift(), x, leaf_modules=[Shift]).state_dict()))
+    with pytest.raises(fxc.PassVerificationError, match="declared exact but changed the outputs") as info:
+        fxc.compile(WithShift(), x, [BumpTensor(attr)], target="fx", leaf_modules=[Shift])
+    assert info.value.node == "shift"
+    c = fxc.compile(WithShift(), x, [BumpTensor(attr)], target="fx", verify=False, leaf_modules=[Shift])
+    assert c.report[1].status == "ok" and c.report[1].weights_changed
+
+
+def test_skipped_broken_pass_leaves_the_previous_graph_and_names_the_node() -> None:
+    c = compile_fx([AddZeroToOutput(), ReluToSigmoid()], on_error="skip")
+    assert [r.status for r in c.report] == ["ok", "ok", "rolled-back"]
+    code = c.graph_module.code
+    assert "torch.relu" in code and "sigmoid" not in code
+    assert c.snapshots[-1].text == c.snapshots[1].text
+    diag = c.report[2].diagnostics[0]
+    assert diag["severity"] == "error" and diag["node"] == "relu"
+    assert "first divergent node: 'relu'" in diag["message"]
+    assert torch.allclose(c.graph_module(*X), Net()(*X), atol=1e-6)

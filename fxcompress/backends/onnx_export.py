@@ -57,6 +57,7 @@ from torch import fx, nn
 
 from ..errors import ExportError
 from ..onnx_graph import FX_NODE_KEY, fx_node_of, fx_node_outputs, stamp_fx_nodes
+from ..verify import fresh_inputs
 
 __all__ = ["export_onnx", "fx_node_of", "fx_node_outputs", "FX_NODE_KEY", "MIN_OPSET", "MAX_OPSET"]
 
@@ -217,7 +218,7 @@ def _check_inputs(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) ->
         if not isinstance(a, torch.Tensor):
             raise ExportError(f"example input {name!r} is a {type(a).__name__}; ONNX inputs must be "
                               f"tensors (bind constants with trace(..., concrete_args=...))")
-    return tuple(a.detach() for a in args)
+    return fresh_inputs(args)
 
 
 def _axes_dict(name: str, spec: Any) -> dict[int, str]:
@@ -407,7 +408,7 @@ def _locate_op(gm: fx.GraphModule, root: _ExportRoot, args: tuple[torch.Tensor, 
     try:
         with warnings.catch_warnings(), torch.no_grad(), _no_mha_fastpath():
             warnings.simplefilter("ignore")
-            graph, _ = torch.jit._get_trace_graph(root, args)
+            graph, _ = torch.jit._get_trace_graph(root, fresh_inputs(args))
     except Exception:  # noqa: BLE001 - locating is best effort; the caller still reports the op
         return None
     by_name = {n.name: n for n in gm.graph.nodes}
