@@ -9,7 +9,7 @@ import importlib
 import json
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import typer
 from rich.console import Console
@@ -81,16 +81,91 @@ def _model_and_inputs(spec: str, input_shape: Optional[str]) -> tuple[Any, tuple
     return made, example if isinstance(example, tuple) else (example,)
 
 
-def _calibration(path: Optional[Path], batch: int) -> Any:
-    if path is None:
-        return None
+def _input_names(model: Any, count: int) -> list[str]:
+    """The names of ``model.forward``'s first ``count`` parameters (the keys of an ``.npz`` file)."""
+    import inspect as pyinspect
+
+    try:
+        params = [p.name for p in pyinspect.signature(model.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        params = []
+    return params[:count] if len(params) >= count else [f"input{i}" for i in range(count)]
+
+
+def _load_samples(path: Path, option: str, model: Any, example: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Samples for every model input from ``path`` (.npy: one input; .npz: keyed by forward's parameter
+    names), cast to the example inputs' dtypes and checked against their per-sample shapes."""
+    from . import compare as cmp
+    from .errors import InputError
+
+    names = _input_names(model, len(example))
+    specs = [{"name": n, "dtype": str(x.dtype).replace("torch.", "")} for n, x in zip(names, example)]
+    try:
+        arrays = cmp.load_inputs(path, specs)
+    except InputError as exc:
+        raise CliError(f"{option}: {exc}") from exc
+    for name, array, x in zip(names, arrays, example):
+        if array.dim() != x.dim() or tuple(array.shape[1:]) != tuple(x.shape[1:]):
+            raise CliError(f"{option} {path}: input '{name}' has samples of shape {tuple(array.shape[1:])} "
+                           f"(array {tuple(array.shape)}), but the model takes {tuple(x.shape[1:])} per sample "
+                           f"(example input {tuple(x.shape)}); the first axis counts samples")
+    counts = {len(a) for a in arrays}
+    if len(counts) != 1 or 0 in counts:
+        raise CliError(f"{option} {path}: the inputs hold {sorted(counts)} samples; every input needs the same "
+                       "number, at least one")
+    return arrays
+
+
+def _load_targets(path: Path, samples: int) -> Any:
     import numpy as np
     import torch
 
     if not path.is_file():
-        raise CliError(f"--calibration {path}: no such file")
-    data = torch.from_numpy(np.load(path))
-    return [data[i:i + batch] for i in range(0, len(data), batch)]
+        raise CliError(f"--train-targets {path}: no such file (save the targets with numpy.save)")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001 - any decode failure is the same user error
+        raise CliError(f"--train-targets {path}: not a .npy array ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(array, np.ndarray) or array.ndim == 0 or len(array) != samples:
+        got = len(array) if isinstance(array, np.ndarray) and array.ndim else "no"
+        raise CliError(f"--train-targets {path}: {got} targets for {samples} training samples; give one target "
+                       "per sample (class indices, or float targets shaped like the model's output)")
+    targets = torch.from_numpy(np.ascontiguousarray(array))
+    if not targets.is_floating_point():
+        return targets.long()
+    return targets.float()
+
+
+def _batches(columns: Sequence[Any], batch: int) -> list[tuple[Any, ...]]:
+    """Consecutive batches of ``batch`` samples, each a tuple with one slice per column."""
+    total = len(columns[0])
+    return [tuple(c[i:i + batch] for c in columns) for i in range(0, total, batch)]
+
+
+def _compile_data(model: Any, example: tuple[Any, ...], calibration: Optional[Path], train_data: Optional[Path],
+                  train_targets: Optional[Path], batch: int) -> tuple[Any, Any, list[str]]:
+    """``(calibration, train_data, notes)`` for ``compile`` from the command line's .npy/.npz files."""
+    if batch < 1:
+        raise CliError(f"--batch {batch}: the batch size must be a positive integer")
+    if train_targets is not None and train_data is None:
+        raise CliError("--train-targets needs --train-data (the inputs the targets belong to)")
+    notes: list[str] = []
+    train = calib = None
+    if train_data is not None:
+        inputs = _load_samples(train_data, "--train-data", model, example)
+        columns = list(inputs)
+        if train_targets is not None:
+            columns.append(_load_targets(train_targets, len(inputs[0])))
+        train = _batches(columns, batch)
+        notes.append(f"training data: {len(inputs[0])} samples from {train_data}, {len(train)} batch(es)")
+    if calibration is not None:
+        calib = _batches(_load_samples(calibration, "--calibration", model, example), batch)
+        notes.append(f"calibration: {len(calib)} batch(es) from {calibration}")
+    elif train is not None:
+        calib = [b[:len(example)] for b in train]
+        notes.append("calibration: the --train-data inputs (no --calibration given)")
+    return calib, train, notes
 
 
 @app.command("compile")
@@ -103,8 +178,15 @@ def compile_cmd(
     target: str = typer.Option("onnxruntime", "--target", help="fx | onnx | onnxruntime | tensorrt | tensorrt-rtx"),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | int8 | best (TensorRT)"),
     fallback: Optional[str] = typer.Option(None, "--fallback", help="onnxruntime: run there when TensorRT cannot."),
-    calibration: Optional[Path] = typer.Option(None, "--calibration", help=".npy array of calibration samples."),
-    batch: int = typer.Option(32, "--batch", help="Batch size for --calibration."),
+    calibration: Optional[Path] = typer.Option(
+        None, "--calibration", "--calib",
+        help="Calibration samples: .npy (one input, samples on axis 0) or .npz (keyed by input name)."),
+    train_data: Optional[Path] = typer.Option(
+        None, "--train-data", help="Training inputs for fine-tune/distill recipes: .npy or .npz like --calibration; "
+                                   "also the calibration data when --calibration is not given."),
+    train_targets: Optional[Path] = typer.Option(
+        None, "--train-targets", help=".npy with one target per --train-data sample (class indices or floats)."),
+    batch: int = typer.Option(32, "--batch", help="Batch size for --calibration and --train-data."),
     out: Path = typer.Option(Path("out"), "--out", help="Artifact directory to write."),
     report_html: Optional[Path] = typer.Option(None, "--report-html", help="Also write an HTML report here."),
 ) -> None:
@@ -127,9 +209,11 @@ def compile_cmd(
     from .api import compile as fx_compile
 
     module, example = _model_and_inputs(model, input_shape)
-    calib = _calibration(calibration, batch)
+    calib, train, notes = _compile_data(module, example, calibration, train_data, train_targets, batch)
+    for note in notes:
+        console.print(note, markup=False, highlight=False)
     compiled = fx_compile(module, example, passes, target=target, precision=precision, fallback=fallback,
-                          calibration=calib, train_data=None)
+                          calibration=calib, train_data=train)
     compiled.source = {"factory": model, "input_shape": input_shape}
     compiled.save(out)
     console.print(compiled.report.table())
@@ -180,9 +264,10 @@ def list_passes(markdown: bool = typer.Option(False, "--markdown", help="Print t
 @app.command()
 def inspect(path: Path = typer.Argument(..., help="An artifact directory, a .onnx file or a .fxg file."),
             input_shape: Optional[str] = typer.Option(
-                None, "--input-shape", help="Example input shape(s) of an .onnx file: profiles for dynamic dims.")
+                None, "--input-shape", help="Example input shape(s): profiles for dynamic dims (an artifact's "
+                                            "default: the shapes it was compiled with).")
             ) -> None:
-    """Print a graph's canonical text, and for artifacts the per-pass report."""
+    """Print a graph's canonical text, for artifacts the per-pass report, and TensorRT compatibility."""
     from .graph_text import to_text
 
     if not path.exists():
@@ -199,6 +284,11 @@ def inspect(path: Path = typer.Argument(..., help="An artifact directory, a .onn
         console.print(report.table())
         console.print(f"target: {manifest['target']}  backend: {manifest['backend']}", markup=False)
         console.print(f"pipeline: {manifest['pipeline']}", markup=False, highlight=False)
+        import onnx
+
+        shapes = parse_shapes(input_shape) if input_shape else \
+            [tuple(s["shape"]) for s in manifest.get("inputs") or []] or None
+        _print_check_tensorrt(onnx.load_model(str(path / "model.onnx")), shapes)
         return
     if path.suffix == ".fxg":
         console.print(path.read_text(encoding="utf-8"), markup=False, highlight=False)
@@ -210,7 +300,11 @@ def inspect(path: Path = typer.Argument(..., help="An artifact directory, a .onn
     except Exception as exc:  # noqa: BLE001 - any decode failure is the same user error
         raise CliError(f"{path}: not an ONNX model ({type(exc).__name__}: {exc})") from exc
     console.print(to_text(model), markup=False, highlight=False)
-    findings = _check_tensorrt(model, parse_shapes(input_shape) if input_shape else None)
+    _print_check_tensorrt(model, parse_shapes(input_shape) if input_shape else None)
+
+
+def _print_check_tensorrt(model: Any, shapes: list[tuple[int, ...]] | None) -> None:
+    findings = _check_tensorrt(model, shapes)
     if findings is not None:
         console.print(f"CheckTensorRT: {len(findings)} finding(s)", markup=False)
         for f in findings:
@@ -271,6 +365,12 @@ def bench(
         json_out.write_text(b.to_json(results, baseline) + "\n", encoding="utf-8")
 
 
+def artifact_precision(compiled: Any) -> str:
+    """The precision an artifact was built with: its engine's build options, else the report's."""
+    options = (compiled.engine_info or {}).get("options") or {}
+    return str(options.get("precision") or compiled.report.meta.get("precision") or "fp32")
+
+
 @app.command("compare")
 def compare_cmd(
     path: Path = typer.Argument(..., help="An artifact directory."),
@@ -317,7 +417,8 @@ def compare_cmd(
         notes.append("FX and original columns omitted: the artifact records no source factory; "
                      "pass --original module:factory")
     target = compiled.target if compiled.target in cmp.TRT_TARGETS else None
-    result = cmp.compare(model, graph, compiled.onnx_model, args, engine=compiled.engine, target=target, tolerance=tol)
+    result = cmp.compare(model, graph, compiled.onnx_model, args, engine=compiled.engine, target=target, tolerance=tol,
+                         precision=artifact_precision(compiled))
     result.notes[:0] = notes
     if console.is_terminal:
         console.print(result.table())

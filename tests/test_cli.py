@@ -7,7 +7,9 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
 MODELS = textwrap.dedent("""
@@ -24,6 +26,15 @@ MODELS = textwrap.dedent("""
 
     def not_a_model():
         return 42
+""")
+
+ZOO_MODELS = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {tests!r})
+    from zoo import ZOO
+
+    def digits():
+        return ZOO["classifier_digits"]()
 """)
 
 
@@ -48,6 +59,10 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
                "--target", "onnxruntime", "--out", "out", cwd=d)
     assert proc.returncode == 0, proc.stderr
     assert "fold-batchnorm" in proc.stdout and "export-onnx" in proc.stdout and "wrote out/" in proc.stdout
+    gen = np.random.default_rng(0)
+    np.save(d / "x8.npy", gen.standard_normal((6, 3, 8, 8)).astype(np.float32))
+    np.save(d / "x7.npy", gen.standard_normal((6, 3, 7, 8)).astype(np.float32))
+    np.save(d / "y5.npy", gen.integers(0, 5, 5))
     return d
 
 
@@ -68,6 +83,8 @@ def test_inspect_artifact_and_onnx(workdir: Path) -> None:
     proc = run("inspect", "out", cwd=workdir)
     assert proc.returncode == 0, proc.stderr
     assert "# fxg 1 onnx" in proc.stdout and "Conv(" in proc.stdout and "fold-batchnorm" in proc.stdout
+    # the artifact's model.onnx is checked too, with profiles from the shapes it was compiled with
+    assert "CheckTensorRT: 0 finding(s)" in proc.stdout
     proc = run("inspect", "out/model.onnx", cwd=workdir)
     assert proc.returncode == 0, proc.stderr
     assert "# fxg 1 onnx" in proc.stdout and "CheckTensorRT: 1 finding(s)" in proc.stdout
@@ -89,8 +106,91 @@ def test_bench_compare_eager(workdir: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "eager (torch)" in proc.stdout and "compiled (onnxruntime)" in proc.stdout
     data = json.loads((workdir / "bench.json").read_text())["results"]
-    assert data[0]["name"] == "eager (torch)" and data[1]["vs_baseline"]["speedup"] > 0
-    assert data[1]["size_bytes"] > 0 and data[1]["median_ms"] > 0
+    assert [r["name"] for r in data] == ["eager (torch)", "compiled (onnxruntime)"]
+    eager, compiled = data
+    for r in data:
+        assert 0 < r["median_ms"] <= r["p90_ms"], r
+        assert r["batch"] == 1 and r["throughput"] == pytest.approx(r["batch"] / (r["median_ms"] / 1e3), rel=1e-6)
+    assert compiled["size_bytes"] == (workdir / "out" / "model.onnx").stat().st_size
+    assert compiled["vs_baseline"]["speedup"] == pytest.approx(eager["median_ms"] / compiled["median_ms"])
+
+
+@pytest.mark.parametrize("engine, meta, expected", [
+    ({"module": "tensorrt_rtx", "options": {"precision": "fp16"}}, "fp32", "fp16"),
+    (None, "int8", "int8"),
+    (None, None, "fp32"),
+])
+def test_compare_builds_the_trt_side_at_the_artifacts_precision(
+        workdir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine: Any, meta: Any,
+        expected: str) -> None:
+    """`compare` hands compare() the precision the artifact was built with (engine options, else report)."""
+    import shutil
+
+    from fxcompress import cli
+    from fxcompress import compare as cmp
+
+    art = tmp_path / "art"
+    shutil.copytree(workdir / "out", art)
+    manifest = json.loads((art / "manifest.json").read_text())
+    manifest.update(engine=engine, target="tensorrt-rtx", source=None)
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    report = json.loads((art / "report.json").read_text())
+    report["meta"]["precision"] = meta
+    (art / "report.json").write_text(json.dumps(report))
+    manifest["files"]["report.json"] = __import__("hashlib").sha256((art / "report.json").read_bytes()).hexdigest()
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    np.save(tmp_path / "x.npy", np.zeros((1, 3, 8, 8), np.float32))
+    seen: dict[str, Any] = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_compare(*args: Any, **kwargs: Any) -> Any:
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(cmp, "compare", fake_compare)
+    monkeypatch.setattr(sys, "argv", ["fxcompress", "--debug", "compare", str(art), "--inputs", str(tmp_path / "x.npy")])
+    with pytest.raises(Stop):
+        cli.main()
+    assert seen["precision"] == expected and seen["target"] == "tensorrt-rtx"
+
+
+@pytest.mark.slow
+def test_compile_a_training_recipe_from_npy_files_with_an_html_report(workdir: Path) -> None:
+    """prune50-int8 (prune, fine-tune, INT8) on a zoo model, from --train-data/--train-targets .npy files;
+    calibration defaults to the training inputs. The HTML report holds the tables and plots."""
+    import base64
+    import re
+
+    tests = Path(__file__).resolve().parent
+    (workdir / "zoomodels.py").write_text(ZOO_MODELS.format(tests=str(tests)))
+    gen = np.random.default_rng(1)
+    np.save(workdir / "digits_x.npy", gen.standard_normal((48, 1, 8, 8)).astype(np.float32))
+    np.save(workdir / "digits_y.npy", gen.integers(0, 10, 48))
+    proc = run("compile", "zoomodels:digits", "--recipe", "prune50-int8", "--train-data", "digits_x.npy",
+               "--train-targets", "digits_y.npy", "--batch", "16", "--out", "out_train", "--report-html",
+               "report.html", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "training data: 48 samples from digits_x.npy, 3 batch(es)" in proc.stdout
+    assert "calibration: the --train-data inputs (no --calibration given)" in proc.stdout
+    report = json.loads((workdir / "out_train" / "report.json").read_text())
+    rows = {r["name"].split("{", 1)[0]: r for r in report["passes"]}
+    assert rows["fine-tune"]["status"] == "ok" and rows["fine-tune"]["stats"]["steps"] == 2 * 3
+    assert rows["quantize-int8"]["status"] == "ok"
+    assert rows["export-onnx"]["params"] < rows["input"]["params"]
+
+    html = (workdir / "report.html").read_text(encoding="utf-8")
+    for section in ("summary", "passes", "plots", "diffs"):
+        assert f'<section id="{section}">' in html, section
+    passes_table = html[html.index('<section id="passes">'):html.index("</section>", html.index('<section id="passes">'))]
+    assert passes_table.count("<tr") >= len(rows) + 1
+    for name in ("prune-channels", "fine-tune", "quantize-int8", "export-onnx"):
+        assert name in passes_table, name
+    assert "<h3>Per-layer pruning</h3>" in html and "<th>channels before</th>" in html
+    images = re.findall(r'<img class="plot" alt="[^"]*" src="data:image/png;base64,([^"]+)">', html)
+    assert len(images) >= 3
+    assert all(base64.b64decode(i)[:8] == b"\x89PNG\r\n\x1a\n" for i in images)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -99,7 +199,20 @@ def test_bench_compare_eager(workdir: Path) -> None:
     (("compile", "mymodels:missing", "--input-shape", "1x3x8x8"), "has no callable 'missing'"),
     (("compile", "mymodels:not_a_model", "--input-shape", "1x3x8x8"), "returned int, not a torch.nn.Module"),
     (("compile", "mymodels:make_model", "--input-shape", "1x3xeight"), "--input-shape '1x3xeight'"),
-    (("compile", "mymodels:make_model", "--input-shape", "1x5x8x8"), "x"),
+    (("compile", "mymodels:make_model", "--input-shape", "1x5x8x8"),
+     "shape propagation failed at node '_0' (module '0': Conv2d): RuntimeError: Given groups=1, weight of size "
+     "[8, 3, 3, 3], expected input[1, 5, 8, 8] to have 3 channels, but got 5 channels instead"),
+    (("compile", "mymodels:make_model", "--input-shape", "1x3x8x8", "--train-data", "x7.npy"),
+     "--train-data x7.npy: input 'input' has samples of shape (3, 7, 8) (array (6, 3, 7, 8)), but the model "
+     "takes (3, 8, 8) per sample"),
+    (("compile", "mymodels:make_model", "--input-shape", "1x3x8x8", "--train-data", "x8.npy", "--train-targets",
+      "y5.npy"), "--train-targets y5.npy: 5 targets for 6 training samples; give one target per sample"),
+    (("compile", "mymodels:make_model", "--input-shape", "1x3x8x8", "--train-targets", "y5.npy"),
+     "--train-targets needs --train-data"),
+    (("compile", "mymodels:make_model", "--input-shape", "1x3x8x8", "--calib", "nope.npy"),
+     "--calibration: inputs file nope.npy does not exist"),
+    (("compile", "mymodels:make_model", "--input-shape", "1x3x8x8", "--train-data", "x8.npy", "--batch", "0"),
+     "--batch 0: the batch size must be a positive integer"),
     (("compile", "mymodels:make_model", "--input-shape", "1x3x8x8", "--passes", "fold-batchnrom"),
      "unknown pass 'fold-batchnrom'"),
     (("inspect", "missing.onnx"), "missing.onnx: no such file"),
