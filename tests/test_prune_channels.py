@@ -266,10 +266,10 @@ def test_ratio_zero_is_exact_on_zoo() -> None:
 
 
 class ZeroChannelNet(nn.Module):
-    def __init__(self, bn: bool) -> None:
+    def __init__(self, bn: bool = False, norm: nn.Module | None = None) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8) if bn else nn.Identity()
+        self.bn = norm if norm is not None else nn.BatchNorm2d(8) if bn else nn.Identity()
         self.conv2 = nn.Conv2d(8, 6, 3, padding=1)
         self.fc = nn.Linear(6, 4)
 
@@ -292,6 +292,94 @@ def test_zero_channel_is_removed_exactly(bn: bool) -> None:
     result = prune(model, inputs, PruneChannels(ratio=0.125, ratios=(("conv2", 0.0),)))
     assert result.stats["layers"]["conv1"]["kept"] == [0, 1, 2, 3, 4, 6, 7]
     torch.testing.assert_close(out(result.graph, inputs), out(model, inputs), rtol=1e-6, atol=1e-6)
+
+
+def _zero_conv1_channels(model: ZeroChannelNet, channels: list[int]) -> ZeroChannelNet:
+    """All weights of ``channels`` of conv1 zero, and the norm's affine for them too."""
+    with torch.no_grad():
+        model.conv1.weight[channels] = 0
+        model.conv1.bias[channels] = 0
+        if getattr(model.bn, "weight", None) is not None:
+            model.bn.weight.copy_(torch.rand(8, generator=_gen(7)) + 0.5)
+            model.bn.bias.copy_(torch.randn(8, generator=_gen(8)))
+            model.bn.bias[channels] = 0
+    return model.eval()
+
+
+@pytest.mark.parametrize("norm, zeros", [
+    (lambda: nn.BatchNorm2d(8, track_running_stats=False), [5]),
+    (lambda: nn.InstanceNorm2d(8, affine=True), [5]),
+    (lambda: nn.GroupNorm(8, 8), [5]),
+    (lambda: nn.GroupNorm(4, 8), [2, 3]),  # a whole group of two channels
+], ids=["bn-batch-stats", "instancenorm", "groupnorm-per-channel", "groupnorm-groups"])
+def test_zero_channel_exact_before_per_channel_or_per_group_norms(norm, zeros: list[int]) -> None:
+    """Norms whose statistics stay within a channel (or a whole removed group) keep the removal of
+    an all-zero channel exact, including BatchNorm without running statistics."""
+    torch.manual_seed(0)
+    model = _zero_conv1_channels(ZeroChannelNet(norm=norm()), zeros)
+    inputs = (torch.randn(2, 3, 6, 6, generator=_gen(3)),)
+    result = prune(model, inputs, PruneChannels(ratio=0.125 * len(zeros), ratios=(("conv2", 0.0),)))
+    assert result.stats["layers"]["conv1"]["kept"] == [c for c in range(8) if c not in zeros]
+    assert result.stats["layers"]["bn"]["channels_after"] == 8 - len(zeros)
+    torch.testing.assert_close(out(result.graph, inputs), out(model, inputs), rtol=1e-6, atol=1e-6)
+
+
+def test_batch_stats_norm_scores_its_shift_not_the_cancelled_bias() -> None:
+    """Behind a BatchNorm with batch statistics a zero row outputs the constant beta: a zero row
+    with a large beta matters, one with beta = 0 does not (a folded running-stats BN would crash)."""
+    torch.manual_seed(0)
+    model = _zero_conv1_channels(ZeroChannelNet(norm=nn.BatchNorm2d(8, track_running_stats=False)), [2, 6])
+    with torch.no_grad():
+        model.bn.bias[2] = 3.0
+        model.conv1.bias[6] = 5.0  # cancelled by the batch mean: the channel still outputs beta = 0
+    inputs = (torch.randn(2, 3, 6, 6, generator=_gen(3)),)
+    result = prune(model, inputs, PruneChannels(ratio=0.125, ratios=(("conv2", 0.0),)))
+    assert result.stats["layers"]["conv1"]["kept"] == [0, 1, 2, 3, 4, 5, 7]
+    bn = result.graph.bn
+    assert bn.num_features == 7 and not bn.track_running_stats and bn.running_mean is None
+    assert torch.equal(bn.bias, model.bn.bias[[0, 1, 2, 3, 4, 5, 7]])
+    torch.testing.assert_close(out(result.graph, inputs), out(model, inputs), rtol=1e-6, atol=1e-6)
+
+
+def _layernorm_net() -> tuple[nn.Module, tuple[Tensor, ...]]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    with torch.no_grad():
+        model[0].weight[3] = 0
+        model[0].bias[3] = 0
+        model[1].weight.copy_(torch.rand(16, generator=_gen(4)) + 0.5)
+        model[1].bias.copy_(torch.randn(16, generator=_gen(5)))
+        model[1].bias[3] = 0
+    return model, (torch.randn(3, 6, generator=_gen(6)),)
+
+
+def _groupnorm1_net() -> tuple[nn.Module, tuple[Tensor, ...]]:
+    torch.manual_seed(0)
+    model = _zero_conv1_channels(ZeroChannelNet(norm=nn.GroupNorm(1, 8)), [5])
+    return model, (torch.randn(2, 3, 6, 6, generator=_gen(3)),)
+
+
+@pytest.mark.parametrize("build, layer, channel, what", [
+    (_layernorm_net, "0", 3, "LayerNorm"), (_groupnorm1_net, "conv1", 5, "GroupNorm with one group")],
+    ids=["layernorm", "groupnorm-1"])
+def test_norm_over_channels_blocks_the_group_with_a_reason(build, layer: str, channel: int, what: str) -> None:
+    """A LayerNorm / one-group GroupNorm normalizes over all channels: removing even an all-zero
+    channel changes its mean and variance. By default its channels stay, with the reason listed;
+    norm_stats='prune' prunes them and the outputs then move (why it is not the default)."""
+    model, inputs = build()
+    ratios = (("conv2", 0.0),) if layer == "conv1" else ()
+    blocked = prune(model, inputs, PruneChannels(ratio=0.125, ratios=ratios))
+    reason = blocked.stats["unpruned"][layer]
+    assert what in reason and "statistics over the channel axis" in reason and "norm_stats='prune'" in reason
+    n = blocked.stats["layers"][layer]["channels_before"]
+    assert blocked.stats["layers"][layer]["channels_after"] == n
+    assert any(layer == d.node and "statistics" in d.message for d in blocked.diagnostics)
+    assert torch.equal(out(blocked.graph, inputs), out(model, inputs))
+    pruned = prune(model, inputs, PruneChannels(ratio=1 / n, ratios=ratios, norm_stats="prune"))
+    assert pruned.stats["layers"][layer]["kept"] == [c for c in range(n) if c != channel]
+    assert (out(pruned.graph, inputs) - out(model, inputs)).abs().max() > 1e-3
+    with pytest.raises(PipelineError, match="norm_stats"):
+        PruneChannels(norm_stats="skip")
 
 
 def test_zero_channel_exact_through_the_pipeline() -> None:
@@ -495,13 +583,14 @@ def test_compile_end_to_end_with_fold_and_repeat() -> None:
 
 
 def test_layernorm_affine_is_sliced_and_taylor_uses_calibration() -> None:
-    """LayerNorm over pruned channels keeps its affine params for the kept ones (its statistics
-    are then taken over fewer channels: an approximation, like any pruning). Taylor importance
-    works from input-only calibration batches (the model's own predictions as targets)."""
+    """With norm_stats='prune', a LayerNorm over pruned channels keeps its affine params for the
+    kept ones (its statistics are then taken over fewer channels: an approximation). Taylor
+    importance works from input-only calibration batches (the model's own predictions as targets)."""
     model = nn.Sequential(nn.Linear(6, 16), nn.LayerNorm(16), nn.GELU(), nn.Linear(16, 4)).eval()
     inputs = (torch.randn(3, 5, 6, generator=_gen(1)),)
     calibration = [torch.randn(4, 5, 6, generator=_gen(i)) for i in range(3)]
-    result = prune(model, inputs, PruneChannels(ratio=0.5, importance="taylor"), calibration=calibration)
+    result = prune(model, inputs, PruneChannels(ratio=0.5, importance="taylor", norm_stats="prune"),
+                   calibration=calibration)
     gm = result.graph
     kept = result.stats["layers"]["0"]["kept"]
     assert gm.get_submodule("1").normalized_shape == (8,)

@@ -92,6 +92,10 @@ _PAD_MODULES: tuple[type, ...] = (
 )
 
 OUTPUT_REASON = "reaches the model output '{}' (its shape must not change)"
+#: choices of ``norm_stats``: what to do with a normalization whose statistics span the channels
+NORM_STATS = ("block", "prune")
+NORM_STATS_REASON = ("{what} computes its statistics over the channel axis: removing any channel (even an "
+                     "all-zero one) changes them and so every output; set norm_stats='prune' to prune it anyway")
 
 
 class _Block(Exception):
@@ -172,9 +176,12 @@ def map_reshape_axis(in_shape: tuple[int, ...], out_shape: tuple[int, ...], axis
 # ------------------------------------------------------------------------------------ analyser
 
 class _Analyser:
-    def __init__(self, gm: GraphModule, exclude: tuple[str, ...]) -> None:
+    def __init__(self, gm: GraphModule, exclude: tuple[str, ...], norm_stats: str = "block") -> None:
+        if norm_stats not in NORM_STATS:
+            raise ValueError(f"norm_stats={norm_stats!r}; choose one of {', '.join(NORM_STATS)}")
         self.gm = gm
         self.exclude = exclude
+        self.norm_stats = norm_stats
         self.dg = DependencyGraph()
         self.tracks: dict[Node, Track | TupleTrack | None] = {}
         self.modules = dict(gm.named_modules())
@@ -455,8 +462,7 @@ class _Analyser:
                 self._slice(path, name, 0, t.labels, "norm", node)
         self._edit(ModuleEdit(path, "norm", node.name, in_labels=t.labels, out_labels=t.labels))
         producer = self.out_edit.get(x.name) if isinstance(x, Node) else None
-        if (producer is not None and len(x.users) == 1
-                and isinstance(mod, nn.modules.batchnorm._BatchNorm) and producer.kind in ("conv", "linear")):
+        if producer is not None and len(x.users) == 1 and producer.kind in ("conv", "linear"):
             producer.norm = path
         return t
 
@@ -468,6 +474,8 @@ class _Analyser:
             return t
         if k != 1:
             raise _Block(f"normalizes over {k} axes including the channel axis")
+        if self.norm_stats == "block":
+            raise _Block(NORM_STATS_REASON.format(what="LayerNorm"))
         for name in ("weight", "bias"):
             if getattr(mod, name, None) is not None:
                 self._slice(path, name, 0, t.labels, "norm", node)
@@ -482,6 +490,8 @@ class _Analyser:
         edit = ModuleEdit(path, "groupnorm", node.name, in_labels=t.labels, out_labels=t.labels,
                           group_size=c // g)
         if g == 1:
+            if self.norm_stats == "block":
+                raise _Block(NORM_STATS_REASON.format(what="GroupNorm with one group"))
             edit.mode = "single"
         elif g == c:
             edit.mode = "per-channel"
@@ -949,6 +959,10 @@ class _Analyser:
                     by_key[key] = s.labels
 
 
-def analyse(gm: GraphModule, *, exclude: Iterable[str] = ()) -> DependencyGraph:
-    """The channel-dependency graph of ``gm``; nodes must carry ``meta["tensor_meta"]``."""
-    return _Analyser(gm, tuple(exclude)).run()
+def analyse(gm: GraphModule, *, exclude: Iterable[str] = (), norm_stats: str = "block") -> DependencyGraph:
+    """The channel-dependency graph of ``gm``; nodes must carry ``meta["tensor_meta"]``.
+
+    ``norm_stats="block"`` keeps the channels a LayerNorm or one-group GroupNorm normalizes over
+    (removing one changes the statistics, so pruning there is never exact); ``"prune"`` allows it.
+    """
+    return _Analyser(gm, tuple(exclude), norm_stats).run()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 from torch.fx import GraphModule
@@ -21,6 +21,7 @@ from fxcompress.errors import PipelineError
 from fxcompress.pass_base import Pass, PassContext, PassResult
 
 from ._common import as_tuple, check_runs, graph_totals, need_shapes, totals
+from .analysis import NORM_STATS
 from .depgraph import DependencyGraph, dependency_graph
 from .importance import CRITERIA, class_importance
 from .rewrite import apply_removal
@@ -37,7 +38,10 @@ class PruneChannels(Pass):
     it (rounded up). ``min_channels``: never keep fewer channels in a layer. ``exclude``: layer
     patterns whose output channels are kept (the classifier head always is: it feeds the output).
     ``importance``: ``l2`` (default), ``l1``, ``bn-scale`` or ``taylor`` (needs train_data or
-    calibration data; ``batches`` of them are used).
+    calibration data; ``batches`` of them are used). ``norm_stats``: channels that a LayerNorm or
+    a one-group GroupNorm normalizes over are kept (``"block"``, listed in ``stats["unpruned"]``),
+    since removing any of them, even an all-zero one, changes the statistics; ``"prune"`` prunes
+    them anyway (an approximation, like Torch-Pruning does).
     """
 
     name: ClassVar[str] = "prune-channels"
@@ -50,6 +54,7 @@ class PruneChannels(Pass):
     exclude: tuple[str, ...] = ()
     importance: str = "l2"
     batches: int = 8
+    norm_stats: Literal["block", "prune"] = "block"
 
     def __post_init__(self) -> None:
         ratios = self.ratios
@@ -67,6 +72,9 @@ class PruneChannels(Pass):
         if self.importance not in CRITERIA:
             raise PipelineError(f"prune-channels: importance={self.importance!r}; choose one of "
                                 f"{', '.join(CRITERIA)}")
+        if self.norm_stats not in NORM_STATS:
+            raise PipelineError(f"prune-channels: norm_stats={self.norm_stats!r}; choose one of "
+                                f"{', '.join(NORM_STATS)}")
         if self.round_to < 1 or self.min_channels < 1 or self.batches < 1:
             raise PipelineError("prune-channels: round_to, min_channels and batches must be >= 1")
 
@@ -106,7 +114,7 @@ class PruneChannels(Pass):
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         need_shapes(gm, ctx.example_inputs, self.name)
         before = graph_totals(gm)
-        dg = dependency_graph(gm, exclude=self.exclude)
+        dg = dependency_graph(gm, exclude=self.exclude, norm_stats=self.norm_stats)
         data, argument = (ctx.train_data, "train_data") if ctx.train_data is not None else \
             (ctx.calibration, "calibration")
         scores, notes = class_importance(gm, dg, self.importance, data=data, argument=argument,

@@ -94,7 +94,7 @@ class ModuleEdit:
     out_dim: int = 0     # weight dimension of the output channels (1 for ConvTranspose / Embedding)
     mode: str = "dense"  # conv: dense | depthwise | grouped; groupnorm: groups | single | per-channel
     group_size: int = 1  # grouped conv: input channels per group; GroupNorm: channels per group
-    norm: str | None = None  # BatchNorm right after this producer (folded into magnitude importance)
+    norm: str | None = None  # BatchNorm/InstanceNorm right after this producer (folded into importance)
 
 
 @dataclass
@@ -282,8 +282,8 @@ class DependencyGraph:
         return "\n".join(lines)
 
 
-def dependency_graph(gm: Any, *, exclude: tuple[str, ...] = ()) -> DependencyGraph:
+def dependency_graph(gm: Any, *, exclude: tuple[str, ...] = (), norm_stats: str = "block") -> DependencyGraph:
     """Analyse ``gm`` (nodes must carry ``meta["tensor_meta"]``); see ``passes.prune.analysis``."""
     from .analysis import analyse
 
-    return analyse(gm, exclude=exclude)
+    return analyse(gm, exclude=exclude, norm_stats=norm_stats)

@@ -2,8 +2,10 @@
 
 * ``l1`` / ``l2``: norm of what a channel produces, summed over every layer of its class: the
   producer's weight row and bias, with a BatchNorm right after it folded in
-  (``gamma / sqrt(var + eps)`` scale, shifted bias). A channel whose output is identically zero
-  therefore scores exactly 0.
+  (``gamma / sqrt(var + eps)`` scale, shifted bias). A normalization with batch statistics
+  (``track_running_stats=False``, InstanceNorm, training mode) has no fixed scale to fold; it
+  cancels the producer's bias, so the row is scored with the norm's shift ``beta`` as its bias.
+  A channel whose output is identically zero therefore scores exactly 0.
 * ``bn-scale``: ``|gamma|`` of the normalization layers of the class (network slimming); a group
   without normalization layers falls back to ``l2``.
 * ``taylor``: first-order Taylor expansion of the loss, ``sum |w * dL/dw|`` over every parameter
@@ -39,16 +41,25 @@ def _rows(gm: GraphModule, edit: ModuleEdit) -> tuple[torch.Tensor, torch.Tensor
         w = w.transpose(0, 1)
     rows = w.reshape(w.shape[0], -1)
     bias = None if getattr(mod, "bias", None) is None else mod.bias.detach().double()
-    if edit.norm is not None:
-        bn = gm.get_submodule(edit.norm)
-        mean = bn.running_mean.detach().double()
-        var = bn.running_var.detach().double()
-        gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(mean)
-        beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(mean)
-        scale = gamma / torch.sqrt(var + bn.eps)
-        rows = rows * scale[:, None]
-        bias = beta + scale * ((bias if bias is not None else 0.0) - mean)
-    return rows, bias
+    if edit.norm is None:
+        return rows, bias
+    bn = gm.get_submodule(edit.norm)
+    beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros(rows.shape[0], dtype=rows.dtype)
+    if uses_batch_stats(bn):
+        # the statistics cancel the producer's bias; a zero row leaves the constant beta
+        return rows, beta
+    mean = bn.running_mean.detach().double()
+    var = bn.running_var.detach().double()
+    gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(mean)
+    scale = gamma / torch.sqrt(var + bn.eps)
+    return rows * scale[:, None], beta + scale * ((bias if bias is not None else 0.0) - mean)
+
+
+def uses_batch_stats(norm: nn.Module) -> bool:
+    """True when a BatchNorm/InstanceNorm normalizes with the statistics of its input (training
+    mode, or no running statistics kept) rather than with its running mean and variance."""
+    return norm.training or getattr(norm, "running_mean", None) is None or \
+        getattr(norm, "running_var", None) is None
 
 
 def _magnitude(gm: GraphModule, dg: DependencyGraph, p: int) -> np.ndarray:
