@@ -22,7 +22,7 @@ __all__ = [
     "call_arg", "delete_submodules_if_unused", "delete_unused_attributes", "eliminate_dead_code",
     "get_attr_value", "get_module", "is_impure", "is_inplace", "meta_dtype", "meta_shape",
     "module_call_nodes", "register_tensor", "replace_call_module", "replace_node", "replace_uses_with_literal", "set_module",
-    "split_qualname", "unique_name",
+    "split_qualname", "unique_name", "writes_inputs",
 ]
 
 _MUTATING_METHODS = frozenset({"copy_", "set_", "resize_", "resize_as_", "zero_", "fill_", "index_put_",
@@ -170,6 +170,37 @@ def is_inplace(node: Node) -> bool:
     if name in _MUTATING_METHODS:
         return True
     return name.endswith("_") and not name.endswith("__") and not name.startswith("_")
+
+
+def writes_inputs(model: nn.Module) -> bool:
+    """Whether running ``model`` may write into a tensor it is given, so callers feeding it user
+    data must pass copies.
+
+    Conservative: an FX graph counts as writing when any node is in-place (see ``is_inplace``),
+    calls a module with ``inplace=True`` (``nn.ReLU(inplace=True)``), a mutating operator
+    overload, or a leaf module outside ``torch.nn`` that does not declare
+    ``_writes_inputs = False``; any module that is not an FX graph counts as writing."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel):
+        model = model.module
+    if not isinstance(model, GraphModule):
+        return True
+    for node in model.graph.nodes:
+        if is_inplace(node):
+            return True
+        if node.op == "call_function" and getattr(getattr(node.target, "_schema", None), "is_mutable", False):
+            return True
+        if node.op == "call_module":
+            mod = get_module(model, node)
+            if isinstance(mod, GraphModule):
+                if writes_inputs(mod):
+                    return True
+            elif getattr(mod, "inplace", False) is True:
+                return True
+            elif getattr(mod, "_writes_inputs", not type(mod).__module__.startswith("torch.nn")):
+                return True
+    return False
 
 
 def is_impure(gm: GraphModule, node: Node) -> bool:

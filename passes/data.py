@@ -4,6 +4,10 @@ A batch is a tensor, a tuple/list whose leading items are the model's inputs (tr
 such as labels are the targets), or a dict of input name -> tensor. A torch ``DataLoader`` of
 ``(x, y)`` works as it is. Passes call ``split_batch`` with the traced graph's input count and
 names, so the same loader serves calibration (targets ignored) and training (targets used).
+
+The user's batches are never written to: ``iter_batches`` hands out copies of the inputs when
+the graph may write into its inputs (``ReLU(inplace=True)`` as the first layer), and
+``model_inputs`` does the same for training loops that split batches themselves.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import torch
 from torch.fx import GraphModule
 
 from fxcompress.errors import InputError, PassError
+
+from ._fx_utils import writes_inputs
 
 
 def graph_inputs(gm: GraphModule) -> list[str]:
@@ -52,30 +58,41 @@ def split_batch(batch: Any, n_inputs: int, input_names: Sequence[str] = ()) -> t
                      f"input name -> tensor; got {type(batch).__name__}")
 
 
-def to_device(value: Any, device: torch.device | str) -> Any:
-    """``value`` (tensor, or nested tuple/list/dict of them) moved to ``device``."""
+def to_device(value: Any, device: torch.device | str | None, *, copy: bool = False) -> Any:
+    """``value`` (tensor, or nested tuple/list/dict of them) moved to ``device`` (None: where it
+    is). With ``copy`` every tensor is a new one even when it is already on ``device``."""
     if isinstance(value, torch.Tensor):
-        return value.to(device)
+        return value.to(value.device if device is None else device, copy=copy)
     if isinstance(value, (tuple, list)):
-        return type(value)(to_device(v, device) for v in value)
+        return type(value)(to_device(v, device, copy=copy) for v in value)
     if isinstance(value, dict):
-        return {k: to_device(v, device) for k, v in value.items()}
+        return {k: to_device(v, device, copy=copy) for k, v in value.items()}
     return value
 
 
+def model_inputs(inputs: tuple[Any, ...], model: torch.nn.Module, device: torch.device | str | None = None,
+                 *, writes: bool | None = None) -> tuple[Any, ...]:
+    """``inputs`` on ``device``, copied when ``model`` may write into its inputs (``writes``,
+    default ``_fx_utils.writes_inputs(model)``), so running it leaves the user's tensors alone."""
+    return to_device(inputs, device, copy=writes_inputs(model) if writes is None else writes)
+
+
 def iter_inputs(data: Iterable[Any] | None, gm: GraphModule, *, argument: str, pass_name: str,
-                limit: int = 0) -> Iterator[tuple[Any, ...]]:
-    """Input tuples of the first ``limit`` batches of ``data`` (all when ``limit`` is 0).
+                limit: int = 0, device: torch.device | str | None = None) -> Iterator[tuple[Any, ...]]:
+    """Input tuples of the first ``limit`` batches of ``data`` (all when ``limit`` is 0), on
+    ``device`` (None: where they are), safe to feed to ``gm`` (see ``model_inputs``).
 
     Raises ``PassError`` naming ``argument`` (``calibration=`` / ``train_data=``) when there is
     no data, or when it yields nothing."""
-    for inputs, _ in iter_batches(data, gm, argument=argument, pass_name=pass_name, limit=limit):
+    for inputs, _ in iter_batches(data, gm, argument=argument, pass_name=pass_name, limit=limit, device=device):
         yield inputs
 
 
 def iter_batches(data: Iterable[Any] | None, gm: GraphModule, *, argument: str, pass_name: str,
-                 limit: int = 0) -> Iterator[tuple[tuple[Any, ...], Any]]:
-    """``(inputs, targets)`` of the first ``limit`` batches of ``data`` (see ``iter_inputs``)."""
+                 limit: int = 0, device: torch.device | str | None = None
+                 ) -> Iterator[tuple[tuple[Any, ...], Any]]:
+    """``(inputs, targets)`` of the first ``limit`` batches of ``data`` (see ``iter_inputs``);
+    targets are the user's own tensors (moved to ``device``), never fed to ``gm``."""
     if data is None:
         raise PassError(f"pass '{pass_name}' needs data: pass {argument}= to fxcompress.compile() "
                         f"(or PassContext), an iterable of batches such as a DataLoader of (x, y)",
@@ -83,11 +100,13 @@ def iter_batches(data: Iterable[Any] | None, gm: GraphModule, *, argument: str, 
     if isinstance(data, (torch.Tensor, dict)):
         data = [data]
     names = graph_inputs(gm)
+    writes = writes_inputs(gm)
     count = 0
     for batch in data:
         if limit and count >= limit:
             break
-        yield split_batch(batch, len(names), names)
+        inputs, targets = split_batch(batch, len(names), names)
+        yield model_inputs(inputs, gm, device, writes=writes), to_device(targets, device)
         count += 1
     if count == 0:
         raise PassError(f"pass '{pass_name}': {argument}= yielded no batches", pass_name=pass_name)

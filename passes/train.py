@@ -20,6 +20,7 @@ from torch.fx import GraphModule
 from fxcompress.errors import PassError, PipelineError
 from fxcompress.pass_base import Pass, PassContext, PassResult, _no_progress
 
+from ._fx_utils import writes_inputs
 from .data import graph_inputs, split_batch, to_device
 from .distributed import shard, sync_module, wrap_ddp
 
@@ -113,6 +114,7 @@ def train_loop(model: nn.Module, data: Iterable[Any], loss_fn: LossFn, *, epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, total, warmup, schedule))
     progress = progress or _no_progress
     model.to(device)
+    writes = writes_inputs(model)
     epoch_losses: list[float] = []
     first_loss: float | None = None
     step = 0
@@ -127,9 +129,10 @@ def train_loop(model: nn.Module, data: Iterable[Any], loss_fn: LossFn, *, epochs
                     if max_steps and step >= max_steps:
                         break
                     inputs, targets = split_batch(batch, n_inputs, input_names)
-                    inputs, targets = to_device(inputs, device), to_device(targets, device)
+                    fed, targets = to_device(inputs, device, copy=writes), to_device(targets, device)
                     opt.zero_grad(set_to_none=True)
-                    loss = loss_fn(model(*inputs), targets, inputs)
+                    outputs = model(*fed)
+                    loss = loss_fn(outputs, targets, to_device(inputs, device, copy=True) if writes else fed)
                     if not torch.isfinite(loss.detach()):
                         raise PassError(f"training diverged at step {step}: loss is {float(loss.detach())}; lower lr "
                                         f"(now {lr}) or enable grad_clip")

@@ -207,3 +207,55 @@ def test_qat_for_tensorrt_exports_symmetric_int8_like_ptq() -> None:
     proto = export_onnx(gm, ex)
     int8 = [i for i in proto.graph.initializer if i.data_type == onnx.TensorProto.INT8]
     assert len(int8) == sum(n.target is dequantize for n in gm.graph.nodes) == 11  # 10 convs + classifier
+
+
+def _inplace_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.ReLU(inplace=True), nn.Linear(8, 6), nn.ReLU(inplace=True), nn.Linear(6, 3))
+
+
+def test_writes_inputs_sees_inplace_modules_and_ops() -> None:
+    from passes._fx_utils import writes_inputs
+
+    ex = (torch.randn(2, 8),)
+    assert writes_inputs(trace(_inplace_model(), ex))
+    assert not writes_inputs(trace(nn.Sequential(nn.ReLU(), nn.Linear(8, 3)), ex))
+
+    class AddInPlace(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.add_(1)
+
+    assert writes_inputs(trace(AddInPlace(), ex))
+    assert writes_inputs(nn.Linear(8, 3))  # not a graph: unknown, so copies are made
+
+
+@pytest.mark.parametrize("passes", ["quantize-int8", "quantize-int8{qat=true},fine-tune", "fine-tune",
+                                    "quant-sensitivity{k=1},quantize-int8", "prune-channels{importance=taylor}"])
+def test_calibration_and_train_data_are_not_mutated_by_an_inplace_model(passes: str) -> None:
+    """``ReLU(inplace=True)`` as the first layer writes into whatever tensor the graph is given."""
+    gen = torch.Generator().manual_seed(1)
+    calibration = [torch.randn(4, 8, generator=gen) - 0.5 for _ in range(3)]
+    train_data = [(torch.randn(4, 8, generator=gen) - 0.5, torch.randint(0, 3, (4,), generator=gen))
+                  for _ in range(3)]
+    loader = DataLoader(TensorDataset(torch.randn(8, 8, generator=gen) - 0.5, torch.arange(8) % 3), batch_size=4)
+    dataset_before = loader.dataset.tensors[0].clone()
+    calib_before = [t.clone() for t in calibration]
+    train_before = [(x.clone(), y.clone()) for x, y in train_data]
+    fxc.compile(_inplace_model(), example_inputs=(torch.randn(2, 8),), calibration=calibration,
+                train_data=train_data if "qat" not in passes else loader, passes=passes, target="onnxruntime")
+    assert all(torch.equal(a, b) for a, b in zip(calibration, calib_before))
+    assert all(torch.equal(x, bx) and torch.equal(y, by) for (x, y), (bx, by) in zip(train_data, train_before))
+    assert torch.equal(loader.dataset.tensors[0], dataset_before)
+
+
+def test_train_loop_gives_the_loss_the_batch_as_the_user_gave_it() -> None:
+    x, y = torch.randn(4, 8) - 0.5, torch.tensor([0, 1, 2, 0])
+    seen: list[torch.Tensor] = []
+
+    def loss(out: torch.Tensor, target: torch.Tensor, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        seen.append(inputs[0].clone())
+        return nn.functional.cross_entropy(out, target)
+
+    gm = trace(_inplace_model(), (x,))
+    train_loop(gm, [(x, y)], loss, epochs=2)
+    assert len(seen) == 2 and all(torch.equal(s, x) for s in seen) and bool((x < 0).any())

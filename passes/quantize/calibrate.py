@@ -15,11 +15,13 @@ from torch.fx import GraphModule, Node
 
 from fxcompress.pass_base import PassContext
 
-from ..data import iter_inputs, to_device
+from ..data import iter_inputs
 from .observers import Observer
 
 
 class _Probe(nn.Module):
+    _writes_inputs = False
+
     def __init__(self, observer: Observer) -> None:
         super().__init__()
         self.observer = observer
@@ -53,7 +55,8 @@ def observe(gm: GraphModule, nodes: Iterable[Node], make: Callable[[Node], Obser
         probe_gm = copy.deepcopy(probe_gm).to(device)
         observers = {name: probe_gm.get_submodule(f"_fxq_probe_{i}").observer for i, name in enumerate(names)}
     with torch.no_grad(), ctx.progress(f"{pass_name}: calibrating", total=batches or None) as bar:
-        for inputs in iter_inputs(data, gm, argument="calibration", pass_name=pass_name, limit=batches):
-            probe_gm(*to_device(inputs, device))
+        for inputs in iter_inputs(data, gm, argument="calibration", pass_name=pass_name, limit=batches,
+                                  device=device):
+            probe_gm(*inputs)
             bar.advance(1)
     return observers

@@ -138,6 +138,8 @@ def _lsq(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qmin: int, qmax
 class LearnedFakeQuant(nn.Module):
     """Per-tensor activation fake quantization for QAT (scale learnable unless ``learn`` is False)."""
 
+    _writes_inputs = False
+
     def __init__(self, scale: float, zero_point: int, qmin: int, qmax: int, learn: bool = True) -> None:
         super().__init__()
         self.scale = nn.Parameter(torch.tensor(float(scale)), requires_grad=learn)
@@ -156,6 +158,8 @@ class LearnedFakeQuant(nn.Module):
 
 class LearnedWeightFakeQuant(nn.Module):
     """Per-channel symmetric weight fake quantization for QAT; ``forward(w)`` returns ``w`` fake-quantized."""
+
+    _writes_inputs = False
 
     def __init__(self, scale: torch.Tensor, axis: int, qmin: int, qmax: int, learn: bool = True) -> None:
         super().__init__()

@@ -18,7 +18,7 @@ from torch.fx import GraphModule
 from fxcompress.errors import PassError, PipelineError
 from fxcompress.pass_base import Pass, PassContext, PassResult, copy_graph_module
 
-from ..data import iter_inputs
+from ..data import iter_inputs, model_inputs
 from .observers import OBSERVERS
 from .patterns import module_path
 from .placement import build_plan
@@ -70,7 +70,7 @@ class QuantSensitivity(Pass):
         batches = list(iter_inputs(ctx.calibration, gm, argument="calibration", pass_name=self.name,
                                    limit=self.eval_batches))
         with torch.no_grad():
-            reference = [_flat(gm(*b)) for b in batches]
+            reference = [_flat(gm(*model_inputs(b, gm))) for b in batches]
         names = [layer.node.name for layer in full.layers]
         rows: list[dict[str, Any]] = []
         with ctx.progress(f"{self.name}: layers", total=len(names)) as bar:
@@ -112,7 +112,7 @@ class QuantSensitivity(Pass):
         mse, cos = 0.0, 0.0
         with torch.no_grad():
             for b, ref in zip(batches, reference):
-                out = _flat(trial(*b))
+                out = _flat(trial(*model_inputs(b, trial)))
                 mse += float(((out - ref) ** 2).sum() / (ref ** 2).sum().clamp(min=1e-30))
                 cos += float(torch.nn.functional.cosine_similarity(out, ref, dim=0))
         n = len(batches)
