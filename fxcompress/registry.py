@@ -10,6 +10,8 @@ Pipeline strings, after MLIR's textual pipelines::
 
 Option values are literals only (numbers, strings, booleans, ``none``, ``[lists]``,
 ``{"dicts": 1}``); nothing is evaluated. Options are checked against the dataclass field types.
+Strings are bare (``layer3.*``), ``"JSON strings"`` with backslash escapes (what printing writes,
+so any string round-trips), or ``'raw strings'`` taken as written up to the next ``'``.
 """
 
 from __future__ import annotations
@@ -35,11 +37,26 @@ _sources: dict[str, str] = {}
 _loaded = False
 
 
+_KEBAB = re.compile(r"^[a-z][a-z0-9]*(?:-[a-z0-9]+)*$")
+
+
 def register(cls: type[Pass], *, source: str | None = None) -> type[Pass]:
-    """Register a pass class under its ``name``; usable as a decorator."""
+    """Register a pass class under its ``name``; usable as a decorator (below ``@dataclass(frozen=True)``).
+
+    The class must be a frozen dataclass (its fields are the options a pipeline string prints and
+    parses) with a kebab-case ``name`` such as ``fold-batchnorm``."""
     if not (isinstance(cls, type) and issubclass(cls, Pass)) or not cls.name:
         raise PipelineError(f"{cls!r} is not a Pass subclass with a non-empty `name`")
     where = source or f"{cls.__module__}.{cls.__qualname__}"
+    if not isinstance(cls.name, str) or not _KEBAB.match(cls.name):
+        raise PipelineError(f"pass {where}: name {cls.name!r} is not kebab-case; use lowercase letters and "
+                            f"digits in words joined by '-', e.g. 'fold-batchnorm' or 'quantize-int8'")
+    params = cls.__dict__.get("__dataclass_params__")
+    if params is None or not params.frozen:
+        what = "a dataclass that is not frozen" if params is not None else "not a dataclass itself"
+        raise PipelineError(f"pass {where} ('{cls.name}') is {what}; decorate the class with "
+                            f"@dataclass(frozen=True) (under @register) so its options are typed fields "
+                            f"that print as, and parse from, a pipeline string")
     existing = _registry.get(cls.name)
     if existing is not None and existing is not cls:
         raise PipelineError(f"pass name '{cls.name}' is registered twice: by {_sources[cls.name]} and by {where}")
@@ -129,7 +146,6 @@ def option_names(cls: type[Pass]) -> list[str]:
 
 
 _BARE = re.compile(r"^[A-Za-z_*./][\w.*/\-]*$")
-_RESERVED = {"true", "false", "none", "null"}
 
 
 def format_value(value: Any) -> str:
@@ -140,7 +156,7 @@ def format_value(value: Any) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, str):
-        return value if _BARE.match(value) and value.lower() not in _RESERVED else json.dumps(value)
+        return value if _BARE.match(value) and _bare(value) == value else json.dumps(value)
     if isinstance(value, (list, tuple)):
         return "[" + ",".join(format_value(v) for v in value) + "]"
     if isinstance(value, dict):
@@ -230,6 +246,8 @@ class _Parser:
 
     def value(self) -> Any:
         ch = self.peek()
+        if ch == "":
+            raise self.error("expected a value, got the end of the pipeline string")
         if ch == "[":
             self.i += 1
             items = []
@@ -254,20 +272,40 @@ class _Parser:
                     raise self.error("expected ',' or '}'")
             self.i += 1
             return out
-        if ch in "\"'":
-            end = self.i + 1
-            while end < len(self.text) and self.text[end] != ch:
-                end += 2 if self.text[end] == "\\" else 1
-            if end >= len(self.text):
-                raise self.error("unterminated string")
-            body = self.text[self.i + 1:end]
-            self.i = end + 1
-            return json.loads('"' + body.replace('"', '\\"') + '"') if ch == '"' else body
+        if ch == "'":
+            return self.raw_string()
+        if ch == '"':
+            return self.json_string()
         m = re.compile(r"[^,\]\}\):\s]+").match(self.text, self.i)
         if not m:
             raise self.error("expected a value")
         self.i = m.end()
         return _bare(m.group(0))
+
+
+    def raw_string(self) -> str:
+        """``'...'``: the text up to the next ``'``, as written (no escapes)."""
+        end = self.text.find("'", self.i + 1)
+        if end < 0:
+            raise self.error("unterminated string (a '-quoted string has no escapes and ends at the next ')")
+        body = self.text[self.i + 1:end]
+        self.i = end + 1
+        return body
+
+    def json_string(self) -> str:
+        """``"..."``: a JSON string literal (backslash escapes), what ``format_value`` writes."""
+        start, end = self.i, self.i + 1
+        while end < len(self.text) and self.text[end] != '"':
+            end += 2 if self.text[end] == "\\" else 1
+        if end >= len(self.text):
+            raise self.error("unterminated string")
+        try:
+            value = json.loads(self.text[start:end + 1], strict=False)
+        except json.JSONDecodeError as exc:
+            self.i = start + exc.pos
+            raise self.error(f"malformed string literal ({exc.msg})") from None
+        self.i = end + 1
+        return value
 
 
 def _bare(token: str) -> Any:

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.fx import GraphModule
 
 import fxcompress as fxc
@@ -109,3 +111,63 @@ def test_duplicate_name_is_an_error() -> None:
 
     with pytest.raises(fxc.PipelineError, match="registered twice"):
         fxc.register(Clash)
+
+
+def test_string_options_round_trip_with_quotes_and_escapes() -> None:
+    for label in ['q"x', 'a\\b', "it's", "nan", "inf", "none", "True", " x", "é x", "\n\t", "", "{a:1}", "a,b)"]:
+        p = _Opts(label=label, exclude=(label, "fc"), ratios={label: 0.5})
+        assert parse_pipeline(str(p)) == [p], str(p)
+    (p,) = parse_pipeline('test-options{label="q\\"x"}')
+    assert p.label == 'q"x'
+    (p,) = parse_pipeline("test-options{label='raw \\d+'}")
+    assert p.label == "raw \\d+"
+
+
+@given(st.text(), st.lists(st.text(max_size=8), max_size=3))
+@settings(max_examples=150, deadline=None)
+def test_any_string_round_trips(label: str, exclude: list[str]) -> None:
+    p = _Opts(label=label, exclude=tuple(exclude), ratios={k: 1.0 for k in exclude} or None)
+    assert parse_pipeline(str(p)) == [p]
+    assert str(fxc.Pipeline.parse(str(fxc.Pipeline([p])))) == str(p)
+
+
+@pytest.mark.parametrize("text, position, message", [
+    ('test-options{label="a\\qb"}', 21, "malformed string literal (Invalid \\escape)"),
+    ('test-options{label="\\u12"}', 21, "malformed string literal"),
+    ('test-options{label="abc}', 19, "unterminated string"),
+    ("test-options{label='abc}", 19, "unterminated string"),
+    ("test-options{exclude=[", 22, "expected a value, got the end of the pipeline string"),
+])
+def test_malformed_literals_name_the_position(text: str, position: int, message: str) -> None:
+    with pytest.raises(fxc.PipelineError) as info:
+        parse_pipeline(text)
+    assert f"{message}" in str(info.value) and f"at position {position}:" in str(info.value)
+    assert str(info.value).splitlines()[-1] == "  " + " " * position + "^"
+
+
+def test_register_rejects_a_class_that_is_not_a_frozen_dataclass() -> None:
+    class Plain(fxc.Pass):
+        name: ClassVar[str] = "test-plain"
+
+    class Undecorated(_Opts):
+        name: ClassVar[str] = "test-undecorated"
+        extra: int = 1  # not an option: the subclass is no dataclass of its own
+
+    with pytest.raises(fxc.PipelineError, match=r"\('test-plain'\) is not a dataclass itself; decorate the "
+                                                 r"class with @dataclass\(frozen=True\)"):
+        fxc.register(Plain)
+    with pytest.raises(fxc.PipelineError, match=r"\('test-undecorated'\) is not a dataclass itself"):
+        fxc.register(Undecorated)
+    assert "test-plain" not in available() and "test-undecorated" not in available()
+
+
+@pytest.mark.parametrize("name", ["FoldBN", "fold_bn", "fold bn", "-fold", "fold--bn", "fold-", "2fold"])
+def test_register_rejects_a_name_that_is_not_kebab_case(name: str) -> None:
+    @dataclass(frozen=True)
+    class Named(fxc.Pass):
+        pass
+
+    Named.name = name  # type: ignore[misc]
+    with pytest.raises(fxc.PipelineError, match=rf"name {name!r} is not kebab-case; use lowercase"):
+        fxc.register(Named)
+    assert name not in available()
