@@ -69,18 +69,32 @@ def _check_target(target: str) -> tuple[str, str]:
     return TARGETS[target]
 
 
+FALLBACK_HINT = "or compile with fallback='onnxruntime'"
+
+
+class TensorRTUnavailable(BackendUnavailable):
+    """``BackendUnavailable`` keeping what is missing (``reason``) apart from what else to do
+    (``hint``, e.g. "compile with fallback='onnxruntime'"): ``str()`` is both, for a user who
+    sees the error; a fallback record quotes ``reason`` alone, as the fallback was already taken."""
+
+    def __init__(self, reason: str, hint: str = "") -> None:
+        super().__init__(f"{reason}; {hint}" if hint else reason)
+        self.reason = reason
+        self.hint = hint
+
+
 def import_trt(target: str) -> ModuleType:
-    """The TensorRT module for ``target`` ("tensorrt" or "tensorrt-rtx"); BackendUnavailable if missing."""
+    """The TensorRT module for ``target`` ("tensorrt" or "tensorrt-rtx"); ``TensorRTUnavailable``
+    (a ``BackendUnavailable``) naming the module and its pip package if missing."""
     module_name, package = _check_target(target)
     try:
         return importlib.import_module(module_name)
     except ImportError as exc:
         extra = (" (TensorRT-RTX builds engines on a CPU too: target='tensorrt-rtx')"
                  if target == "tensorrt" else "")
-        raise BackendUnavailable(
+        raise TensorRTUnavailable(
             f"target {target!r} needs the Python module '{module_name}', which is not importable here "
-            f"({exc}); install it with `pip install {package}`{extra}, or compile with "
-            "fallback='onnxruntime'") from exc
+            f"({exc}); install it with `pip install {package}`{extra}", FALLBACK_HINT) from exc
 
 
 def module_available(target: str) -> bool:
@@ -93,11 +107,12 @@ def gpu_available() -> bool:
     return bool(torch.cuda.is_available() and torch.cuda.device_count() > 0)
 
 
-def _no_gpu_message() -> str:
-    return (f"running a TensorRT engine needs an NVIDIA GPU with a CUDA driver; torch.cuda.is_available() is "
-            f"False here (torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}). Engines for "
-            "target='tensorrt-rtx' can still be built on this machine and run on a GPU machine; to run here, "
-            "compile with target='onnxruntime' or fallback='onnxruntime'")
+def _no_gpu_error() -> TensorRTUnavailable:
+    return TensorRTUnavailable(
+        f"running a TensorRT engine needs an NVIDIA GPU with a CUDA driver; torch.cuda.is_available() is "
+        f"False here (torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}). Engines for "
+        "target='tensorrt-rtx' can still be built on this machine and run on a GPU machine",
+        "to run here, compile with target='onnxruntime' or fallback='onnxruntime'")
 
 
 # --------------------------------------------------------------------------- logging
@@ -619,7 +634,6 @@ class EngineBuild:
     flags: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
-    parser_errors: tuple[ParserIssue, ...] = ()
     num_layers: int = 0
     timing_cache_loaded: bool = False
     timing_cache_written: bool = False
@@ -772,7 +786,7 @@ class TrtRunner:
     def __init__(self, engine_bytes: bytes, target: str = "tensorrt-rtx", *, device: int | str | None = None,
                  runtime_cache: str | None = None) -> None:
         if not gpu_available():
-            raise BackendUnavailable(_no_gpu_message())
+            raise _no_gpu_error()
         self.target = target
         self.trt = trt = import_trt(target)
         self.device = torch.device("cuda", torch.cuda.current_device() if device is None
