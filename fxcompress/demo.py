@@ -2,7 +2,8 @@
 
 Train a small residual CNN, compress it with a recipe (fold BN, prune channels, distill from the
 original, INT8), lower to ONNX Runtime, and print accuracy, size, MACs and ORT latency of every
-stage next to the original.
+stage next to the original, then the benchmark table (median, p90, throughput, peak memory, size)
+of the final ONNX Runtime session next to eager torch.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from rich.console import Console
 from rich.table import Table
 from torch.fx import GraphModule
 
-from .bench import benchmark
+from .bench import BenchResult, benchmark, model_size
+from .bench import table as bench_table
 from .instruments import Evaluate
 from .pass_base import Pass, PassContext
 from .report import PassRecord, human
@@ -40,6 +42,8 @@ class DemoResult:
     stages: list[Stage] = field(default_factory=list)
     original_accuracy: float = 0.0
     artifact: Path | None = None
+    #: eager torch and the final ONNX Runtime session, timed the same way (batch 1, one thread)
+    bench: list[BenchResult] = field(default_factory=list)
 
 
 class _OrtLatency:
@@ -62,6 +66,7 @@ class _OrtLatency:
 def run_demo(out: Path = Path("demo_out"), *, quick: bool = False, console: Console | None = None,
              pipeline: str | None = None) -> DemoResult:
     from . import api
+    from .backends.onnxruntime import OrtRunner
     from .digits import DigitsResNet, accuracy, digits_loaders, train_classifier
     from .registry import recipes
 
@@ -75,7 +80,7 @@ def run_demo(out: Path = Path("demo_out"), *, quick: bool = False, console: Cons
 
     x = next(iter(data.test))[0][:1]
     iters = 50 if quick else 200
-    eager = benchmark(model, (x,), warmup=20, iters=iters, torch_threads=1)
+    eager = benchmark(model, (x,), name="eager (torch)", warmup=20, iters=iters, torch_threads=1)
     console.print(f"[bold]2. compile[/bold] {pipeline} -> onnxruntime")
     evaluate = Evaluate(lambda run: accuracy(run, data.test))
     compiled = api.compile(model, (x,), pipeline, target="onnxruntime", calibration=data.calibration,
@@ -101,6 +106,11 @@ def run_demo(out: Path = Path("demo_out"), *, quick: bool = False, console: Cons
                   f"({first.bytes / max(final.bytes, 1):.1f}x smaller), MACs {first.macs / max(final.macs, 1):.1f}x fewer, "
                   f"latency {eager.median_ms:.3f} ms (torch eager) -> {final.latency_ms or float('nan'):.3f} ms (ORT)",
                   markup=False, highlight=False)
+    final_session = benchmark(OrtRunner(compiled.onnx_model, threads=1), (x,), name="final (onnxruntime)",
+                              warmup=20, iters=iters, size=model_size(compiled))
+    result.bench = [eager, final_session]
+    console.print(bench_table(result.bench, eager, title="benchmark: final ORT session vs eager torch "
+                                                         "(batch 1, one thread)"))
     console.print(compiled.report.table(title="per-pass report"))
 
     from .graph_text import diff

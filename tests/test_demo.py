@@ -22,11 +22,13 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "fxcompress.cli", "demo", "--quick", "--out", str(tmp_path / "demo")],
                           capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = {}
+    rows, bench = {}, {}
     for line in proc.stdout.splitlines():
         cells = [c.strip() for c in line.split("│")[1:-1]]
         if len(cells) == 7 and cells[1].endswith("%"):
             rows[cells[0]] = cells
+        elif len(cells) == 8 and cells[1] == "1":  # the benchmark table, batch 1
+            bench[cells[0]] = cells
     stages = list(rows)
     assert stages[:2] == ["original (eager torch)", "input"]
     assert any(s.startswith("prune-channels") for s in stages) and any(s.startswith("distill") for s in stages)
@@ -35,8 +37,25 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     final_acc = float(rows["export-onnx"][1].rstrip("%"))
     assert original_acc > 95.0
     assert final_acc >= original_acc - 2.0, (original_acc, final_acc)
-    fp32_size, int8_size = _size(rows["input"][4]), _size(rows["export-onnx"][4])
+    # INT8 against the FP32 graph it was made from (after pruning), not against the unpruned input
+    before_int8 = stages[stages.index("quantize-int8") - 1]
+    assert before_int8 == "fold-batchnorm"
+    fp32_size, int8_size = _size(rows[before_int8][4]), _size(rows["export-onnx"][4])
     assert fp32_size > 3 * int8_size, (fp32_size, int8_size)
+    assert _size(rows["input"][4]) > fp32_size, "pruning is expected to shrink the FP32 graph too"
+
+    # median, p90, throughput, peak memory and size of the final ORT session next to eager
+    assert list(bench) == ["eager (torch)", "final (onnxruntime)"], proc.stdout
+    for name, (_, _, median, p90, throughput, peak, size, _) in bench.items():
+        assert 0 < float(median) <= float(p90), (name, median, p90)
+        assert float(throughput) == pytest.approx(1e3 / float(median), rel=0.01, abs=0.1), name
+        assert float(peak) > 0 and _size(size) > 0, (name, peak, size)
+    eager, final = bench["eager (torch)"], bench["final (onnxruntime)"]
+    assert _size(final[6]) < _size(eager[6]) / 3
+    speed, direction, size_ratio = re.fullmatch(r"([\d.]+)x (faster|slower), ([\d.]+)x size", final[7]).groups()  # type: ignore[union-attr]
+    ratio = float(eager[2]) / float(final[2])
+    assert float(speed) == pytest.approx(ratio if direction == "faster" else 1 / ratio, rel=0.05)
+    assert float(size_ratio) == pytest.approx(_size(final[6]) / _size(eager[6]), rel=0.05, abs=0.006)
     assert "result: accuracy" in proc.stdout
     out = tmp_path / "demo"
     assert (out / "model.onnx").is_file() and (out / "manifest.json").is_file()
