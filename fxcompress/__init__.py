@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .api import compile
 from .artifact import Compiled, load
+from .bench import BenchResult, benchmark
 from .compare import Comparison, Tolerance
 from .errors import (ArtifactError, BackendUnavailable, ExportError, FxCompressError, InputError,
                      PassError, PassVerificationError, PipelineError, TraceError)
@@ -22,9 +23,9 @@ from .stats import GraphStats, LayerStats, graph_stats, onnx_stats
 __version__ = "0.1.0"
 
 __all__ = [
-    "ArtifactError", "BackendUnavailable", "Bisect", "Compiled", "Comparison", "Tolerance", "Diagnostic", "DumpGraphs", "Evaluate", "ExportError",
+    "ArtifactError", "BackendUnavailable", "BenchResult", "Bisect", "Compiled", "Comparison", "Tolerance", "Diagnostic", "DumpGraphs", "Evaluate", "ExportError",
     "FxCompressError", "InputError", "NumericCheck", "OnnxPass", "Pass", "PassContext", "PassError",
     "PassRecord", "PassTiming", "PassVerificationError", "Pipeline", "PipelineError", "PrintAfter",
-    "ProgressBar", "Repeat", "Report", "GraphStats", "LayerStats", "graph_stats", "onnx_stats", "Snapshot", "TraceError", "available_passes", "compile", "load",
+    "ProgressBar", "Repeat", "Report", "GraphStats", "LayerStats", "graph_stats", "onnx_stats", "Snapshot", "TraceError", "available_passes", "benchmark", "compile", "load",
     "parse_pipeline", "register", "__version__",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from typing import Any, Iterable, Sequence
 
@@ -28,16 +29,24 @@ def _as_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
                         f"example_inputs=(torch.randn(1, 3, 32, 32),); got {type(example_inputs).__name__}")
 
 
-def _as_pipeline(passes: Pipeline | Sequence[Pass] | str, verify: bool, on_error: str,
+def _as_pipeline(passes: Pipeline | Sequence[Pass] | str, verify: bool | None, on_error: str | None,
                  instruments: Sequence[Any]) -> Pipeline:
+    """The pipeline to run. ``verify``/``on_error`` given to ``compile`` override a ``Pipeline``
+    object's own settings (None keeps them); its instruments run together with ``instruments``."""
     if isinstance(passes, Pipeline):
+        changes: dict[str, Any] = {}
+        if verify is not None:
+            changes["verify"] = verify
+        if on_error is not None:
+            changes["on_error"] = on_error
         if instruments:
-            return Pipeline((passes,), verify=verify, on_error=on_error, instruments=tuple(instruments))  # type: ignore[arg-type]
-        return passes
+            changes["instruments"] = (*passes.instruments, *instruments)
+        return dataclasses.replace(passes, **changes) if changes else passes
     if isinstance(passes, Pass):
         passes = (passes,)
-    return Pipeline(passes if isinstance(passes, str) else tuple(passes), verify=verify,  # type: ignore[arg-type]
-                    on_error=on_error, instruments=tuple(instruments))  # type: ignore[arg-type]
+    return Pipeline(passes if isinstance(passes, str) else tuple(passes),  # type: ignore[arg-type]
+                    verify=True if verify is None else verify, on_error=on_error or "raise",  # type: ignore[arg-type]
+                    instruments=tuple(instruments))
 
 
 def compile(
@@ -48,8 +57,8 @@ def compile(
     target: str = "onnxruntime",
     calibration: Iterable[Any] | None = None,
     train_data: Iterable[Any] | None = None,
-    verify: bool = True,
-    on_error: str = "raise",
+    verify: bool | None = None,
+    on_error: str | None = None,
     instruments: Sequence[Any] = (),
     progress: bool | None = None,
     precision: str = "fp32",
@@ -68,8 +77,11 @@ def compile(
 ) -> Compiled:
     """Trace ``model``, run ``passes``, lower to ``target`` and return a runnable ``Compiled``.
 
-    ``model`` is never mutated. ``passes`` is a list of pass objects, a ``Pipeline`` or a
-    pipeline string. ``calibration`` and ``train_data`` go into the ``PassContext``.
+    ``model`` and ``example_inputs`` are never mutated. ``passes`` is a list of pass objects, a
+    ``Pipeline`` or a pipeline string. ``verify`` (default True) checks exact passes numerically;
+    ``on_error`` is ``"raise"`` (default) or ``"skip"`` (roll the failing pass back and go on). For a
+    ``Pipeline`` object, ``verify``/``on_error`` left at None keep the pipeline's own settings and
+    given values override them. ``calibration`` and ``train_data`` go into the ``PassContext``.
     """
     from .trace import trace
 

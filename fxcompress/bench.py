@@ -16,6 +16,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .errors import InputError
+from .verify import fresh_inputs
+
 
 @dataclass(frozen=True)
 class BenchResult:
@@ -69,8 +72,13 @@ def benchmark(fn: Callable[..., Any], inputs: Sequence[Any], *, name: str = "mod
               iters: int = 100, size: int | None = None, torch_threads: int | None = None) -> BenchResult:
     """Time ``fn(*inputs)``: median and p90 latency, throughput (samples/s), peak memory.
 
+    An ``nn.Module`` is timed in eval mode and its training flags are restored afterwards; the
+    inputs are cloned once, so an in-place model does not change the caller's tensors.
     ``torch_threads`` sets torch's intra-op thread count for the measurement only (compare eager
     with an ONNX Runtime session of the same thread count)."""
+    for arg, value, least in (("iters", iters, 1), ("warmup", warmup, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise InputError(f"benchmark({arg}=...) must be an integer >= {least}, got {value!r}")
     if torch_threads is not None:
         previous = torch.get_num_threads()
         torch.set_num_threads(torch_threads)
@@ -78,10 +86,29 @@ def benchmark(fn: Callable[..., Any], inputs: Sequence[Any], *, name: str = "mod
             return benchmark(fn, inputs, name=name, warmup=warmup, iters=iters, size=size)
         finally:
             torch.set_num_threads(previous)
-    inputs = tuple(inputs)
+    inputs = fresh_inputs(tuple(inputs))
     batch = int(inputs[0].shape[0]) if inputs and hasattr(inputs[0], "shape") and inputs[0].dim() else 1
-    if isinstance(fn, torch.nn.Module):
-        fn.eval()
+    modes = [(m, m.training) for m in fn.modules()] if isinstance(fn, torch.nn.Module) else []
+    try:
+        for m, _ in modes:
+            m.training = False
+        times, tracked, cuda = _measure(fn, inputs, warmup, iters)
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    median = statistics.median(times) * 1e3
+    p90 = times[min(len(times) - 1, int(round(0.9 * (len(times) - 1))))] * 1e3
+    hwm = _rss_kb("VmHWM") if tracked else None
+    return BenchResult(
+        name=name, batch=batch, median_ms=median, p90_ms=p90, throughput=batch / (median / 1e3),
+        peak_rss_mb=hwm / 1024 if hwm else None,
+        peak_cuda_mb=torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+        size_bytes=size if size is not None else model_size(fn), iters=iters)
+
+
+def _measure(fn: Callable[..., Any], inputs: tuple[Any, ...], warmup: int, iters: int
+             ) -> tuple[list[float], bool, bool]:
+    """Sorted per-call seconds, whether peak RSS was reset before timing, whether CUDA was synced."""
     gc.collect()
     cuda = torch.cuda.is_available()
     if cuda:
@@ -98,14 +125,7 @@ def benchmark(fn: Callable[..., Any], inputs: Sequence[Any], *, name: str = "mod
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
     times.sort()
-    median = statistics.median(times) * 1e3
-    p90 = times[min(len(times) - 1, int(round(0.9 * (len(times) - 1))))] * 1e3
-    hwm = _rss_kb("VmHWM") if tracked else None
-    return BenchResult(
-        name=name, batch=batch, median_ms=median, p90_ms=p90, throughput=batch / (median / 1e3),
-        peak_rss_mb=hwm / 1024 if hwm else None,
-        peak_cuda_mb=torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
-        size_bytes=size if size is not None else model_size(fn), iters=iters)
+    return times, tracked, cuda
 
 
 def ratios(result: BenchResult, baseline: BenchResult) -> dict[str, float | None]:

@@ -59,3 +59,39 @@ def test_framework_helpers_run_on_clones() -> None:
     fxc.Pipeline([]).apply(gm, PassContext(inputs, original=InPlace().eval()))
     assert torch.equal(inputs[0], pristine[0])
     assert torch.equal(values["x"], pristine[0]) and torch.equal(values["mul_"], 2 * pristine[0])
+
+
+def test_benchmark_restores_training_flags_and_leaves_inputs_alone() -> None:
+    model = InPlace().train()
+    model.drop.eval()
+    seen: list[bool] = []
+    model.register_forward_pre_hook(lambda m, args: seen.append(m.training))
+    inputs, pristine = _inputs()
+    result = fxc.benchmark(model, inputs, warmup=1, iters=3)
+    assert seen == [False] * 4
+    assert model.training and not model.drop.training and model.fc.training and model.id.training
+    assert torch.equal(inputs[0], pristine[0])
+    assert result.iters == 3 and result.batch == 2 and result.median_ms > 0
+
+
+def test_benchmark_restores_training_flags_when_the_model_raises() -> None:
+    model = InPlace().train()
+    with pytest.raises(RuntimeError):
+        fxc.benchmark(model, (torch.randn(2, 5),), warmup=0, iters=1)
+    assert all(m.training for m in model.modules())
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"iters": 0}, r"benchmark\(iters=\.\.\.\) must be an integer >= 1, got 0"),
+    ({"iters": 2.5}, r"iters=\.\.\.\) must be an integer >= 1, got 2.5"),
+    ({"warmup": -1}, r"benchmark\(warmup=\.\.\.\) must be an integer >= 0, got -1"),
+])
+def test_benchmark_rejects_bad_counts(kw: dict, message: str) -> None:
+    with pytest.raises(fxc.InputError, match=message):
+        fxc.benchmark(nn.Linear(2, 2), (torch.randn(1, 2),), **kw)
+
+
+def test_benchmark_is_the_public_api() -> None:
+    from fxcompress import bench
+
+    assert fxc.benchmark is bench.benchmark and "benchmark" in fxc.__all__

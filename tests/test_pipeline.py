@@ -398,3 +398,22 @@ def test_skipped_broken_pass_leaves_the_previous_graph_and_names_the_node() -> N
     assert diag["severity"] == "error" and diag["node"] == "relu"
     assert "first divergent node: 'relu'" in diag["message"]
     assert torch.allclose(c.graph_module(*X), Net()(*X), atol=1e-6)
+
+
+def test_compile_verify_and_on_error_apply_to_a_pipeline_object() -> None:
+    pipe = fxc.Pipeline([AddZeroToOutput(), ReluToSigmoid()])
+    with pytest.raises(fxc.PassVerificationError):
+        compile_fx(pipe)
+    skipped = compile_fx(pipe, on_error="skip")
+    assert [r.status for r in skipped.report] == ["ok", "ok", "rolled-back"]
+    assert "torch.relu" in skipped.graph_module.code
+    unverified = compile_fx(pipe, verify=False)
+    assert [r.status for r in unverified.report] == ["ok", "ok", "ok"]
+    assert "torch.sigmoid" in unverified.graph_module.code
+    own = compile_fx(fxc.Pipeline([ReluToSigmoid()], on_error="skip"), instruments=[fxc.PassTiming()])
+    assert own.report[1].status == "rolled-back"
+    with pytest.raises(fxc.PassVerificationError):
+        compile_fx(fxc.Pipeline([ReluToSigmoid()], on_error="skip"), on_error="raise")
+    assert pipe.on_error == "raise" and pipe.verify is True
+    with pytest.raises(fxc.PipelineError, match="on_error must be 'raise' or 'skip'; got 'ignore'"):
+        compile_fx(pipe, on_error="ignore")
