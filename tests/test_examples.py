@@ -119,9 +119,6 @@ def test_examples_pytest_suite_passes(tmp_path: Path) -> None:
 DISTILL = EXAMPLES / "distill_ddp.py"
 
 
-needs_distill_example = pytest.mark.skipif(not DISTILL.exists(), reason="examples/distill_ddp.py is not written yet")
-
-
 def check_distill_output(out: str, processes: int) -> None:
     assert f"{processes} process(es)" in out
     assert f"1/{processes} of the data" in out
@@ -132,7 +129,6 @@ def check_distill_output(out: str, processes: int) -> None:
 
 
 @pytest.mark.slow
-@needs_distill_example
 def test_distill_ddp_single_process(tmp_path: Path) -> None:
     proc = run_example("distill_ddp.py", "--quick", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -140,7 +136,6 @@ def test_distill_ddp_single_process(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@needs_distill_example
 def test_distill_ddp_with_torchrun_two_processes(tmp_path: Path) -> None:
     """``torchrun --standalone`` (a free rendezvous port, so parallel runs do not collide), gloo on CPU."""
     proc = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
