@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import collections
 import math
+from pathlib import Path
 
+import onnx
 import pytest
 import torch
 from torch import nn
@@ -259,3 +262,53 @@ def test_train_loop_gives_the_loss_the_batch_as_the_user_gave_it() -> None:
     gm = trace(_inplace_model(), (x,))
     train_loop(gm, [(x, y)], loss, epochs=2)
     assert len(seen) == 2 and all(torch.equal(s, x) for s in seen) and bool((x < 0).any())
+
+
+def _ort_ops(model: "onnx.ModelProto", path: Path) -> collections.Counter:
+    from fxcompress.backends.onnxruntime import OrtRunner
+
+    OrtRunner(model, threads=1, optimized_model_path=path)
+    return collections.Counter(n.op_type for n in onnx.load(path).graph.node)
+
+
+def test_unfrozen_qat_exports_qdq_and_runs_integer_kernels(tmp_path: Path) -> None:
+    """QAT with no training pass after it: the learnable fake-quant still lowers to Q/DQ."""
+    model, ex = ZOO["resnet_basic"]()
+    gen = torch.Generator().manual_seed(0)
+    calib = [tuple(torch.randn(e.shape, generator=gen) for e in ex) for _ in range(4)]
+    c = fxc.compile(model, example_inputs=ex, calibration=calib, passes="fold-batchnorm,quantize-int8{qat=true}",
+                    target="onnxruntime")
+    assert any(isinstance(m, LearnedFakeQuant) for m in c.graph_module.modules())
+    ops = collections.Counter(n.op_type for n in c.onnx_model.graph.node)
+    assert ops["QuantizeLinear"] == 7 + 12 and ops["DequantizeLinear"] == 7 + 12  # 7 weights, 12 activations
+    assert not ops["Round"] and not ops["Div"]
+    optimized = _ort_ops(c.onnx_model, tmp_path / "opt.onnx")
+    assert optimized["QLinearConv"] == 6 and optimized["QGemm"] == 1 and not optimized["Conv"]
+    with torch.no_grad():
+        ref = c.graph_module(*ex)
+    cos = torch.nn.functional.cosine_similarity(ref.flatten(), torch.as_tensor(c(*ex)).flatten(), dim=0)
+    assert float(cos) > 0.999
+
+
+@pytest.mark.parametrize("scheme", ["onnxruntime", "tensorrt"])
+def test_unfrozen_qat_weight_export_matches_fx_even_past_the_weight_range(scheme: str) -> None:
+    """Shrunk learned weight scales push round(w / s) past qmax (64 with reduce_range, 127):
+    ONNX must clamp there too, not at QuantizeLinear's own -128..127."""
+    from fxcompress.backends.onnx_export import export_onnx
+    from fxcompress.backends.onnxruntime import OrtRunner
+
+    torch.manual_seed(0)
+    model, ex = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)), (torch.randn(3, 16),)
+    ctx = fxc.PassContext(ex, calibration=[ex], target="onnxruntime")
+    gm = QuantizeInt8(qat=True, scheme=scheme).run(trace(model, ex), ctx).graph
+    wfq = [m for m in gm.modules() if isinstance(m, LearnedWeightFakeQuant)]
+    with torch.no_grad():
+        for m in wfq:
+            m.scale.mul_(0.4)
+    gm.eval()
+    proto = export_onnx(gm, ex)
+    assert sum(n.op_type == "Clip" for n in proto.graph.node) == len(wfq) == 2
+    with torch.no_grad():
+        ref = gm(*ex)
+    got = OrtRunner(proto, threads=1)(*ex)
+    assert torch.allclose(ref, got, atol=1e-4 * float(ref.abs().max()))

@@ -13,12 +13,16 @@ and the scale is a scalar), so the ONNX file holds 1 byte per weight.
 + MatMulInteger + rescale, which ONNX Runtime fuses into its dynamic-quantized matmul kernel.
 
 QAT uses the modules ``LearnedFakeQuant`` (per-tensor activations) and ``LearnedWeightFakeQuant``
-(per-channel weights): straight-through rounding, LSQ-style learnable scales (or frozen).
+(per-channel weights): straight-through rounding, LSQ-style learnable scales (or frozen). Outside
+training they compute exactly what ``qat.freeze_qat`` would write, and exported to ONNX they lower
+to the same QuantizeLinear/DequantizeLinear (current scales as constants, INT8 weight
+initializers), so a QAT graph that reaches export unfrozen still runs INT8 kernels.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -27,6 +31,7 @@ _NS = "fxcompress_quant"
 _lib = torch.library.Library(_NS, "DEF")
 _lib.define("dequantize(Tensor w_q, Tensor scale, int axis) -> Tensor")
 _lib.define("dynamic_linear(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias, int act_qmax) -> Tensor")
+_lib.define("fake_quantize_weight(Tensor w, Tensor scale, int axis, int qmin, int qmax, bool clip) -> Tensor")
 
 
 def _channel_view(scale: torch.Tensor, dim: int, axis: int) -> torch.Tensor:
@@ -72,8 +77,21 @@ def _dynamic_linear_fake(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tens
     return x.new_empty((*x.shape[:-1], w_q.shape[-1]))
 
 
+@torch.library.impl(_lib, "fake_quantize_weight", "CompositeExplicitAutograd")
+def _fake_quantize_weight(w: torch.Tensor, scale: torch.Tensor, axis: int, qmin: int, qmax: int,
+                          clip: bool) -> torch.Tensor:
+    return _dequantize(quantize_weight(w, scale, axis, qmin, qmax), scale.to(w.dtype), axis)
+
+
+@torch.library.register_fake(f"{_NS}::fake_quantize_weight")
+def _fake_quantize_weight_fake(w: torch.Tensor, scale: torch.Tensor, axis: int, qmin: int, qmax: int,
+                               clip: bool) -> torch.Tensor:
+    return torch.empty_like(w)
+
+
 dequantize = torch.ops.fxcompress_quant.dequantize.default
 dynamic_linear = torch.ops.fxcompress_quant.dynamic_linear.default
+fake_quantize_weight = torch.ops.fxcompress_quant.fake_quantize_weight.default
 
 
 def _register_onnx_symbolics() -> None:
@@ -100,7 +118,21 @@ def _register_onnx_symbolics() -> None:
             y = g.op("Add", y, bias)
         return y
 
+    def fake_quantize_weight_symbolic(g, w, scale, axis, qmin, qmax, clip):  # type: ignore[no-untyped-def]
+        ax = _get_const(axis, "i", "axis")
+        sizes = scale.type().sizes()
+        per_axis = ax >= 0 and bool(sizes)
+        zp = g.op("Constant", value_t=torch.zeros(int(sizes[0]) if per_axis else (), dtype=torch.int8))
+        attrs = {"axis_i": ax} if per_axis else {}
+        q = g.op("QuantizeLinear", w, scale, zp, **attrs)
+        if _get_const(clip, "b", "clip"):  # QuantizeLinear saturates to [-128, 127] only
+            lo, hi = _get_const(qmin, "i", "qmin"), _get_const(qmax, "i", "qmax")
+            q = g.op("Clip", q, g.op("Constant", value_t=torch.tensor(lo, dtype=torch.int8)),
+                     g.op("Constant", value_t=torch.tensor(hi, dtype=torch.int8)))
+        return g.op("DequantizeLinear", q, scale, zp, **attrs)
+
     for opset in range(13, 22):
+        register_custom_op_symbolic(f"{_NS}::fake_quantize_weight", fake_quantize_weight_symbolic, opset)
         register_custom_op_symbolic(f"{_NS}::dequantize", dequantize_symbolic, opset)
         register_custom_op_symbolic(f"{_NS}::dynamic_linear", dynamic_linear_symbolic, opset)
 
@@ -147,7 +179,11 @@ class LearnedFakeQuant(nn.Module):
         self.qmin, self.qmax, self.learn = qmin, qmax, learn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _lsq(x, self.scale, self.zero_point, self.qmin, self.qmax, self.learn and self.training)
+        if self.training and not torch.onnx.is_in_onnx_export():
+            return _lsq(x, self.scale, self.zero_point, self.qmin, self.qmax, self.learn)
+        scale = self.scale.data.abs().clamp(min=1e-12).float()  # .data: a constant in the ONNX trace
+        return torch.fake_quantize_per_tensor_affine(x, scale, self.zero_point.data.to(torch.int32), self.qmin,
+                                                     self.qmax)
 
     def frozen(self) -> tuple[float, int]:
         return float(self.scale.detach().abs().clamp(min=1e-12).to(torch.float32)), int(self.zero_point)
@@ -167,11 +203,27 @@ class LearnedWeightFakeQuant(nn.Module):
         self.axis, self.qmin, self.qmax, self.learn = axis, qmin, qmax, learn
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export():
+            return self._export(w)
         s = _channel_view(self.scale, w.dim(), self.axis)
         return _lsq(w, s, torch.zeros((), dtype=w.dtype), self.qmin, self.qmax, self.learn and self.training)
 
     def frozen(self) -> torch.Tensor:
         return self.scale.detach().abs().clamp(min=1e-12).float().clone()
+
+    def _export(self, w: torch.Tensor) -> torch.Tensor:
+        """QuantizeLinear -> DequantizeLinear on the FP32 weight with the current scales as constants
+        (``.data`` keeps them out of the trace); a Clip on the integers only where QuantizeLinear's
+        own saturation at [-128, 127] would differ from ``[qmin, qmax]``. ONNX Runtime and the
+        ``fold-weight-quantize`` ONNX pass fold it into an INT8 initializer."""
+        scale = self.scale.data.abs().clamp(min=1e-12).float()
+        if self.axis < 0 or scale.dim() == 0:
+            scale = scale.reshape(())
+        q = torch.round(w.data.float() / _channel_view(scale, w.dim(), self.axis))
+        with warnings.catch_warnings():  # the Clip is decided on today's weights, by design
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            clip = bool((self.qmin > -128 and (q < self.qmin).any()) or (self.qmax < 127 and (q > self.qmax).any()))
+        return fake_quantize_weight(w, scale, self.axis if scale.dim() else -1, self.qmin, self.qmax, clip)
 
     def extra_repr(self) -> str:
         return f"axis={self.axis}, qmin={self.qmin}, qmax={self.qmax}, learn={self.learn}"

@@ -4,7 +4,9 @@
 (straight-through rounding, LSQ-style learnable scales) where PTQ would place constants; a
 ``fine-tune`` pass trains them on ``ctx.train_data`` and calls ``freeze_qat`` at the end, so the
 graph exports exactly as a PTQ graph does (constant scales, INT8 weight initializers).
-``FreezeQuant`` does the same for graphs trained some other way.
+``FreezeQuant`` does the same for graphs trained some other way. A QAT graph exported unfrozen
+still lowers to QuantizeLinear/DequantizeLinear with its current scales (see ``fake_quant``), with
+FP32 weights behind QuantizeLinear until ``fold-weight-quantize`` or ONNX Runtime folds them.
 """
 
 from __future__ import annotations
