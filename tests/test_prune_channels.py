@@ -10,6 +10,7 @@ flatten, slices) on real numbers rather than on shapes only.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import numpy as np
@@ -23,7 +24,7 @@ from torch.fx import GraphModule, symbolic_trace
 
 from fxcompress.backends.onnx_export import export_onnx
 from fxcompress.backends.onnxruntime import OrtRunner
-from fxcompress.errors import PassError, PipelineError
+from fxcompress.errors import PassError, PassVerificationError, PipelineError
 from fxcompress.pass_base import PassContext
 from fxcompress.pipeline import Pipeline
 from fxcompress.trace import trace
@@ -399,6 +400,77 @@ def test_zero_channel_exact_through_the_pipeline() -> None:
     assert outcome.graph_module.conv2.out_channels == 5
     record = outcome.report[-1]
     assert record.stats["layers"]["conv2"]["kept"] == [0, 1, 3, 4, 5]
+    assert not PruneChannels(ratio=0.2).exact  # so the recorded error is what proves exactness
+    assert record.status == "ok" and record.error["max_abs"] == 0.0 and record.error["cosine"] == 1.0
+
+
+def test_ratio_zero_is_declared_exact_and_the_pipeline_verifies_it() -> None:
+    """ratio=0 (and no non-zero per-layer ratio) makes the instance exact: the pipeline then
+    checks its outputs; the class stays non-exact in the catalogue."""
+    assert PruneChannels(ratio=0.0).exact and PruneChannels(ratio=0.0, ratios={"fc": 0.0}).exact
+    assert not PruneChannels.exact and not PruneChannels().exact
+    assert not PruneChannels(ratio=0.0, ratios={"layers.*": 0.3}).exact
+    model, inputs = ZOO["resnet_basic"]()
+    gm = trace(model, inputs)
+    outcome = Pipeline((PruneChannels(ratio=0.0),)).apply(gm, PassContext(inputs, original=model))
+    assert outcome.report[-1].error["max_abs"] == 0.0
+
+    @dataclasses.dataclass(frozen=True)
+    class Drifting(PruneChannels):
+        def run(self, gm: GraphModule, ctx: PassContext):
+            result = super().run(gm, ctx)
+            with torch.no_grad():
+                result.graph.conv1.weight.mul_(1.01)
+            return result
+
+    with pytest.raises(PassVerificationError, match="declared exact"):
+        Pipeline((Drifting(ratio=0.0),)).apply(gm, PassContext(inputs, original=model))
+    outcome = Pipeline((Drifting(ratio=0.1),)).apply(gm, PassContext(inputs, original=model))
+    assert outcome.report[-1].error["max_abs"] > 0  # not declared exact: recorded, not refused
+
+
+class SmallNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 4, 1)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.conv2(F.relu(self.bn(self.conv1(x)))).mean((2, 3)))
+
+
+def test_per_layer_and_total_stats_counted_by_hand() -> None:
+    """ratio=0.5 on a 1x3x5x5 input: conv1/bn 8 -> 4 channels, conv2 4 -> 2, the head keeps its
+    2 outputs and loses 2 inputs. Every weight is non-zero, so active = params after."""
+    torch.manual_seed(0)
+    model = _randomize(SmallNet(), 9)
+    inputs = (torch.randn(1, 3, 5, 5, generator=_gen(9)),)
+    s = prune(model, inputs, PruneChannels(ratio=0.5)).stats
+    hw = 5 * 5
+    expected = {  # (params before, params after, MACs before, MACs after); bias MACs not counted
+        "conv1": (8 * 3 * 9 + 8, 4 * 3 * 9 + 4, 8 * 3 * 9 * hw, 4 * 3 * 9 * hw),
+        "bn": (2 * 8, 2 * 4, 0, 0),
+        "conv2": (4 * 8 + 4, 2 * 4 + 2, 4 * 8 * hw, 2 * 4 * hw),
+        "fc": (2 * 4 + 2, 2 * 2 + 2, 2 * 4, 2 * 2),
+    }
+    channels = {"conv1": (8, 4), "bn": (8, 4), "conv2": (4, 2), "fc": (2, 2)}
+    assert set(s["layers"]) == set(expected)
+    for name, (pb, pa, mb, ma) in expected.items():
+        row = s["layers"][name]
+        assert (row["channels_before"], row["channels_after"]) == channels[name], name
+        assert len(row["kept"]) == channels[name][1]
+        assert (row["params_before"], row["params_after"], row["macs_before"], row["macs_after"]) == \
+            (pb, pa, mb, ma), name
+        assert row["active_params"] == pa and row["pruned_params"] == pb - pa, name
+        assert row["sparsity"] == pytest.approx((pb - pa) / pb) and row["compression_ratio"] == pytest.approx(pb / pa)
+    total_b, total_a = (sum(v[i] for v in expected.values()) for i in (0, 1))
+    macs_b, macs_a = (sum(v[i] for v in expected.values()) for i in (2, 3))
+    assert (s["params_before"], s["params_after"], s["active_params"]) == (total_b, total_a, total_a)
+    assert (s["macs_before"], s["macs_after"]) == (macs_b, macs_a)
+    assert s["sparsity"] == pytest.approx(1 - total_a / total_b)
+    assert s["compression_ratio"] == pytest.approx(total_b / total_a)
 
 
 # --------------------------------------------------------------------------- coupling
@@ -528,14 +600,65 @@ def test_pipeline_string_round_trip() -> None:
         PruneChannels(importance="random")
 
 
-@pytest.mark.parametrize("importance", ["l1", "l2", "bn-scale", "taylor"])
-def test_importance_criteria(importance: str) -> None:
-    model, inputs = ZOO["resnet_basic"]()
-    data = [(torch.randn(4, 3, 16, 16, generator=_gen(i)), torch.randint(0, 10, (4,), generator=_gen(i)))
+class ResTiny(nn.Module):
+    """conv1/bn1 and conv2/bn2 coupled by a residual add: one group of 8 channels, two producers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a = F.relu(self.bn1(self.conv1(x)))
+        return self.fc(F.relu(a + self.bn2(self.conv2(a))).mean((2, 3)))
+
+
+def _reference_importance(model: ResTiny, importance: str, data) -> Tensor:
+    """Score of each of the 8 coupled channels, summed over the members of the group."""
+    pairs = ((model.conv1, model.bn1), (model.conv2, model.bn2))
+    if importance == "bn-scale":
+        return sum(bn.weight.detach().abs() for _, bn in pairs)
+    if importance in ("l1", "l2"):  # each producer's row with its BatchNorm folded in
+        score = torch.zeros(8, dtype=torch.float64)
+        for conv, bn in pairs:
+            scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().double()
+            rows = conv.weight.detach().double().flatten(1) * scale[:, None]
+            shift = (bn.bias.detach().double() - scale * bn.running_mean.double())[:, None]
+            folded = torch.cat([rows, shift], 1)
+            score += folded.abs().sum(1) if importance == "l1" else folded.norm(dim=1)
+        return score
+    model = copy.deepcopy(model)
+    for x, y in data:
+        F.cross_entropy(model(x), y).backward()
+    taylor = lambda p, dim: (p.detach() * p.grad).abs().transpose(0, dim).reshape(8, -1).sum(1)  # noqa: E731
+    slices = [(model.conv1.weight, 0), (model.bn1.weight, 0), (model.bn1.bias, 0), (model.conv2.weight, 1),
+              (model.conv2.weight, 0), (model.bn2.weight, 0), (model.bn2.bias, 0), (model.fc.weight, 1)]
+    return sum(taylor(p, dim) for p, dim in slices)
+
+
+def test_importance_criteria() -> None:
+    """Each criterion keeps the 4 channels with the largest reference importance, computed here
+    from the weights (L1/L2 of BN-folded rows), |gamma| or |w * dL/dw| over every member."""
+    torch.manual_seed(0)
+    model = _randomize(ResTiny(), 22)
+    with torch.no_grad():  # rows of unequal size, so weight norms and |gamma| rank channels differently
+        model.conv1.weight.mul_(torch.rand(8, 1, 1, 1, generator=_gen(122)) * 3)
+        model.conv2.weight.mul_(torch.rand(8, 1, 1, 1, generator=_gen(122)) * 3)
+    inputs = (torch.randn(2, 3, 6, 6, generator=_gen(22)),)
+    data = [(torch.randn(4, 3, 6, 6, generator=_gen(i)), torch.randint(0, 3, (4,), generator=_gen(i)))
             for i in range(2)]
-    result = prune(model, inputs, PruneChannels(ratio=0.5, importance=importance), train_data=data)
-    assert result.stats["layers"]["conv1"]["channels_after"] == 4
-    assert result.stats["importance"] == importance
+    chosen = {}
+    for importance in ("l1", "l2", "bn-scale", "taylor"):
+        result = prune(model, inputs, PruneChannels(ratio=0.5, importance=importance), train_data=data)
+        assert result.stats["importance"] == importance
+        layers = result.stats["layers"]
+        expected = sorted(torch.argsort(_reference_importance(model, importance, data), descending=True)[:4].tolist())
+        assert all(layers[n]["kept"] == expected for n in ("conv1", "bn1", "conv2", "bn2")), importance
+        chosen[importance] = tuple(expected)
+    assert len(set(chosen.values())) >= 3, chosen  # the criteria really differ on this model
 
 
 def test_bn_scale_keeps_largest_gamma() -> None:

@@ -66,8 +66,8 @@ def test_global_scope_one_threshold(amount: float) -> None:
 def test_global_differs_from_layer_and_keeps_smallest_layers_denser() -> None:
     _, _, layer = run("resnet_basic", PruneMagnitude(amount=0.6, scope="layer"))
     _, _, glob = run("resnet_basic", PruneMagnitude(amount=0.6, scope="global"))
-    per_layer = [v["sparsity"] for v in layer.stats["layers"].values()]
-    per_glob = [v["sparsity"] for v in glob.stats["layers"].values()]
+    per_layer = [v["weight_sparsity"] for v in layer.stats["layers"].values()]
+    per_glob = [v["weight_sparsity"] for v in glob.stats["layers"].values()]
     assert max(abs(s - 0.6) for s in per_layer) < 0.01
     assert max(per_glob) - min(per_glob) > 0.05
 
@@ -87,6 +87,28 @@ def test_zeros_are_permanent_and_outputs_change_only_through_weights() -> None:
     assert s["active_params"] == s["total_params"] - s["pruned_params"]
     assert s["sparsity"] == pytest.approx(s["pruned_params"] / s["total_params"])
     assert s["params_after"] == s["params_before"]
+
+
+def test_per_layer_stats_counted_by_hand() -> None:
+    """Linear(4, 6) loses 12 of its 24 weights (its 6 biases stay); the head Linear(6, 3) is dense;
+    batch 2, so MACs are 2 * 4 * 6 and 2 * 6 * 3 and do not change (zeros are still multiplied)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    inputs = (torch.randn(2, 4),)
+    gm = propagate_shapes(symbolic_trace(copy.deepcopy(model)), inputs)
+    s = PruneMagnitude(amount=0.5).run(gm, PassContext(inputs)).stats
+    assert set(s["layers"]) == {"0"} and "classifier head" in s["skipped"]["2"]
+    row = s["layers"]["0"]
+    assert row["kind"] == "Linear"
+    assert (row["params_before"], row["params_after"], row["active_params"], row["pruned_params"]) == (30, 30, 18, 12)
+    assert row["sparsity"] == pytest.approx(12 / 30) and row["compression_ratio"] == pytest.approx(30 / 18)
+    assert (row["weight_zeros"], row["weight_sparsity"]) == (12, 0.5)
+    assert (row["macs_before"], row["macs_after"]) == (2 * 4 * 6, 2 * 4 * 6)
+    total = 30 + 6 * 3 + 3
+    assert (s["params_before"], s["params_after"], s["active_params"], s["pruned_params"]) == \
+        (total, total, total - 12, 12)
+    assert s["sparsity"] == pytest.approx(12 / total) and s["compression_ratio"] == pytest.approx(total / (total - 12))
+    assert (s["macs_before"], s["macs_after"]) == (2 * (4 * 6 + 6 * 3),) * 2
 
 
 def test_selection_by_type_pattern_and_head() -> None:

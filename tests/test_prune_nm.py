@@ -57,6 +57,24 @@ def test_layers_with_indivisible_channels_are_skipped() -> None:
     assert result.stats["layers"]["features.4"]["sparsity"] == pytest.approx(0.5)
 
 
+def test_per_layer_stats_counted_by_hand() -> None:
+    """2:4 on Linear(8, 4): 16 of its 32 weights become zero, its 4 biases stay; the head
+    Linear(4, 2) is dense. Batch 3: MACs 3 * 8 * 4 and 3 * 4 * 2, unchanged by sparsity."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    inputs = (torch.randn(3, 8),)
+    gm = propagate_shapes(symbolic_trace(copy.deepcopy(model)), inputs)
+    s = PruneNM().run(gm, PassContext(inputs)).stats
+    assert set(s["layers"]) == {"0"}
+    row = s["layers"]["0"]
+    assert (row["params_before"], row["params_after"], row["active_params"], row["pruned_params"]) == (36, 36, 20, 16)
+    assert row["sparsity"] == pytest.approx(16 / 36) and row["compression_ratio"] == pytest.approx(36 / 20)
+    assert (row["weight_zeros"], row["weight_sparsity"]) == (16, 0.5)
+    assert (row["macs_before"], row["macs_after"]) == (3 * 8 * 4, 3 * 8 * 4)
+    total = 36 + 4 * 2 + 2
+    assert (s["total_params"], s["active_params"], s["macs_before"]) == (total, total - 16, 3 * (8 * 4 + 4 * 2))
+
+
 def test_group_layout_is_input_channels_per_kernel_position() -> None:
     w = torch.zeros(2, 8, 3, 3)
     w[0, 0:4, 1, 1] = torch.tensor([1.0, 2.0, 3.0, 4.0])

@@ -4,7 +4,6 @@ before/after totals every pruning pass reports."""
 from __future__ import annotations
 
 import fnmatch
-import math
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -98,19 +97,50 @@ def graph_totals(gm: GraphModule) -> Any:
     return graph_stats(gm)
 
 
-def totals(before: Any, after: Any) -> dict[str, Any]:
-    """The totals every pruning pass reports, relative to the parameter count before the pass."""
-    total = before.params
-    active = after.nonzero
-    pruned = total - active
-    ratio = total / active if active else math.inf
+def _numbers(params_before: int, params_after: int, active: int, macs_before: int, macs_after: int
+             ) -> dict[str, Any]:
+    """The pruning numbers of a layer or a whole graph, relative to the parameters before the pass."""
+    pruned = params_before - active
     return {
-        "params_before": before.params, "params_after": after.params,
-        "total_params": total, "pruned_params": pruned, "active_params": active,
-        "sparsity": pruned / total if total else 0.0,
-        "compression_ratio": None if math.isinf(ratio) else ratio,
-        "macs_before": before.macs, "macs_after": after.macs,
+        "params_before": params_before, "params_after": params_after,
+        "total_params": params_before, "pruned_params": pruned, "active_params": active,
+        "sparsity": pruned / params_before if params_before else 0.0,
+        "compression_ratio": params_before / active if active else None,
+        "macs_before": macs_before, "macs_after": macs_after,
     }
+
+
+def totals(before: Any, after: Any) -> dict[str, Any]:
+    """The totals every pruning pass reports: ``params_before/after``, ``total_params`` (before),
+    ``pruned_params`` and ``active_params`` (non-zero after), ``sparsity`` (pruned / total),
+    ``compression_ratio`` (total / active, None when nothing is left), ``macs_before/after``."""
+    return _numbers(before.params, after.params, after.nonzero, before.macs, after.macs)
+
+
+def layer_totals(before: Any, after: Any, names: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """The same numbers as ``totals`` for each layer in ``names`` (module paths), from
+    ``fxcompress.stats.compare`` of the graph stats before and after the pass."""
+    from fxcompress.stats import compare
+
+    rows = compare(before, after)["layers"]
+    out: dict[str, dict[str, Any]] = {}
+    for name in names:
+        r = rows.get(name, {})
+        out[name] = _numbers(r.get("params_before", 0), r.get("params_after", 0), r.get("nonzero_after", 0),
+                             r.get("macs_before", 0), r.get("macs_after", 0))
+    return out
+
+
+def layer_rows(gm: GraphModule, before: Any, after: Any, weight_zeros: dict[str, tuple[int, int]]
+               ) -> dict[str, dict[str, Any]]:
+    """Per-layer stats of an unstructured pruning pass: ``kind``, the ``layer_totals`` numbers
+    (weight and bias together) and ``weight_zeros`` / ``weight_sparsity`` of the pruned weight
+    alone (what ``amount`` or N:M asks for; biases are never pruned). ``weight_zeros`` maps a
+    module path to ``(zeros, numel)`` of its new weight."""
+    numbers = layer_totals(before, after, weight_zeros)
+    return {path: {"kind": type(gm.get_submodule(path)).__name__, **numbers[path], "weight_zeros": z,
+                   "weight_sparsity": z / n if n else 0.0}
+            for path, (z, n) in weight_zeros.items()}
 
 
 def check_runs(gm: GraphModule, example_inputs: Iterable[Any], pass_name: str) -> None:

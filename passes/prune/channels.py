@@ -20,7 +20,7 @@ from torch.fx import GraphModule
 from fxcompress.errors import PipelineError
 from fxcompress.pass_base import Pass, PassContext, PassResult
 
-from ._common import as_tuple, check_runs, graph_totals, need_shapes, totals
+from ._common import as_tuple, check_runs, graph_totals, layer_totals, need_shapes, totals
 from .analysis import NORM_STATS
 from .depgraph import DependencyGraph, dependency_graph
 from .importance import CRITERIA, class_importance
@@ -41,10 +41,13 @@ class PruneChannels(Pass):
     calibration data; ``batches`` of them are used). ``norm_stats``: channels that a LayerNorm or
     a one-group GroupNorm normalizes over are kept (``"block"``, listed in ``stats["unpruned"]``),
     since removing any of them, even an all-zero one, changes the statistics; ``"prune"`` prunes
-    them anyway (an approximation, like Torch-Pruning does).
+    them anyway (an approximation, like Torch-Pruning does). With ``ratio=0`` and no non-zero
+    ``ratios`` nothing is removed and the instance is ``exact`` (the pipeline checks it).
     """
 
     name: ClassVar[str] = "prune-channels"
+    #: the class is not exact; an instance with ratio 0 everywhere is (set in ``__post_init__``),
+    #: so the pipeline verifies its outputs numerically
     exact: ClassVar[bool] = False
 
     ratio: float = 0.5
@@ -65,6 +68,7 @@ class PruneChannels(Pass):
         except (TypeError, ValueError) as exc:
             raise PipelineError(f"prune-channels: ratios must be (pattern, ratio) pairs, got {self.ratios!r}") from exc
         object.__setattr__(self, "ratios", ratios)
+        object.__setattr__(self, "exact", self.ratio == 0.0 and all(r == 0.0 for _, r in ratios))
         object.__setattr__(self, "exclude", as_tuple(self.exclude, "prune-channels: exclude"))
         for what, r in (("ratio", self.ratio), *((f"ratios[{p!r}]", r) for p, r in ratios)):
             if not 0.0 <= r < 1.0:
@@ -128,8 +132,10 @@ class PruneChannels(Pass):
         if removed.any():
             check_runs(gm, ctx.example_inputs, self.name)
         after = graph_totals(gm)
+        numbers = layer_totals(before, after, layers)
         for layer, reason in unpruned.items():
             result.info(f"not pruned: {reason}", node=layer)
-        result.stats = {**totals(before, after), "layers": layers, "groups": groups, "unpruned": unpruned,
-                        "importance": self.importance}
+        result.stats = {**totals(before, after),
+                        "layers": {path: {**row, **numbers[path]} for path, row in layers.items()},
+                        "groups": groups, "unpruned": unpruned, "importance": self.importance}
         return result

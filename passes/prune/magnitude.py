@@ -15,7 +15,8 @@ from torch.fx import GraphModule
 from fxcompress.errors import PipelineError
 from fxcompress.pass_base import Pass, PassContext, PassResult
 
-from ._common import WEIGHT_TYPES, as_tuple, graph_totals, need_shapes, replace_weight, select_layers, totals
+from ._common import (WEIGHT_TYPES, as_tuple, graph_totals, layer_rows, need_shapes, replace_weight, select_layers,
+                      totals)
 
 __all__ = ["PruneMagnitude", "smallest"]
 
@@ -75,18 +76,17 @@ class PruneMagnitude(Pass):
             chosen = smallest(flat, _count(self.amount, flat.numel()))
             bounds = torch.tensor([0] + [w.numel() for w in weights]).cumsum(0)
             picks = [chosen[(chosen >= lo) & (chosen < hi)] - lo for lo, hi in zip(bounds[:-1], bounds[1:])]
-        per_layer = {}
+        zeros: dict[str, tuple[int, int]] = {}
         for (path, mod), idx in zip(layers, picks):
             new = mod.weight.detach().clone()
             new.view(-1)[idx] = 0
             replace_weight(mod, new)
-            zeros = int((new == 0).sum())
-            per_layer[path] = {"kind": type(mod).__name__, "params": new.numel(), "zeros": zeros,
-                               "sparsity": zeros / new.numel()}
+            zeros[path] = int((new == 0).sum()), new.numel()
         gm.recompile()
         after = graph_totals(gm)
-        pruned = sum(v["zeros"] for v in per_layer.values())
-        total = sum(v["params"] for v in per_layer.values())
+        per_layer = layer_rows(gm, before, after, zeros)
+        pruned = sum(z for z, _ in zeros.values())
+        total = sum(n for _, n in zeros.values())
         result.stats = {**totals(before, after), "scope": self.scope, "amount": self.amount, "layers": per_layer,
                         "skipped": skipped, "selected_sparsity": pruned / total if total else 0.0}
         return result

@@ -17,7 +17,7 @@ from torch.fx import GraphModule
 from fxcompress.errors import PipelineError
 from fxcompress.pass_base import Pass, PassContext, PassResult
 
-from ._common import as_tuple, graph_totals, need_shapes, replace_weight, select_layers, totals
+from ._common import as_tuple, graph_totals, layer_rows, need_shapes, replace_weight, select_layers, totals
 
 __all__ = ["PruneNM", "check_nm", "nm_groups"]
 
@@ -74,7 +74,7 @@ class PruneNM(Pass):
         layers, skipped = select_layers(gm, types=self.types, include=self.include, exclude=self.exclude,
                                         exclude_head=self.exclude_head)
         result = PassResult(graph=gm)
-        per_layer = {}
+        zeros: dict[str, tuple[int, int]] = {}
         for path, mod in layers:
             w = mod.weight.detach()
             if w.shape[1] % self.m:
@@ -86,11 +86,10 @@ class PruneNM(Pass):
             groups.scatter_(1, order[:, self.n:], 0.0)
             new = _from_groups(groups, w).contiguous()
             replace_weight(mod, new)
-            zeros = int((new == 0).sum())
-            per_layer[path] = {"kind": type(mod).__name__, "params": new.numel(), "zeros": zeros,
-                               "sparsity": zeros / new.numel()}
+            zeros[path] = int((new == 0).sum()), new.numel()
         gm.recompile()
         after = graph_totals(gm)
+        per_layer = layer_rows(gm, before, after, zeros)
         result.stats = {**totals(before, after), "n": self.n, "m": self.m, "layers": per_layer,
                         "skipped": skipped}
         return result

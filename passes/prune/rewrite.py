@@ -88,7 +88,7 @@ def _get_path(root: nn.Module, path: str) -> Any:
 
 def apply_removal(gm: GraphModule, dg: DependencyGraph, removed: np.ndarray) -> dict[str, dict[str, Any]]:
     """Remove every channel whose class is set in the boolean mask ``removed``; returns, per
-    module with channels, ``{kind, channels_before, channels_after, kept}``."""
+    module with channels, ``{kind, channels_before, channels_after, kept}`` (kept output positions)."""
     keep = lambda labels: dg.kept_positions(labels, removed)  # noqa: E731
     by_owner: dict[str, list] = {}
     for s in dg.slices:
