@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 import fxcompress as fxc
 from fxcompress.digits import DigitsResNet, accuracy, digits_loaders, train_classifier
-from passes.distributed import (broadcast_module, is_main_process, max_abs_difference_across_ranks, rank,
+from passes.distributed import (barrier, broadcast_module, is_main_process, max_abs_difference_across_ranks, rank,
                                 world_size)
 
 
@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"largest weight difference between processes: {diff:g}")
         if args.out is not None and is_main_process():
             say(f"saved to {compiled.save(args.out)}/")
+        barrier()  # every process done before the group is torn down
         if diff != 0.0:
             print(f"rank {rank()}: weights differ from rank 0 by {diff:g}", flush=True)
             return 1
