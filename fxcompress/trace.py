@@ -15,6 +15,7 @@ import copy
 import inspect
 import io
 import linecache
+import operator
 import os
 import sys
 import sysconfig
@@ -273,32 +274,44 @@ def _describe(gm: GraphModule, node: Node) -> str:
     return f"node '{node.name}' ({node.op} {node.target})"
 
 
-def _bind_concrete(gm: GraphModule, model: nn.Module, inputs: tuple[torch.Tensor, ...],
-                   concrete_args: dict[str, Any]) -> tuple[Any, ...]:
-    """Make each plain (non-tensor) concrete argument the default of its placeholder, so
-    ``gm(*example_inputs)`` works, and return the full positional arguments for shape propagation."""
+def _bind_concrete(gm: GraphModule, model: nn.Module, concrete_args: dict[str, Any]) -> None:
+    """Fold each plain (non-tensor) concrete argument into the graph: drop the guards torch.fx adds
+    on it (``_assert(x == value)``, ``_assert_is_none``), use the value where the graph still reads
+    it, and remove its placeholder. The graph then takes exactly the example tensors, as
+    ``gm(*example_inputs)``, ONNX export and the runners expect."""
     if not concrete_args:
-        return inputs
+        return
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     try:
         names = list(inspect.signature(model.forward).parameters)
     except (TypeError, ValueError):
-        return inputs
+        return
     if len(names) != len(placeholders):
-        return inputs
-    args: list[Any] = []
-    rest = iter(inputs)
+        return
     for name, node in zip(names, placeholders):
-        if name in concrete_args and not isinstance(concrete_args[name], torch.Tensor):
-            node.args = (concrete_args[name],)
-            args.append(concrete_args[name])
-        else:
-            nxt = next(rest, None)
-            if nxt is None:
-                break
-            args.append(nxt)
+        if name not in concrete_args or isinstance(concrete_args[name], torch.Tensor):
+            continue
+        value = concrete_args[name]
+        for user in list(node.users):
+            _erase_guard(gm, user)
+        for user in list(node.users):
+            user.args = torch.fx.node.map_arg(user.args, lambda n, node=node: value if n is node else n)
+            user.kwargs = torch.fx.node.map_arg(user.kwargs, lambda n, node=node: value if n is node else n)
+        gm.graph.erase_node(node)
     gm.recompile()
-    return tuple(args)
+
+
+def _erase_guard(gm: GraphModule, node: Node) -> None:
+    """Erase ``node`` if it is a torch.fx specialization guard on a concrete argument."""
+    if node.op != "call_function":
+        return
+    if node.target is getattr(torch.fx._symbolic_trace, "_assert_is_none", None) and not node.users:
+        gm.graph.erase_node(node)
+    elif node.target is operator.eq and node.users and all(
+            u.op == "call_function" and u.target is torch._assert and not u.users for u in node.users):
+        for u in list(node.users):
+            gm.graph.erase_node(u)
+        gm.graph.erase_node(node)
 
 
 def _propagate(gm: GraphModule, inputs: tuple[Any, ...]) -> None:
@@ -388,7 +401,8 @@ def trace(
     else:  # pragma: no cover - each retry makes one more module opaque, so this cannot loop forever
         raise TraceError(f"tracing {type(model).__name__} did not converge")
     gm.meta["opaque_modules"] = _opaque_modules(gm, user_types, user_paths, untraceable)
-    _propagate(gm, _bind_concrete(gm, model, inputs, concrete_args or {}))
+    _bind_concrete(gm, model, concrete_args or {})
+    _propagate(gm, inputs)
     return gm
 
 

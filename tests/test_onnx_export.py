@@ -318,3 +318,54 @@ def test_opset_option() -> None:
     assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [18]
     with torch.no_grad():
         _close(OrtRunner(model)(*inputs), model_(*inputs))
+
+
+class _Flagged(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor, double: bool = False, scale: float | None = None) -> torch.Tensor:
+        y = self.fc(x)
+        if double:
+            y = y * 2
+        if scale is not None:
+            y = y * scale
+        return y
+
+
+@pytest.mark.parametrize("target", ["onnx", "onnxruntime"])
+def test_model_traced_with_concrete_args_exports_and_runs_in_onnxruntime(target: str) -> None:
+    import fxcompress as fxc
+
+    model, x = _Flagged().eval(), torch.randn(2, 4)
+    compiled = fxc.compile(model, (x,), [], target=target, concrete_args={"double": True, "scale": None},
+                           progress=False)
+    assert [i.name for i in compiled.onnx_model.graph.input] == ["x"]
+    other = torch.randn(5, 4)
+    out = run_onnx(compiled.onnx_model, [other])[0]
+    _close(torch.from_numpy(out), model(other, True, None))
+    if target == "onnxruntime":
+        _close(compiled(other), model(other, True, None))
+
+
+class _Scaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor, scale: float = 2.0) -> torch.Tensor:
+        return self.fc(x) * scale
+
+
+def test_placeholders_with_defaults_need_no_example_input() -> None:
+    model, x = _Scaled().eval(), torch.randn(2, 4)
+    gm = fx.symbolic_trace(model)
+    assert [n.args for n in gm.graph.nodes if n.op == "placeholder"] == [(), (2.0,)]
+    proto = export_onnx(gm, (x,))
+    assert [i.name for i in proto.graph.input] == ["x"]
+    _close(torch.from_numpy(run_onnx(proto, [x])[0]), model(x))
+    with pytest.raises(ExportError, match=r"the graph takes 2 inputs \['x', 'scale'\] but 0 example inputs"):
+        export_onnx(gm, ())

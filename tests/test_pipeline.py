@@ -417,3 +417,32 @@ def test_compile_verify_and_on_error_apply_to_a_pipeline_object() -> None:
     assert pipe.on_error == "raise" and pipe.verify is True
     with pytest.raises(fxc.PipelineError, match="on_error must be 'raise' or 'skip'; got 'ignore'"):
         compile_fx(pipe, on_error="ignore")
+
+
+@dataclass(frozen=True)
+class OnnxReluToSigmoid(fxc.OnnxPass):
+    """Deliberately broken: claims to be exact but turns the ONNX Relu into a Sigmoid."""
+
+    name: ClassVar[str] = "test-onnx-relu-to-sigmoid"
+    exact: ClassVar[bool] = True
+
+    def run(self, graph, ctx):  # type: ignore[no-untyped-def]
+        for node in graph.nodes:
+            if node.op == "Relu":
+                node.op = "Sigmoid"
+        return PassResult(graph)
+
+
+def test_exact_onnx_pass_that_changes_outputs_names_the_onnx_node() -> None:
+    from fxcompress.backends.onnx_export import export_onnx
+    from fxcompress.onnx_graph import fx_node_of
+
+    relu = next(n for n in export_onnx(trace(Net(), X), X).graph.node if n.op_type == "Relu")
+    with pytest.raises(fxc.PassVerificationError) as info:
+        fxc.compile(Net(), X, [OnnxNoOp(), OnnxReluToSigmoid()], target="onnx", progress=False)
+    err = info.value
+    assert err.pass_name == "test-onnx-relu-to-sigmoid" and err.node == relu.name and fx_node_of(relu) == "relu"
+    assert f"first divergent node: '{relu.name}'" in str(err) and "Sigmoid" in err.diff
+    c = fxc.compile(Net(), X, [OnnxReluToSigmoid()], target="onnx", on_error="skip", progress=False)
+    assert c.report[-1].status == "rolled-back" and c.report[-1].diagnostics[0]["node"] == relu.name
+    assert [n.op_type for n in c.onnx_model.graph.node].count("Relu") == 1

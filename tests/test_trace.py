@@ -300,9 +300,32 @@ def test_concrete_args_specialize_a_python_branch() -> None:
     assert [n.op for n in gm.graph.nodes].count("call_module") == 1
     with torch.no_grad():
         torch.testing.assert_close(gm(_x(2, 4)), model(_x(2, 4), True))
-        torch.testing.assert_close(gm(_x(2, 4), True), model(_x(2, 4), True))
+    assert [n.name for n in gm.graph.nodes if n.op == "placeholder"] == ["x"]
+    assert "_assert" not in gm.code and "double" not in gm.code
     out = next(n for n in gm.graph.nodes if n.op == "output")
     assert tuple(out.meta["tensor_meta"].shape) == (2, 4)
+
+
+class Options(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: Tensor, scale: float = 1.0, bias: Tensor | None = None, mode: str = "relu") -> Tensor:
+        y = self.fc(x) * scale
+        if bias is not None:
+            y = y + bias
+        return torch.relu(y) if mode == "relu" else torch.tanh(y)
+
+
+def test_concrete_args_of_any_plain_value_leave_only_tensor_inputs() -> None:
+    model = Options().eval()
+    gm = trace(model, _x(2, 4), concrete_args={"scale": 3.0, "bias": None, "mode": "tanh"})
+    assert [n.name for n in gm.graph.nodes if n.op == "placeholder"] == ["x"]
+    assert not any("assert" in str(n.target) for n in gm.graph.nodes)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(_x(2, 4)), model(_x(2, 4), 3.0, None, "tanh"))
 
 
 def test_trace_is_deterministic() -> None:

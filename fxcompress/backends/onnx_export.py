@@ -140,7 +140,7 @@ def export_onnx(
                           f"{MIN_OPSET}..{MAX_OPSET} here (17 is the default)")
     args = _check_inputs(gm, example_inputs)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    in_names = list(input_names) if input_names is not None else [n.name for n in placeholders]
+    in_names = list(input_names) if input_names is not None else [n.name for n in placeholders[:len(args)]]
     if len(in_names) != len(args) or len(set(in_names)) != len(in_names):
         raise ExportError(f"input_names {in_names} must be {len(args)} distinct names, one per input "
                           f"(FX placeholders: {[n.name for n in placeholders]})")
@@ -210,10 +210,12 @@ def _check_inputs(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) ->
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     args = tuple(example_inputs)
-    placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-    if len(args) != len(placeholders):
+    nodes = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    placeholders = [n.name for n in nodes]
+    if not len(args) <= len(nodes) or not all(n.args for n in nodes[len(args):]):
         raise ExportError(f"the graph takes {len(placeholders)} inputs {placeholders} but "
-                          f"{len(args)} example inputs were given; pass one tensor per input")
+                          f"{len(args)} example inputs were given; pass one tensor per input without a "
+                          f"default (bind constants with trace(..., concrete_args=...))")
     for name, a in zip(placeholders, args):
         if not isinstance(a, torch.Tensor):
             raise ExportError(f"example input {name!r} is a {type(a).__name__}; ONNX inputs must be "
