@@ -543,12 +543,23 @@ def _trt_status(engine: bytes | None, target: str | None) -> str | None:
     return None
 
 
+def layer_engine(model: onnx.ModelProto, names: Sequence[str], inputs: tuple[torch.Tensor, ...], target: str,
+                 precision: str = "fp32") -> Any:
+    """A TensorRT ``EngineBuild`` of ``model`` with the tensors ``names`` marked as outputs (what the
+    TRT column runs; building needs no GPU for ``tensorrt-rtx``)."""
+    from .backends import tensorrt as trt_backend
+    from .onnx_graph import expose_outputs
+
+    exposed = expose_outputs(model, list(names))
+    options = trt_backend.BuildOptions.from_compile(precision=precision, example_inputs=inputs, onnx_model=exposed)
+    return trt_backend.build_engine(exposed, target, options)
+
+
 def _run_trt(model: onnx.ModelProto, names: list[str], inputs: tuple[torch.Tensor, ...], engine: bytes | None,
              target: str, precision: str) -> tuple[dict[str, torch.Tensor], list[torch.Tensor] | None]:
     """Per-layer values from an engine built with ``names`` marked as outputs, and the given
     engine's outputs."""
     from .backends import tensorrt as trt_backend
-    from .onnx_graph import expose_outputs
 
     finals = None
     if engine is not None:
@@ -556,10 +567,7 @@ def _run_trt(model: onnx.ModelProto, names: list[str], inputs: tuple[torch.Tenso
         finals = [t.cpu() for t in _tensors(out)]
     values: dict[str, torch.Tensor] = {}
     if names:
-        exposed = expose_outputs(model, names)
-        options = trt_backend.BuildOptions.from_compile(precision=precision, example_inputs=inputs,
-                                                        onnx_model=exposed)
-        runner = trt_backend.TrtRunner(trt_backend.build_engine(exposed, target, options).engine, target)
+        runner = trt_backend.TrtRunner(layer_engine(model, names, inputs, target, precision).engine, target)
         outs = runner(*inputs)
         outs = outs if isinstance(outs, tuple) else (outs,)
         values = {n: t.cpu() for n, t in zip(runner.output_names, outs)}

@@ -202,6 +202,55 @@ def test_tensorrt_column_says_why_it_did_not_run(corrupted: Comparison, clean: C
     assert "running a tensorrt-rtx engine needs an NVIDIA GPU" in header
 
 
+def _trt_target() -> str | None:
+    from fxcompress.backends.tensorrt import module_available
+
+    return next((t for t in ("tensorrt-rtx", "tensorrt") if module_available(t)), None)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not gpu_available(), reason="needs an NVIDIA GPU: TensorRT engines run only on a GPU "
+                    "(torch.cuda.is_available() is False)")
+@pytest.mark.skipif(_trt_target() is None, reason="neither tensorrt nor tensorrt_rtx is installed")
+def test_tensorrt_per_layer_agrees_with_onnxruntime_on_a_corrupted_graph(case: Case) -> None:
+    """The per-layer TensorRT path (``_run_trt``): an engine of the exposed graph gives every
+    layer's value; with one corrupted weight ORT diverges from FX at that layer, and TensorRT
+    (same corrupted graph) agrees with ORT on every layer and on the engine's output."""
+    from fxcompress.backends.tensorrt import BuildOptions, build_engine
+
+    target = _trt_target()
+    bad = corrupt_conv(case.onnx_model, CORRUPT_NODE)
+    engine = build_engine(bad, target, BuildOptions.from_compile(example_inputs=case.inputs,
+                                                                onnx_model=bad)).engine
+    result = compare(case.model, case.gm, bad, case.inputs, engine=engine, target=target)
+    assert result.stages["trt"] == "ran"
+    first = result.first_divergent("ort")
+    assert first is not None and first.node == CORRUPT_NODE
+    assert result.first_divergent("trt") is None
+    with_trt = [r for r in result.rows if "trt" in r.metrics]
+    assert {r.node for r in with_trt} == {r.node for r in result.rows if "ort" in r.metrics}
+    assert all(r.metrics["trt"].cosine > 0.9999 for r in with_trt)
+    assert with_trt[-1].node == "output"
+
+
+def test_per_layer_tensorrt_rtx_engine_builds_without_a_gpu() -> None:
+    """The build half of the TRT column runs here: every FX layer's ONNX tensor of an INT8 Q/DQ
+    graph is marked as an engine output and TensorRT-RTX builds it (strongly typed, INT8 notes)."""
+    pytest.importorskip("tensorrt_rtx", reason="tensorrt_rtx is not installed (pip install tensorrt-rtx-cu12)")
+    from fxcompress.compare import layer_engine
+
+    model, inputs = ZOO["resnet_basic"]()
+    compiled = fxc.compile(model, inputs, "fold-batchnorm,quantize-int8", calibration=[inputs],
+                           target="tensorrt-rtx", progress=False, verify=False)
+    ops = {n.op_type for n in compiled.onnx_model.graph.node}
+    names = [t for ts in _Backends.of(compiled.onnx_model).layers.values() for t in ts]
+    assert "DequantizeLinear" in ops and len(names) > 20
+    build = layer_engine(compiled.onnx_model, names, inputs, "tensorrt-rtx", precision="int8")
+    assert build.size > 0 and build.strongly_typed
+    assert any("INT8 from the graph's Q/DQ" in n for n in build.notes)
+    assert build.options.profiles is not None and set(build.options.profiles) == {"x"}
+
+
 class _Permute(nn.Module):
     def __init__(self, dims: tuple[int, ...]) -> None:
         super().__init__()

@@ -33,13 +33,13 @@ import onnx
 import pytest
 import torch
 from onnx import numpy_helper
+from zoo import ZOO, ZOO_NAMES, BasicBlock, TinyResNet, _build
 
 import fxcompress as fxc
 from fxcompress.artifact import read_manifest
 from fxcompress.backends.tensorrt import constant_tensors, gpu_available, import_trt, module_available
 from fxcompress.errors import BackendUnavailable
 from fxcompress.onnx_graph import fx_node_of
-from zoo import ZOO, ZOO_NAMES, BasicBlock, TinyResNet, _build
 
 #: above this average of FP32 weight bytes per quantized layer, INT8 engines are markedly smaller
 MIN_WEIGHT_BYTES_PER_LAYER = 256 * 1024
@@ -83,42 +83,38 @@ def _compile_both(model, inputs):
     return fp32, int8, (t1 - t0, time.perf_counter() - t1)
 
 
-def _source(model: onnx.ModelProto, name: str) -> onnx.NodeProto | None:
-    """The node producing ``name``, looking through layout-only nodes (a weight's Transpose)."""
+def _root(model: onnx.ModelProto, name: str) -> tuple[str, onnx.NodeProto | None]:
+    """The tensor ``name`` comes from, looking through layout-only nodes (a weight's Transpose),
+    and the node producing it (None for a graph input or initializer)."""
     producers = {o: n for n in model.graph.node for o in n.output}
     node = producers.get(name)
     while node is not None and node.op_type in _PASS_THROUGH:
-        node = producers.get(node.input[0])
-    return node
+        name = node.input[0]
+        node = producers.get(name)
+    return name, node
 
 
 def weight_storage(model: onnx.ModelProto) -> dict[str, list[str]]:
     """FX node -> how each of its Conv/Gemm/MatMul weights (input 1) is stored: ``"int8"`` (an INT8
     constant read by DequantizeLinear), ``"qdq"`` (a run-time quantized tensor: activation x
-    activation MatMul), ``"float"`` (a float constant) or ``"float-qdq"`` (a float constant
-    quantized at run time: the engine would get float weights)."""
+    activation MatMul), ``"float"`` (a float constant), ``"float-qdq"`` (a float constant
+    quantized at run time) or ``"activation"``."""
     constants = constant_tensors(model)
     out: dict[str, list[str]] = {}
     for node in model.graph.node:
         if node.op_type not in COMPUTE_OPS or len(node.input) < 2:
             continue
-        name = node.input[1]
-        src = _source(model, name)
+        name, src = _root(model, node.input[1])
         if src is not None and src.op_type == "DequantizeLinear":
-            q = src.input[0]
-            q_src = _source(model, q)
+            q, q_src = _root(model, src.input[0])
             if q in constants:
                 kind = "int8" if constants[q].data_type == onnx.TensorProto.INT8 else "other"
             elif q_src is not None and q_src.op_type == "QuantizeLinear":
-                kind = "float-qdq" if q_src.input[0] in constants else "qdq"
+                kind = "float-qdq" if _root(model, q_src.input[0])[0] in constants else "qdq"
             else:
                 kind = "other"
-        elif name in constants or (src is None and name in {i.name for i in model.graph.initializer}):
-            kind = "float"
-        elif src is not None and all(i in constants for i in src.input if i):
-            kind = "float"
         else:
-            kind = "activation"
+            kind = "float" if name in constants else "activation"
         out.setdefault(fx_node_of(node) or node.name, []).append(kind)
     return out
 
