@@ -2,7 +2,9 @@
 
 Every ``fxcompress.Pass`` subclass defined in a module of this package is a built-in pass:
 a new pass is one new file, nothing else to edit. ``from passes import FoldBatchNorm`` finds
-the class by name in the package's modules, imported on first use.
+the class by name in the package's modules, imported on first use. The framework's schedule
+passes ``Pipeline`` and ``Repeat`` are re-exported, so ``from passes import Repeat, PruneChannels``
+is enough to write ``Repeat(4, [PruneChannels(ratio=0.16), Distill(data=loader)])``.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import importlib
 import pkgutil
 from functools import lru_cache
 from types import ModuleType
+
+from fxcompress.pipeline import Pipeline, Repeat
 
 
 def iter_modules() -> list[ModuleType]:

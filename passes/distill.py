@@ -297,7 +297,9 @@ class Distill(Pass):
     ``device`` empty means the context's device. Learned QAT fake-quant is frozen afterwards
     (``freeze_quant``), as ``fine-tune`` does. Under ``torchrun`` the student trains in
     DistributedDataParallel on each process's share of the data (``max_batches`` then counts
-    per process) and every process ends with the same weights.
+    per process) and every process ends with the same weights. ``data``: training batches for
+    this pass only (e.g. in ``Repeat(4, [PruneChannels(...), Distill(data=loader)])``), instead of
+    ``train_data=`` given to ``compile()``; like ``teacher`` it is not part of the pipeline string.
     """
 
     name: ClassVar[str] = "distill"
@@ -319,6 +321,7 @@ class Distill(Pass):
     device: str = ""
     freeze_quant: bool = True
     teacher: nn.Module | None = not_in_pipeline_string()
+    data: Iterable[Any] | None = not_in_pipeline_string()
 
     def __post_init__(self) -> None:
         for value, allowed, option in ((self.optimizer, OPTIMIZERS, "optimizer"),
@@ -345,12 +348,23 @@ class Distill(Pass):
         if self.teacher is not None and not isinstance(self.teacher, nn.Module):
             raise PipelineError(f"{self.name}: teacher must be an nn.Module; "
                                 f"got {type(self.teacher).__name__}")
+        if self.data is not None:
+            if isinstance(self.data, (str, bytes, torch.Tensor)) or not isinstance(self.data, Iterable):
+                raise PipelineError(f"{self.name}: data must be an iterable of (inputs..., target) batches "
+                                    f"(a list or a DataLoader); got {type(self.data).__name__}")
+            if isinstance(self.data, Iterator):
+                raise PipelineError(f"{self.name}: data is a one-shot iterator ({type(self.data).__name__}); "
+                                    f"every epoch and every Repeat round reads it again: pass a list or a "
+                                    f"DataLoader")
+            # the pass brings its own data, so it no longer needs train_data= from the context
+            object.__setattr__(self, "requires", ())
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
-        if ctx.train_data is None:
+        train_data = self.data if self.data is not None else ctx.train_data
+        if train_data is None:
             raise PassError(f"{self.name} needs training data: pass train_data= to fxcompress.compile() "
-                            f"(an iterable of (inputs..., target) batches, e.g. a DataLoader of (x, y))",
-                            pass_name=self.name)
+                            f"or Distill(data=...) (an iterable of (inputs..., target) batches, e.g. a "
+                            f"DataLoader of (x, y))", pass_name=self.name)
         teacher_model = self.teacher if self.teacher is not None else ctx.original
         if teacher_model is None:
             raise PassError(f"{self.name} has no teacher: give Distill(teacher=model) or compile the model "
@@ -358,7 +372,7 @@ class Distill(Pass):
                             pass_name=self.name)
         device = torch.device(self.device) if self.device else ctx.device
         names = graph_inputs(gm)
-        example = self._example_inputs(ctx, names)
+        example = self._example_inputs(ctx, names, train_data)
         gm.to(device)
         student = _Student(tapped(gm, [s for s, _ in self.features], "the student") if self.features else gm,
                            bool(self.features))
@@ -369,7 +383,7 @@ class Distill(Pass):
             meter = _LossMeter()
             loss_fn = self._loss_fn(teacher, meter)
             model = wrap_ddp(student, device=device)
-            data = _Limited(shard(ctx.train_data, seed=ctx.seed), self.max_batches)
+            data = _Limited(shard(train_data, seed=ctx.seed), self.max_batches)
             stats = train_loop(model, data, loss_fn, epochs=self.epochs, lr=self.lr, optimizer=self.optimizer,
                                schedule=self.schedule, warmup=self.warmup, grad_clip=self.grad_clip,
                                weight_decay=self.weight_decay, device=device,
@@ -392,12 +406,13 @@ class Distill(Pass):
             result.warn(f"distillation loss rose from {first:.4g} to {last:.4g}; lower lr (now {self.lr})")
         return result
 
-    def _example_inputs(self, ctx: PassContext, names: list[str]) -> tuple[Any, ...]:
+    def _example_inputs(self, ctx: PassContext, names: list[str], data: Iterable[Any]) -> tuple[Any, ...]:
         if ctx.example_inputs:
             return tuple(ctx.example_inputs)
-        for batch in ctx.train_data:  # type: ignore[union-attr]
+        for batch in data:
             return split_batch(batch, max(1, len(names)), names)[0]
-        raise PassError(f"{self.name}: train_data= yielded no batches", pass_name=self.name)
+        what = "data=" if self.data is not None else "train_data="
+        raise PassError(f"{self.name}: {what} yielded no batches", pass_name=self.name)
 
     def _build_projections(self, student: _Student, teacher: _Teacher, example: tuple[Any, ...], seed: int,
                            device: torch.device) -> None:

@@ -145,6 +145,45 @@ def test_needs_train_data_and_teacher() -> None:
         Distill().run(gm, PassContext((x,), train_data=tiny_digits_loader()))
 
 
+def test_repeat_prune_then_distill_with_its_own_data() -> None:
+    """The issue's schedule, written with names from ``passes`` only: Distill brings its data, so
+    compile() needs no train_data=; every round removes channels and records losses and the
+    agreement (top-1) with the original model."""
+    from passes import Repeat
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = DigitsResNet(width=8).eval()
+    loader = tiny_digits_loader(n=32, batch_size=16)
+    x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    distill = Distill(data=loader, epochs=1)
+    assert str(distill) == "distill" and distill.requires == () and Distill.requires == ("train-data",)
+    with one_thread():
+        compiled = fxc.compile(model, (x,), [Repeat(2, [PruneChannels(ratio=0.25), distill])], target="fx",
+                               progress=False)
+    prunes = [r for r in compiled.report if r.name.startswith("repeat[") and "/prune-channels" in r.name]
+    distills = [r for r in compiled.report if r.name.endswith("/distill")]
+    assert [r.name.split("]")[0] for r in prunes + distills] == ["repeat[1/2", "repeat[2/2"] * 2
+    first, second = (p.stats["layers"] for p in prunes)
+    assert first["conv1"]["channels_before"] == 8
+    for name, row in second.items():  # round 2 starts where round 1 ended and shrinks again
+        assert row["channels_before"] == first[name]["channels_after"], name
+    shrunk = [n for n in first if n != "fc"]
+    assert all(first[n]["channels_after"] < first[n]["channels_before"] for n in shrunk)
+    assert all(second[n]["channels_after"] < second[n]["channels_before"] for n in shrunk)
+    assert compiled.graph_module.conv1.out_channels == second["conv1"]["channels_after"] < 8
+    for record in distills:
+        stats = record.stats
+        assert stats["steps"] == len(loader) and stats["epochs"] == 1
+        assert math.isfinite(stats["first_loss"]) and math.isfinite(stats["last_loss"])
+        assert stats["epoch_losses"] == [stats["last_loss"]]
+        assert 0.0 <= record.error["top1"] <= 1.0 and record.error["max_abs"] > 0
+    with pytest.raises(PipelineError, match="one-shot iterator"):
+        Distill(data=iter(loader))
+    with pytest.raises(PipelineError, match="iterable of"):
+        Distill(data=torch.zeros(3))
+
+
 def test_teacher_frozen_unchanged_and_student_trained() -> None:
     gm, teacher, x = small_student_and_teacher()
     teacher.train()  # a user's model in training mode: used in eval mode, its flag restored
