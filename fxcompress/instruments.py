@@ -38,23 +38,28 @@ class PrintAfter:
 
 
 class DumpGraphs:
-    """Write ``NN_<pass>.fxg`` for the input and every step into ``directory``."""
+    """Write the canonical text of the input and of every kept step into ``directory``, numbered
+    and named as the snapshots (and so as an artifact's ``graphs/``): ``03_prune-channels.fxg``.
+    A rolled-back pass leaves no file, as it leaves no snapshot."""
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
-
-    def on_pipeline_end(self, report: Report, ctx: PassContext) -> None:
-        return None
-
-    def after_pass(self, p: Pass | None, graph: Any, record: PassRecord, ctx: PassContext) -> None:
-        from .graph_text import to_text
-
-        self.directory.mkdir(parents=True, exist_ok=True)
-        stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in record.name.split("{", 1)[0])
-        (self.directory / f"{record.index:02d}_{stem}.fxg").write_text(to_text(graph), encoding="utf-8")
+        self._index = 0
 
     def on_pipeline_start(self, pipeline: Any, ctx: PassContext) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._index = 0
+
+    def after_pass(self, p: Pass | None, graph: Any, record: PassRecord, ctx: PassContext) -> None:
+        from .graph_text import to_text
+        from .pipeline import Snapshot
+
+        if record.status == "rolled-back":
+            return
+        snap = Snapshot(self._index, record.name, record.stage, to_text(graph))
+        self._index += 1
+        self.directory.mkdir(parents=True, exist_ok=True)
+        (self.directory / snap.filename).write_text(snap.text, encoding="utf-8")
 
 
 class PassTiming:

@@ -106,15 +106,26 @@ def test_fx_graph_and_graph_module_give_the_same_text(block_gm):
     assert to_text(block_gm.graph) == to_text(block_gm)
 
 
+PIPELINE = "eliminate-dead-code,remove-dropout,onnx-fold-constants,onnx-cleanup"
+
+
+def compiled_texts(model: nn.Module, inputs: tuple) -> str:
+    """Every snapshot of ``fxc.compile(..., target="onnx")``: trace, FX passes, the project's ONNX
+    export and ONNX passes, then the final ONNX model."""
+    import fxcompress as fxc
+
+    compiled = fxc.compile(model, inputs, PIPELINE, target="onnx", progress=False)
+    return "".join(s.text for s in compiled.snapshots) + to_text(compiled.onnx_model)
+
+
 _SUBPROCESS = """
 import sys
 sys.path.insert(0, {tests!r})
-from test_graph_text import build, traced
+from test_graph_text import build, compiled_texts, traced
 from fxcompress.graph_text import to_text
-from test_graph_text import export
 model, inputs = build()
 sys.stdout.write(to_text(traced(model, inputs)))
-sys.stdout.write(to_text(export(model, inputs)))
+sys.stdout.write(compiled_texts(model, inputs))
 """
 
 
@@ -127,9 +138,9 @@ def test_text_is_byte_identical_across_processes_and_hash_seeds():
         texts.append(done.stdout)
     assert texts[0] == texts[1]
     model, inputs = build()
-    here = (to_text(traced(model, inputs)) + to_text(export(model, inputs))).encode()
+    here = (to_text(traced(model, inputs)) + compiled_texts(model, inputs)).encode()
     assert texts[0] == here
-    assert b"# fxg 1 fx" in here and b"# fxg 1 onnx" in here
+    assert b"# fxg 1 fx" in here and here.count(b"# fxg 1 onnx") == 4
 
 
 def test_text_never_shows_values_but_shows_shapes():

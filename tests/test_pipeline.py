@@ -446,3 +446,13 @@ def test_exact_onnx_pass_that_changes_outputs_names_the_onnx_node() -> None:
     c = fxc.compile(Net(), X, [OnnxReluToSigmoid()], target="onnx", on_error="skip", progress=False)
     assert c.report[-1].status == "rolled-back" and c.report[-1].diagnostics[0]["node"] == relu.name
     assert [n.op_type for n in c.onnx_model.graph.node].count("Relu") == 1
+
+
+def test_dump_graphs_numbers_files_like_the_snapshots_after_a_rollback(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    c = compile_fx([NoOp(), Explode(), ScaleFc(), ReluToSigmoid(), AddZeroToOutput()], on_error="skip",
+                   instruments=[fxc.DumpGraphs(tmp_path)])
+    assert [r.status for r in c.report].count("rolled-back") == 2
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == sorted(s.filename for s in c.snapshots)
+    assert files[-1] == f"{len(c.snapshots) - 1:02d}_test-add-zero.fxg"
+    assert all((tmp_path / s.filename).read_text(encoding="utf-8") == s.text for s in c.snapshots)

@@ -383,3 +383,16 @@ def test_model_that_cannot_be_copied_gets_trace_error() -> None:
     model.lock = threading.Lock()
     with pytest.raises(TraceError, match="deep-copy Linear"):
         trace(model, _x(2, 4))
+
+
+def test_compiled_report_lists_opaque_modules_with_their_reasons() -> None:
+    import fxcompress as fxc
+
+    compiled = fxc.compile(Net().eval(), _x(2, 3, 5, 5), [], target="fx", leaf_modules=["layer1"], progress=False)
+    assert list(compiled.report.meta["opaque_modules"]) == ["layer1", "layer2.0"]
+    text = " ".join(str(compiled.report).split())
+    where = f"{THIS_FILE}:{_line_of('MARK-sum-branch')} in forward"
+    assert ("opaque_modules: layer1 (leaf_modules), layer2.0 (untraceable: TraceError: symbolically traced "
+            f"variables cannot be used as inputs to control flow (at {where}") in text
+    plain = fxc.compile(nn.Linear(4, 2), _x(2, 4), [], target="fx", progress=False)
+    assert "opaque_modules" not in str(plain.report)
