@@ -338,3 +338,32 @@ def test_compile_for_tensorrt_rtx_derives_the_tensorrt_scheme() -> None:
         value = onnx.numpy_helper.to_array(consts[zp].attribute[0].t) if zp in consts else \
             onnx.numpy_helper.to_array(inits[zp])
         assert value.dtype.name == "int8" and not value.any()
+
+
+@pytest.mark.parametrize("batches", [0, 4])
+def test_calibration_is_split_across_ranks(monkeypatch: pytest.MonkeyPatch, batches: int) -> None:
+    """As rank 1 of 2 under torchrun, quantize-int8 observes batches 1, 3, 5, ... (of the first
+    ``calibration_batches``), not all of them (the observers are all-reduced afterwards)."""
+    import passes.distributed as distributed
+    import passes.quantize.ptq as ptq
+
+    gm, ex, _ = prepared("resnet_basic")
+    calib = [(torch.full_like(ex[0], float(i)) + torch.randn(ex[0].shape) * 0.01,) for i in range(8)]
+    reduced: list[int] = []
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(ptq, "world_size", lambda: 2)
+    monkeypatch.setattr(ptq, "all_reduce_observers", lambda obs: reduced.append(len(obs)))
+    spec = QuantizeInt8(observer="minmax", calibration_batches=batches).resolve("onnxruntime")[1]
+    quant = QuantizeInt8(observer="minmax", calibration_batches=batches)
+    ctx = fxc.PassContext(ex, calibration=calib, target="onnxruntime")
+    got = quant.calibrate(gm, ctx, quant.plan(gm, ctx, "onnxruntime"), spec)
+    monkeypatch.undo()
+    mine = [calib[i] for i in ((1, 3) if batches else (1, 3, 5, 7))]
+    alone = QuantizeInt8(observer="minmax", calibration_batches=0)
+    ctx_mine = fxc.PassContext(ex, calibration=mine, target="onnxruntime")
+    want = alone.calibrate(gm, ctx_mine, alone.plan(gm, ctx_mine, "onnxruntime"), spec)
+    assert reduced == [len(got)] and got == want
+    everything = alone.calibrate(gm, ctx, alone.plan(gm, ctx, "onnxruntime"), spec)
+    assert got["x"] != everything["x"]  # the input range differs: this rank did not see batch 0

@@ -312,3 +312,23 @@ def test_unfrozen_qat_weight_export_matches_fx_even_past_the_weight_range(scheme
         ref = gm(*ex)
     got = OrtRunner(proto, threads=1)(*ex)
     assert torch.allclose(ref, got, atol=1e-4 * float(ref.abs().max()))
+
+
+def test_frozen_scales_stay_put_while_fine_tune_trains_the_weights() -> None:
+    """``learn_scales=False``: the fake-quant scales are not parameters to learn, only weights train."""
+    model, ex = ZOO["resnet_basic"]()
+    gen = torch.Generator().manual_seed(0)
+    data = [(torch.randn(ex[0].shape, generator=gen), torch.tensor([0, 1])) for _ in range(4)]
+    ctx = fxc.PassContext(ex, calibration=data, train_data=data, target="onnxruntime")
+    gm = FoldBatchNorm().run(trace(model, ex), ctx).graph
+    gm = QuantizeInt8(qat=True, learn_scales=False).run(gm, ctx).graph
+    fqs = {name: m for name, m in gm.named_modules() if isinstance(m, (LearnedFakeQuant, LearnedWeightFakeQuant))}
+    assert fqs and all(not m.scale.requires_grad for m in fqs.values())
+    scales = {name: m.scale.detach().clone() for name, m in fqs.items()}
+    weights = {n: p.detach().clone() for n, p in gm.named_parameters() if p.requires_grad}
+    gm = FineTune(epochs=1, lr=1e-2, freeze_quant=False).run(gm, ctx).graph
+    assert all(torch.equal(gm.get_submodule(name).scale, s) for name, s in scales.items())
+    assert any(not torch.equal(p, weights[n]) for n, p in gm.named_parameters() if n in weights)
+    frozen = FreezeQuant().run(gm, ctx).graph
+    act_scales = {n.args[1] for n in frozen.graph.nodes if n.target is torch.fake_quantize_per_tensor_affine}
+    assert act_scales == {float(s) for name, s in scales.items() if isinstance(fqs[name], LearnedFakeQuant)}

@@ -8,7 +8,7 @@ weights. Exported to ONNX this is QuantizeLinear/DequantizeLinear with INT8 weig
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterable
 
 import torch
 from torch.fx import GraphModule
@@ -16,7 +16,7 @@ from torch.fx import GraphModule
 from fxcompress.errors import PassError, PipelineError
 from fxcompress.pass_base import Pass, PassContext, PassResult
 
-from ..distributed import all_reduce_observers
+from ..distributed import all_reduce_observers, shard, world_size
 from .calibrate import observe
 from .observers import INT8, OBSERVERS, UINT8, QSpec, make_observer, per_channel_absmax, per_channel_mse_absmax
 from .patterns import module_path
@@ -39,6 +39,23 @@ def ensure_shapes(gm: GraphModule, ctx: PassContext) -> None:
             from fxcompress.verify import propagate_shapes
 
             propagate_shapes(gm, ctx.example_inputs)
+
+
+def calibration_share(data: Any, batches: int, seed: int = 0) -> tuple[Iterable[Any], int]:
+    """This rank's share of the calibration data and its batch limit (``data`` and ``batches`` in
+    one process). Under torchrun each rank observes every ``world_size``-th batch (its
+    ``DistributedSampler`` share for a DataLoader) of the first ``batches``, so together the ranks
+    see the data once before the observers are all-reduced. Data with fewer batches than ranks
+    (or one tensor) is observed whole on every rank."""
+    n = world_size()
+    if n == 1 or data is None or isinstance(data, (torch.Tensor, dict)):
+        return data, batches
+    try:
+        if len(data) < n:
+            return data, batches
+    except TypeError:
+        pass
+    return shard(data, seed=seed), -(-batches // n) if batches else 0
 
 
 def weight_quant(weight: torch.Tensor, axis: int, qmax: int, per_channel: bool, observer: str) -> WeightQuant:
@@ -118,9 +135,10 @@ class QuantizeInt8(Pass):
     def calibrate(self, gm: GraphModule, ctx: PassContext, plan: Plan, spec: QSpec) -> dict[str, tuple[float, int]]:
         """(scale, zero point) of every observed slot."""
         observed = [s.node for s in plan.slots.values() if s.tie is None]
+        data, batches = calibration_share(ctx.calibration, self.calibration_batches, ctx.seed)
         observers = observe(gm, observed, lambda n: make_observer(self.observer, percentile=self.percentile,
                                                                   spec=spec),
-                            ctx.calibration, ctx, batches=self.calibration_batches, pass_name=self.name)
+                            data, ctx, batches=batches, pass_name=self.name)
         all_reduce_observers(observers)  # under torchrun: every rank gets the scales of all ranks' data
         out: dict[str, tuple[float, int]] = {}
         for name, obs in observers.items():
