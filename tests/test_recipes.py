@@ -29,6 +29,8 @@ BATCHES = 3
 MIN_COSINE = {"int8": 0.99, "fp16": 0.999}
 #: the compiled ONNX model's weight bytes as a fraction of the traced FP32 graph's, at most
 MAX_BYTES_FRACTION = {"int8": 0.5, "fp16": 0.6}
+#: lowest cosine of the ORT output vs the compiled FX graph it was lowered from, for every recipe
+MIN_LOWERING_COSINE = 0.99
 
 
 def tiny_data(model: nn.Module, inputs: tuple[Tensor, ...], seed: int = 0
@@ -110,6 +112,11 @@ def test_recipe_compiles_the_zoo_to_onnxruntime(recipe: str, zoo_case: Any) -> N
     assert tuple(got.shape) == tuple(expected.shape)
     assert got.dtype == expected.dtype and bool(torch.isfinite(got).all())
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items()), "the user's model was mutated"
+    # lowering keeps what the passes made, trained recipes included: ORT agrees with the compiled FX graph
+    with torch.no_grad():
+        fx_out = compiled.graph_module(*inputs)
+    lowering = error_metrics(fx_out, got)
+    assert lowering.cosine > MIN_LOWERING_COSINE, (name, recipe, lowering)
 
     rows = [r.name.split("{", 1)[0] for r in compiled.report]
     assert rows == ["input", *pass_names(RECIPES[recipe]), "export-onnx"]
