@@ -141,9 +141,11 @@ def error_metrics(reference: Any, actual: Any) -> ErrorMetrics:
 
 
 def allclose(reference: Any, actual: Any, rtol: float = RTOL, atol: float = ATOL) -> bool:
+    """Same structure and values within tolerance; NaN matches NaN (an exact pass keeps them)."""
     refs, outs = flatten_outputs(reference), flatten_outputs(actual)
     return len(refs) == len(outs) and all(
-        r.shape == a.shape and torch.allclose(a.detach().cpu().to(r.dtype), r.detach().cpu(), rtol=rtol, atol=atol)
+        r.shape == a.shape and torch.allclose(a.detach().cpu().to(r.dtype), r.detach().cpu(), rtol=rtol, atol=atol,
+                                              equal_nan=True)
         for r, a in zip(refs, outs))
 
 

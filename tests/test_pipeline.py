@@ -456,3 +456,15 @@ def test_dump_graphs_numbers_files_like_the_snapshots_after_a_rollback(tmp_path)
     assert files == sorted(s.filename for s in c.snapshots)
     assert files[-1] == f"{len(c.snapshots) - 1:02d}_test-add-zero.fxg"
     assert all((tmp_path / s.filename).read_text(encoding="utf-8") == s.text for s in c.snapshots)
+
+
+class LogNet(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.log(x)
+
+
+def test_exact_pass_keeping_nan_outputs_is_not_rolled_back() -> None:
+    x = (torch.tensor([[-1.0, 2.0, 0.5]]),)
+    c = fxc.compile(LogNet(), x, [NoOp(), AddZeroToOutput()], target="fx")
+    assert [r.status for r in c.report] == ["ok", "unchanged", "ok"]
+    assert torch.isnan(c.graph_module(*x)[0, 0])
