@@ -172,4 +172,4 @@ def _attach_backend(compiled: Compiled, target: str, *, precision: str, fallback
 def _fall_back(compiled: Compiled, target: str, reason: FxCompressError, providers: Sequence[str] | None,
                threads: int | None) -> None:
     compiled.use_backend("onnxruntime", providers=providers, threads=threads,
-                         note=f"onnxruntime (fallback from {target}: {reason})")
+                         note=f"onnxruntime (fallback from {target}: {getattr(reason, 'reason', reason)})")

@@ -42,7 +42,7 @@ from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
 from .errors import FxCompressError, InputError
-from .verify import flatten_outputs, node_values as _fx_values, snapshot as _snapshot
+from .verify import flatten_outputs, fresh_inputs, node_values as _fx_values, snapshot as _snapshot
 
 __all__ = ["STAGES", "Comparison", "LayerRow", "Metric", "Tolerance", "compare", "load_inputs",
            "rebuild_graph"]
@@ -322,7 +322,7 @@ def _eager_outputs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[
         handles.append(module.register_forward_hook(hook))
     try:
         with torch.no_grad():
-            final = _snapshot(model(*inputs))
+            final = _snapshot(model(*fresh_inputs(inputs)))
     finally:
         for h in handles:
             h.remove()
