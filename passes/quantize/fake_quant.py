@@ -14,9 +14,10 @@ and the scale is a scalar), so the ONNX file holds 1 byte per weight.
 
 QAT uses the modules ``LearnedFakeQuant`` (per-tensor activations) and ``LearnedWeightFakeQuant``
 (per-channel weights): straight-through rounding, LSQ-style learnable scales (or frozen). Outside
-training they compute exactly what ``qat.freeze_qat`` would write, and exported to ONNX they lower
-to the same QuantizeLinear/DequantizeLinear (current scales as constants, INT8 weight
-initializers), so a QAT graph that reaches export unfrozen still runs INT8 kernels.
+training they compute what ``qat.freeze_qat`` would write, and exported to ONNX they lower to
+QuantizeLinear/DequantizeLinear with the current scales as constants (weights stay FP32 behind a
+per-channel QuantizeLinear, which ONNX Runtime or ``fold-weight-quantize`` folds to INT8), so a QAT
+graph that reaches export unfrozen still runs INT8 kernels.
 """
 
 from __future__ import annotations
