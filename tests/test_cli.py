@@ -200,11 +200,11 @@ def test_compile_a_training_recipe_from_npy_files_with_an_html_report(workdir: P
     (("compile", "mymodels:not_a_model", "--input-shape", "1x3x8x8"), "returned int, not a torch.nn.Module"),
     (("compile", "mymodels:make_model", "--input-shape", "1x3xeight"), "--input-shape '1x3xeight'"),
     (("compile", "mymodels:make_model", "--input-shape", "1x5x8x8"),
-     "shape propagation failed at node '_0' (module '0': Conv2d): RuntimeError: Given groups=1, weight of size "
-     "[8, 3, 3, 3], expected input[1, 5, 8, 8] to have 3 channels, but got 5 channels instead"),
+     ("shape propagation failed at node '_0' (module '0': Conv2d): RuntimeError: Given groups=1, weight of size "
+      "[8, 3, 3, 3], expected input[1, 5, 8, 8] to have 3 channels, but got 5 channels instead")),
     (("compile", "mymodels:make_model", "--input-shape", "1x3x8x8", "--train-data", "x7.npy"),
-     "--train-data x7.npy: input 'input' has samples of shape (3, 7, 8) (array (6, 3, 7, 8)), but the model "
-     "takes (3, 8, 8) per sample"),
+     ("--train-data x7.npy: input 'input' has samples of shape (3, 7, 8) (array (6, 3, 7, 8)), but the model "
+      "takes (3, 8, 8) per sample")),
     (("compile", "mymodels:make_model", "--input-shape", "1x3x8x8", "--train-data", "x8.npy", "--train-targets",
       "y5.npy"), "--train-targets y5.npy: 5 targets for 6 training samples; give one target per sample"),
     (("compile", "mymodels:make_model", "--input-shape", "1x3x8x8", "--train-targets", "y5.npy"),

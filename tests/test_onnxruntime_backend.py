@@ -151,8 +151,8 @@ def test_a_meta_tensor_is_refused_naming_the_input(runner) -> None:
 
 @pytest.mark.parametrize(("device", "providers", "pattern"), [
     ("cuda:0", ["CPUExecutionProvider"],
-     r"input #0 'x' is on device 'cuda:0' but this ONNX Runtime session runs on CPUExecutionProvider; move it to "
-     r"the CPU with x\.cpu\(\), or create the runner with providers=\['CUDAExecutionProvider'\]"),
+     (r"input #0 'x' is on device 'cuda:0' but this ONNX Runtime session runs on CPUExecutionProvider; move it to "
+      r"the CPU with x\.cpu\(\), or create the runner with providers=\['CUDAExecutionProvider'\]")),
     ("mps", ["CPUExecutionProvider"], r"input #0 'x' is on device 'mps', which ONNX Runtime cannot read; move it"),
     ("xpu:1", ["CUDAExecutionProvider", "CPUExecutionProvider"], r"device 'xpu:1', which ONNX Runtime cannot read"),
 ])
