@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -96,7 +97,7 @@ class Report(Sequence[PassRecord]):
         for r in self.rows:
             err = r.error or {}
             t.add_row(
-                str(r.index), r.name, r.status, f"{r.seconds:.2f}s", str(r.nodes), human(r.params),
+                str(r.index), escape(r.name), r.status, f"{r.seconds:.2f}s", str(r.nodes), human(r.params),
                 human(r.nonzero), human(r.bytes, "B"), human(r.macs),
                 _fmt(err.get("max_abs"), "{:.2e}"), _fmt(err.get("cosine"), "{:.6f}"),
                 _fmt(err.get("top1"), "{:.3f}"))
@@ -107,12 +108,13 @@ class Report(Sequence[PassRecord]):
         console.print(self.table())
         for key, value in self.meta.items():
             if value:
-                console.print(f"{key}: {_meta_text(key, value)}")
+                console.print(f"{key}: {_meta_text(key, value)}", markup=False, highlight=False)
         for r in self.rows:
             for d in r.diagnostics:
                 if d.get("severity") in ("warning", "error"):
                     where = f" [{d['node']}]" if d.get("node") else ""
-                    console.print(f"{r.index} {r.name}: {d['severity']}{where}: {d['message']}")
+                    console.print(f"{r.index} {r.name}: {d['severity']}{where}: {d['message']}", markup=False,
+                                  highlight=False)
         return console.export_text()
 
     def __str__(self) -> str:
