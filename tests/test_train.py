@@ -184,7 +184,7 @@ def test_fine_tune_trains_and_freezes_qat() -> None:
     gm, ex, ctx = _qat_graph()
     fq_nodes = [n for n in gm.graph.nodes if n.op == "call_module"
                 and isinstance(gm.get_submodule(str(n.target)), LearnedFakeQuant)]
-    scales_before = [float(gm.get_submodule(str(n.target)).scale) for n in fq_nodes]
+    scales_before = [float(gm.get_submodule(str(n.target)).scale.detach()) for n in fq_nodes]
     result = FineTune(epochs=1, lr=1e-2).run(gm, ctx)
     assert result.stats["frozen"]["weights"] == 7
     assert not any(isinstance(m, LearnedFakeQuant) for m in result.graph.modules())
