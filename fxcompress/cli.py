@@ -18,7 +18,9 @@ from .errors import FxCompressError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compress PyTorch models through torch.fx passes, lowered to ONNX Runtime and TensorRT.")
-console = Console(soft_wrap=True)
+# Piped or captured output (CI logs, `| tee`) gets rich's 80 columns by default, too narrow for the
+# report tables; a terminal keeps its own width.
+console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 _state = {"debug": False}
 
 
