@@ -21,6 +21,7 @@ import torch
 
 import fxcompress as fxc
 from fxcompress.backends.onnxruntime import OrtRunner
+from fxcompress.bench import interleaved
 from fxcompress.digits import DigitsResNet, accuracy, digits_loaders, train_classifier
 
 
@@ -69,22 +70,6 @@ def _int_kernels(model: onnx.ModelProto) -> str:
     return f"{qlin} / {flt}"
 
 
-def _timed(fns: dict[str, Callable[[torch.Tensor], Any]], x: torch.Tensor, iters: int, rounds: int) -> dict[str, float]:
-    """Per-call milliseconds: the variants take turns (so load on a shared machine hits them all
-    alike), and each keeps its best round mean."""
-    best = {name: float("inf") for name in fns}
-    with torch.no_grad():
-        for _ in range(rounds):
-            for name, fn in fns.items():
-                for _ in range(5):
-                    fn(x)
-                t0 = time.perf_counter()
-                for _ in range(iters):
-                    fn(x)
-                best[name] = min(best[name], (time.perf_counter() - t0) / iters * 1e3)
-    return best
-
-
 def main() -> None:
     from passes import FoldBatchNorm, QuantizeInt8
 
@@ -125,7 +110,7 @@ def main() -> None:
             "ORT INT8 quantize_static reduce_range": ort_static(fp32, data.calibration, reduce_range=True),
         }
         fns = {name: (model if proto is None else _ort_fn(proto, args.threads)) for name, proto in protos.items()}
-        times = {b: _timed(fns, next(iter(data.test))[0][:b], args.iters, args.rounds) for b in args.batches}
+        times = {b: interleaved(fns, (next(iter(data.test))[0][:b],), iters=args.iters, rounds=args.rounds) for b in args.batches}
         for name, proto in protos.items():
             acc = accuracy(fns[name], data.test) * 100
             size = proto.ByteSize() if proto is not None else None

@@ -12,7 +12,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -126,6 +126,28 @@ def _measure(fn: Callable[..., Any], inputs: tuple[Any, ...], warmup: int, iters
             times.append(time.perf_counter() - t0)
     times.sort()
     return times, tracked, cuda
+
+
+def interleaved(fns: Mapping[str, Callable[..., Any]], inputs: Sequence[Any], *, iters: int = 50, rounds: int = 7,
+                warmup: int = 5) -> dict[str, float]:
+    """Per-call milliseconds of several variants measured in turns: every round times each variant
+    for ``iters`` calls, and each keeps its best round mean. Load on a shared machine then hits all
+    variants alike, so ratios between them hold even when absolute numbers drift."""
+    for arg, value, least in (("iters", iters, 1), ("rounds", rounds, 1), ("warmup", warmup, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise InputError(f"interleaved({arg}=...) must be an integer >= {least}, got {value!r}")
+    inputs = fresh_inputs(tuple(inputs))
+    best = {name: float("inf") for name in fns}
+    with torch.no_grad():
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                for _ in range(warmup):
+                    fn(*inputs)
+                t0 = time.perf_counter()
+                for _ in range(iters):
+                    fn(*inputs)
+                best[name] = min(best[name], (time.perf_counter() - t0) / iters * 1e3)
+    return best
 
 
 def ratios(result: BenchResult, baseline: BenchResult) -> dict[str, float | None]:
