@@ -11,44 +11,56 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import sys
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from types import ModuleType
+from typing import Any
 
 from fxcompress.pipeline import Pipeline, Repeat
 
 
-def iter_modules() -> list[ModuleType]:
-    """All modules of this package, imported, in a stable order."""
+def iter_modules(package: str = __name__, path: Sequence[str] | None = None) -> list[ModuleType]:
+    """All public modules of ``package`` (default: this whole library), imported, in a stable order."""
     mods: list[ModuleType] = []
-    for info in sorted(pkgutil.walk_packages(__path__, prefix=f"{__name__}."), key=lambda i: i.name):
+    walk = pkgutil.walk_packages(__path__ if path is None else path, prefix=f"{package}.")
+    for info in sorted(walk, key=lambda i: i.name):
         if info.name.rsplit(".", 1)[-1].startswith("_"):
             continue
         mods.append(importlib.import_module(info.name))
     return mods
 
 
-@lru_cache(maxsize=None)
-def _public_classes() -> dict[str, type]:
-    from fxcompress.pass_base import Pass
+def lazy_exports(package: str, path: Sequence[str]) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
+    """Module ``__getattr__`` / ``__dir__`` for a package of passes: ``package.Name`` is the pass
+    class ``Name`` defined in any of its modules, ``package.sub`` its submodule, both imported on
+    first use. ``passes`` itself and each subpackage (``passes.onnx.CheckTensorRT``) use it, so a
+    new pass file needs no edit of an ``__init__``."""
 
-    found: dict[str, type] = {}
-    for mod in iter_modules():
-        for attr, obj in vars(mod).items():
-            if (isinstance(obj, type) and issubclass(obj, Pass) and obj.__module__ == mod.__name__
-                    and not attr.startswith("_")):
-                found[attr] = obj
-    return found
+    @lru_cache(maxsize=None)
+    def classes() -> dict[str, type]:
+        from fxcompress.pass_base import Pass
+
+        found: dict[str, type] = {}
+        for mod in iter_modules(package, path):
+            for attr, obj in vars(mod).items():
+                if (isinstance(obj, type) and issubclass(obj, Pass) and obj.__module__ == mod.__name__
+                        and not attr.startswith("_")):
+                    found[attr] = obj
+        return found
+
+    def getattr_(name: str) -> Any:
+        if name in {info.name for info in pkgutil.iter_modules(path)}:
+            return importlib.import_module(f"{package}.{name}")
+        if name in classes():
+            return classes()[name]
+        raise AttributeError(f"module {package!r} has no pass class {name!r}; "
+                             f"available: {', '.join(sorted(classes()))}")
+
+    def dir_() -> list[str]:
+        return sorted(set(vars(sys.modules[package])) | set(classes()))
+
+    return getattr_, dir_
 
 
-def __getattr__(name: str) -> type:
-    if name in {info.name for info in pkgutil.iter_modules(__path__)}:
-        return importlib.import_module(f"{__name__}.{name}")  # type: ignore[return-value]
-    classes = _public_classes()
-    if name in classes:
-        return classes[name]
-    raise AttributeError(
-        f"module 'passes' has no pass class {name!r}; available: {', '.join(sorted(classes))}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_public_classes()))
+__getattr__, __dir__ = lazy_exports(__name__, __path__)

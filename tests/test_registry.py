@@ -171,3 +171,21 @@ def test_register_rejects_a_name_that_is_not_kebab_case(name: str) -> None:
     with pytest.raises(fxc.PipelineError, match=rf"name {name!r} is not kebab-case; use lowercase"):
         fxc.register(Named)
     assert name not in available()
+
+
+def test_pass_classes_are_reachable_from_the_library_and_each_subpackage() -> None:
+    import passes
+    import passes.onnx
+    import passes.prune
+    import passes.quantize
+    from passes.onnx import CheckTensorRT
+
+    assert CheckTensorRT is passes.CheckTensorRT is get("check-tensorrt")
+    assert passes.quantize.QuantizeInt8 is get("quantize-int8")
+    assert passes.prune.PruneChannels is get("prune-channels")
+    assert passes.Repeat is fxc.Repeat
+    assert {"CheckTensorRT", "OnnxCleanup", "check_tensorrt"} <= set(dir(passes.onnx))
+    assert "QuantizeInt8" not in dir(passes.onnx)  # a subpackage lists only its own passes
+    with pytest.raises(AttributeError, match=r"module 'passes.onnx' has no pass class 'FoldBatchNorm'; "
+                                             r"available: CheckTensorRT, OnnxCleanup"):
+        passes.onnx.FoldBatchNorm  # noqa: B018

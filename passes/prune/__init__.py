@@ -6,3 +6,7 @@
   graph (``depgraph`` + ``analysis``), importance criteria in ``importance``, the graph surgery
   in ``rewrite``.
 """
+
+from passes import lazy_exports
+
+__getattr__, __dir__ = lazy_exports(__name__, __path__)
