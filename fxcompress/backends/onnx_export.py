@@ -1,10 +1,10 @@
 """GraphModule -> ``onnx.ModelProto`` (opset 17 by default, dynamic batch, Q/DQ, FX provenance).
 
 Exporter choice: the TorchScript exporter (``torch.onnx.export(..., dynamo=False)``).
-Measured on this machine (AMD EPYC, 2 cores shared with other jobs, torch 2.13.0+cpu): four
-exports of each model from ``tests/zoo.py`` after ``fxcompress.trace.trace``, wall time of
-``export_onnx`` (including checker and shape inference) vs ``torch.onnx.export(gm, inputs,
-dynamo=True, opset_version=17, dynamic_shapes=...)``:
+Measured on a machine of this project's kind (AMD EPYC, 2 cores shared with other jobs, torch
+2.13.0+cpu): four exports of each model from ``tests/zoo.py`` after ``fxcompress.trace.trace``,
+wall time of ``export_onnx`` (including checker and shape inference) vs ``torch.onnx.export(gm,
+inputs, dynamo=True, opset_version=17, dynamic_shapes=...)``:
 
     model              export_onnx (TorchScript)      dynamo=True (torch.export + onnxscript)
     resnet_basic       0.65 s first, 0.41 s median    21.7 s first, 7.8 s median  (emitted opset 18)
