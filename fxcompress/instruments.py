@@ -126,7 +126,7 @@ class ProgressBar:
 
     def on_pipeline_start(self, pipeline: Any, ctx: PassContext) -> None:
         self.progress.start()
-        self._task = self.progress.add_task("passes", total=sum(1 for _ in pipeline.leaves()), info="")
+        self._task = self.progress.add_task("passes", total=sum(1 for _ in pipeline.schedule()), info="")
         ctx.progress = self.task
 
     def before_pass(self, p: Pass, graph: Any, ctx: PassContext) -> None:

@@ -110,14 +110,34 @@ class Pipeline(Pass):
             else:
                 yield p
 
+    def schedule(self) -> Iterator[Pass]:
+        """The non-nested passes as they execute: a ``Repeat`` body ``n`` times."""
+        for p in self.passes:
+            if isinstance(p, Pipeline):
+                yield from p.schedule()
+            elif isinstance(p, Repeat):
+                for _ in range(p.n):
+                    yield from Pipeline(p.passes).schedule()
+            else:
+                yield p
+
     def check(self, ctx: PassContext, stage: str = "fx") -> None:
-        """Reject a pass order that breaks a declared constraint, before any pass runs."""
+        """Reject a pass order that breaks a declared constraint, before any pass runs.
+
+        Positions are the report rows the passes would get (``#0`` is the ``input`` row, the
+        ``export-onnx`` row comes before the first ONNX pass), as in run-time errors."""
         provided = {cap for cap, ok in (
             ("example-inputs", bool(ctx.example_inputs)), ("calibration-data", ctx.calibration is not None),
             ("train-data", ctx.train_data is not None), ("teacher", ctx.original is not None)) if ok}
         onnx_seen: Pass | None = None
-        for pos, p in enumerate(self.leaves()):
-            if p.stage == "fx" and (onnx_seen is not None or stage == "onnx"):
+        lowered = stage == "onnx"
+        pos = 0
+        for p in self.schedule():
+            if p.stage == "onnx" and not lowered:
+                lowered = True
+                pos += 1
+            pos += 1
+            if p.stage == "fx" and lowered:
                 after = f"after ONNX pass '{onnx_seen.name}'" if onnx_seen else "after lowering to ONNX"
                 raise PipelineError(f"pass '{p.name}' (#{pos}) works on the FX graph but comes {after}; "
                                     f"move it before the ONNX passes")

@@ -189,12 +189,25 @@ def test_broken_graph_names_the_node() -> None:
 
 def test_requirements_checked_before_any_pass_runs() -> None:
     NeedsCalibration.calls.clear()
-    with pytest.raises(fxc.PipelineError, match=r"'test-needs-calibration' \(#1\) requires 'calibration-data': "
+    with pytest.raises(fxc.PipelineError, match=r"'test-needs-calibration' \(#2\) requires 'calibration-data': "
                                                  r"pass calibration="):
         compile_fx([NoOp(), NeedsCalibration()])
     assert NeedsCalibration.calls == []
     compile_fx([NeedsCalibration()], calibration=[X[0]])
     assert NeedsCalibration.calls == [1]
+
+
+def test_up_front_and_run_time_errors_number_passes_alike() -> None:
+    """Both count report rows: ``input`` is #0, the first pass #1, export-onnx takes a row, a Repeat body n."""
+    with pytest.raises(fxc.PassError, match=r"'test-explode' \(#2\) raised") as info:
+        compile_fx([NoOp(), Explode()])
+    assert info.value.position == 2
+    with pytest.raises(fxc.PipelineError, match=r"'test-needs-calibration' \(#2\) requires"):
+        compile_fx([NoOp(), NeedsCalibration()])
+    with pytest.raises(fxc.PipelineError, match=r"'test-needs-calibration' \(#4\) requires"):
+        compile_fx([fxc.Repeat(2, (NoOp(),)), NoOp(), NeedsCalibration()])
+    with pytest.raises(fxc.PipelineError, match=r"'test-noop' \(#3\) works on the FX graph"):
+        fxc.Pipeline([OnnxNoOp(), NoOp()]).check(PassContext(X))
 
 
 def test_fx_pass_after_onnx_pass_is_rejected() -> None:
