@@ -4,18 +4,53 @@ Hooks (all optional): ``on_pipeline_start(pipeline, ctx)``, ``should_run(pass_, 
 ``before_pass(pass_, graph, ctx)``, ``check(pass_, graph, outputs, reference, ctx) -> str | None``
 (a message fails the pass, which is rolled back), ``after_pass(pass_, graph, record, ctx)``
 (``pass_`` is None for the export step), ``on_pipeline_end(report, ctx)``.
+
+``Pipeline`` rejects an instrument that is a class (not an instance) or has none of these hooks.
 """
 
 from __future__ import annotations
 
+import inspect
 import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TextIO
 
+from .errors import PipelineError
 from .pass_base import Pass, PassContext
 from .report import PassRecord, Report
-from .verify import error_metrics, output_mismatch
+from .verify import ATOL, RTOL, allclose, error_metrics, output_mismatch
+
+#: the hooks the pass manager calls, in the order of a run
+HOOKS: tuple[str, ...] = ("on_pipeline_start", "should_run", "before_pass", "check", "after_pass",
+                          "on_pipeline_end")
+
+
+def validate_instrument(instrument: Any, where: str = "instrument") -> None:
+    """Raise ``PipelineError`` unless ``instrument`` is an object with at least one callable hook."""
+    if isinstance(instrument, type):
+        raise PipelineError(f"{where} is the class {instrument.__name__}, not an instance; add '()': "
+                            f"{instrument.__name__}() instead of {instrument.__name__}")
+    hooks = [h for h in HOOKS if callable(getattr(instrument, h, None))]
+    if not hooks:
+        raise PipelineError(f"{where} {instrument!r} ({type(instrument).__name__}) has none of the instrument "
+                            f"hooks, so it would never be called; define at least one of: {', '.join(HOOKS)}")
+
+
+def _check_arity(fn: Any, params: str, what: str) -> None:
+    """Fail now, not mid-pipeline, when ``fn`` cannot be called with the arguments ``params`` names."""
+    if not callable(fn):
+        raise PipelineError(f"{what} must be a callable taking ({params}); got {fn!r}")
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # builtins without a signature: trust them
+        return
+    try:
+        signature.bind(*([None] * len(params.split(","))))
+    except TypeError:
+        name = getattr(fn, "__name__", type(fn).__name__)
+        raise PipelineError(f"{what} is called as f({params}), but {name}{signature} cannot take those "
+                            f"arguments; e.g. lambda {params}: ...") from None
 
 
 def _matches(p: Pass | None, names: Iterable[str]) -> bool:
@@ -77,11 +112,23 @@ class PassTiming:
 
 
 class NumericCheck:
-    """Fail (and roll back) any pass whose outputs drift from the original model beyond limits."""
+    """Fail (and roll back) any pass whose outputs drift from the original model beyond limits.
+
+    Limits: ``max_abs`` (largest absolute error), ``min_cosine`` (cosine similarity of the flat
+    outputs), ``min_top1`` (top-1 agreement for logits). With no limit given, the outputs must
+    match the original as the pipeline checks exact passes: fp32 ``rtol`` ``verify.RTOL`` (1e-4)
+    and ``atol`` ``verify.ATOL`` (1e-5), i.e. the whole pipeline so far must preserve outputs."""
 
     def __init__(self, max_abs: float | None = None, min_cosine: float | None = None,
                  min_top1: float | None = None) -> None:
+        for option, value, low, high in (("max_abs", max_abs, 0.0, float("inf")), ("min_cosine", min_cosine, -1.0, 1.0),
+                                         ("min_top1", min_top1, 0.0, 1.0)):
+            if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                          and low <= value <= high):
+                raise PipelineError(f"NumericCheck({option}=...) must be a number in [{low:g}, {high:g}] or "
+                                    f"None; got {value!r}")
         self.max_abs, self.min_cosine, self.min_top1 = max_abs, min_cosine, min_top1
+        self.exact = max_abs is None and min_cosine is None and min_top1 is None
 
     def check(self, p: Pass, graph: Any, outputs: Any, reference: Any, ctx: PassContext) -> str | None:
         if reference is None:
@@ -90,6 +137,9 @@ class NumericCheck:
         if mismatch is not None:
             return f"{mismatch} vs the original model"
         m = error_metrics(reference, outputs)
+        if self.exact and not allclose(reference, outputs, RTOL, ATOL):
+            return (f"outputs differ from the original model beyond rtol {RTOL:g}, atol {ATOL:g} (max abs error "
+                    f"{m.max_abs:.3g}); give NumericCheck limits such as max_abs= or min_cosine= for a lossy pass")
         if self.max_abs is not None and m.max_abs > self.max_abs:
             return f"max abs error {m.max_abs:.3g} > {self.max_abs:g} vs the original model"
         if self.min_cosine is not None and m.cosine < self.min_cosine:
@@ -105,6 +155,7 @@ class Bisect:
     ``culprit`` is that pass's report name (None while every step passes); nothing is rolled back."""
 
     def __init__(self, check: Callable[[Any, PassContext], bool]) -> None:
+        _check_arity(check, "graph, ctx", "Bisect(check)")
         self._check = check
         self.culprit: str | None = None
         self.culprit_index: int | None = None
@@ -164,6 +215,7 @@ class Evaluate:
     the GraphModule for FX steps, an ONNX Runtime session for ONNX steps."""
 
     def __init__(self, metric: Callable[[Callable[..., Any]], float], name: str = "accuracy") -> None:
+        _check_arity(metric, "run", "Evaluate(metric)")
         self.metric, self.name = metric, name
         self.values: dict[str, float] = {}
 

@@ -23,6 +23,7 @@ import torch
 from torch.fx import GraphModule
 
 from .errors import FxCompressError, PassError, PassVerificationError, PipelineError
+from .instruments import validate_instrument
 from .pass_base import Diagnostic, Pass, PassContext, PassResult, copy_graph_module, not_in_pipeline_string
 from .report import PassRecord, Report
 from .verify import (ATOL, RTOL, allclose, error_metrics, first_divergent_node, first_divergent_onnx_node,
@@ -88,8 +89,15 @@ class Pipeline(Pass):
                 raise PipelineError(f"item {i} of the pipeline is {p!r}, not a Pass{hint}")
         if self.on_error not in ("raise", "skip"):
             raise PipelineError(f"on_error must be 'raise' or 'skip'; got {self.on_error!r}")
+        instruments = self.instruments or ()
+        if isinstance(instruments, (str, bytes)) or not hasattr(instruments, "__iter__"):
+            raise PipelineError(f"instruments must be a list of instrument objects, e.g. "
+                                f"instruments=[fxc.PassTiming()]; got {instruments!r}")
+        instruments = tuple(instruments)
+        for i, instrument in enumerate(instruments):
+            validate_instrument(instrument, f"instrument {i}")
         object.__setattr__(self, "passes", passes)
-        object.__setattr__(self, "instruments", tuple(self.instruments or ()))
+        object.__setattr__(self, "instruments", instruments)
 
     @classmethod
     def parse(cls, text: str, **options: Any) -> "Pipeline":
