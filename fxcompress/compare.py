@@ -795,7 +795,11 @@ def _weight_mismatches(gm: GraphModule, model: onnx.ModelProto, limit: int = 5) 
 
 def load_inputs(path: str | Path, specs: Sequence[Mapping[str, Any]]) -> tuple[torch.Tensor, ...]:
     """Model inputs from a ``.npy`` (one input) or ``.npz`` (several, keyed by input name), cast to
-    the dtypes in ``specs`` (the artifact manifest's ``inputs``: ``{"name", "dtype", ...}``)."""
+    the dtypes in ``specs`` (the artifact manifest's ``inputs``: ``{"name", "dtype", "shape"}``).
+
+    An array whose rank or per-sample shape (all but the first axis) differs from the spec's
+    ``shape`` is an ``InputError`` naming the input; the batch size may differ (the ONNX model
+    has a dynamic batch axis)."""
     file = Path(path)
     names = [str(s["name"]) for s in specs]
     if not file.is_file():
@@ -825,10 +829,22 @@ def load_inputs(path: str | Path, specs: Sequence[Mapping[str, Any]]) -> tuple[t
                 arrays = [loaded[n] for n in names]
     out = []
     for spec, array in zip(specs, arrays):
+        _check_shape(file, spec, array)
         dtype = getattr(torch, str(spec.get("dtype", "float32")), None)
         tensor = torch.from_numpy(np.ascontiguousarray(array))
         out.append(tensor.to(dtype) if isinstance(dtype, torch.dtype) else tensor)
     return tuple(out)
+
+
+def _check_shape(file: Path, spec: Mapping[str, Any], array: np.ndarray) -> None:
+    shape = spec.get("shape")
+    if shape is None:
+        return
+    expected, actual = tuple(int(d) for d in shape), tuple(array.shape)
+    if len(actual) != len(expected) or actual[1:] != expected[1:]:
+        per_sample = "" if len(expected) < 2 else f", i.e. samples of shape {expected[1:]} for any batch size"
+        raise InputError(f"{file}: input '{spec['name']}' has shape {actual}, but the artifact was compiled for "
+                         f"{expected}{per_sample}; save an array of that shape")
 
 
 def rebuild_graph(model: nn.Module, example_inputs: Sequence[torch.Tensor], pipeline: str

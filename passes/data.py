@@ -8,23 +8,113 @@ names, so the same loader serves calibration (targets ignored) and training (tar
 The user's batches are never written to: ``iter_batches`` hands out copies of the inputs when
 the graph may write into its inputs (``ReLU(inplace=True)`` as the first layer), and
 ``model_inputs`` does the same for training loops that split batches themselves.
+
+Batches are checked against the graph's example inputs (the placeholders' shape metadata):
+``iter_batches`` rejects a batch whose rank or dtype kind (float/int/bool/complex) differs, up
+front and naming the argument, input, batch index and expected vs actual shape. Any batch size
+is fine, and other non-batch dims are left to the model (it may take dynamic shapes);
+``explain_failure`` turns a model run that fails on such a batch into the same clear error.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
 import torch
 from torch.fx import GraphModule
 
-from fxcompress.errors import InputError, PassError
+from fxcompress.errors import FxCompressError, InputError, PassError
 
-from ._fx_utils import writes_inputs
+from ._fx_utils import meta_dtype, meta_shape, writes_inputs
+
+
+class InputSpec(NamedTuple):
+    """What a graph input was traced with: shape and dtype (None when unknown)."""
+
+    name: str
+    shape: tuple[int, ...] | None
+    dtype: torch.dtype | None
 
 
 def graph_inputs(gm: GraphModule) -> list[str]:
     """Names of the graph's placeholders, in call order."""
     return [str(n.target) for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+def input_specs(gm: GraphModule) -> list[InputSpec]:
+    """Name, shape and dtype of each placeholder, from shape propagation's metadata."""
+    return [InputSpec(str(n.target), meta_shape(n), meta_dtype(n)) for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+def _kind(dtype: torch.dtype) -> str:
+    if dtype == torch.bool:
+        return "bool"
+    if dtype.is_complex:
+        return "complex"
+    return "float" if dtype.is_floating_point else "integer"
+
+
+def _per_sample(shape: Sequence[int]) -> tuple[int, ...]:
+    return tuple(int(d) for d in shape[1:])
+
+
+def _where(argument: str, pass_name: str, index: int, name: str) -> str:
+    return f"pass '{pass_name}': {argument}= batch {index}, input '{name}'"
+
+
+def _expected(spec: InputSpec) -> str:
+    if not spec.shape:
+        return f"a scalar ({_dtype(spec.dtype)})"
+    batch = ", ".join(["N", *map(str, spec.shape[1:])])
+    return f"samples of shape {_per_sample(spec.shape)} ({_dtype(spec.dtype)}): tensors ({batch}) for any batch size N"
+
+
+def _dtype(dtype: torch.dtype | None) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _actual(value: torch.Tensor) -> str:
+    return f"a tensor of shape {tuple(value.shape)} ({_dtype(value.dtype)})"
+
+
+def check_inputs(inputs: Sequence[Any], specs: Sequence[InputSpec], *, argument: str, pass_name: str,
+                 index: int) -> None:
+    """Raise ``PassError`` when an input of batch ``index`` has another rank or dtype kind than the
+    graph was traced with; the batch size and other dims are not checked (see the module doc)."""
+    for value, spec in zip(inputs, specs):
+        if not isinstance(value, torch.Tensor) or spec.shape is None:
+            continue
+        problem = ""
+        if value.dim() != len(spec.shape):
+            problem = f"rank {value.dim()}, the model takes rank {len(spec.shape)}"
+        elif spec.dtype is not None and _kind(value.dtype) != _kind(spec.dtype):
+            problem = f"{_kind(value.dtype)} data, the model takes {_kind(spec.dtype)} data"
+        if problem:
+            raise PassError(f"{_where(argument, pass_name, index, spec.name)}: expected {_expected(spec)}; got "
+                            f"{_actual(value)} ({problem}); yield batches shaped like the example inputs",
+                            pass_name=pass_name)
+
+
+@contextmanager
+def explain_failure(inputs: Sequence[Any], specs: Sequence[InputSpec], *, argument: str, pass_name: str,
+                    index: int) -> Iterator[None]:
+    """Around running the model on batch ``index``: when it raises and an input's per-sample shape
+    differs from the traced one, raise ``PassError`` naming it (the model's error as ``__cause__``);
+    any other failure propagates unchanged."""
+    try:
+        yield
+    except FxCompressError:
+        raise
+    except Exception as exc:
+        for value, spec in zip(inputs, specs):
+            if isinstance(value, torch.Tensor) and spec.shape is not None and \
+                    _per_sample(value.shape) != _per_sample(spec.shape):
+                first = (str(exc).splitlines() or [""])[0]
+                raise PassError(f"{_where(argument, pass_name, index, spec.name)}: the model failed on "
+                                f"{_actual(value)} ({type(exc).__name__}: {first}); it was traced with "
+                                f"{_expected(spec)}", pass_name=pass_name) from exc
+        raise
 
 
 def split_batch(batch: Any, n_inputs: int, input_names: Sequence[str] = ()) -> tuple[tuple[Any, ...], Any]:
@@ -99,13 +189,15 @@ def iter_batches(data: Iterable[Any] | None, gm: GraphModule, *, argument: str, 
                         pass_name=pass_name)
     if isinstance(data, (torch.Tensor, dict)):
         data = [data]
-    names = graph_inputs(gm)
+    specs = input_specs(gm)
+    names = [s.name for s in specs]
     writes = writes_inputs(gm)
     count = 0
     for batch in data:
         if limit and count >= limit:
             break
         inputs, targets = split_batch(batch, len(names), names)
+        check_inputs(inputs, specs, argument=argument, pass_name=pass_name, index=count)
         yield model_inputs(inputs, gm, device, writes=writes), to_device(targets, device)
         count += 1
     if count == 0:

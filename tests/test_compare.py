@@ -370,3 +370,31 @@ def test_cli_missing_inputs_file_is_one_line(artifact: Path) -> None:
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("error: --inputs: inputs file ") and "missing.npy does not exist" in lines[0]
+
+
+def test_load_inputs_checks_the_recorded_shapes(tmp_path: Path) -> None:
+    """Rank and per-sample shape must match the manifest's ``shape``; the batch size may differ."""
+    spec = [{"name": "x", "dtype": "float32", "shape": [1, 3, 16, 16]}]
+    np.save(tmp_path / "ok.npy", np.zeros((4, 3, 16, 16)))
+    (x,) = load_inputs(tmp_path / "ok.npy", spec)
+    assert x.shape == (4, 3, 16, 16) and x.dtype == torch.float32
+    np.save(tmp_path / "rank.npy", np.zeros((3, 16, 16)))
+    with pytest.raises(InputError, match=r"input 'x' has shape \(3, 16, 16\).*\(1, 3, 16, 16\).*\(3, 16, 16\)"):
+        load_inputs(tmp_path / "rank.npy", spec)
+    np.save(tmp_path / "hw.npy", np.zeros((1, 3, 8, 8)))
+    with pytest.raises(InputError, match=r"input 'x' has shape \(1, 3, 8, 8\)"):
+        load_inputs(tmp_path / "hw.npy", spec)
+    two = [{"name": "a", "dtype": "float32", "shape": [2, 5]}, {"name": "b", "dtype": "int64", "shape": [2]}]
+    np.savez(tmp_path / "ab.npz", a=np.zeros((2, 5)), b=np.zeros((2, 1)))
+    with pytest.raises(InputError, match=r"input 'b' has shape \(2, 1\).*compiled for \(2,\)"):
+        load_inputs(tmp_path / "ab.npz", two)
+
+
+def test_cli_wrongly_shaped_inputs_is_a_one_line_input_error(artifact: Path) -> None:
+    np.save(artifact / "bad.npy", np.zeros((1, 3, 8), dtype=np.float32))
+    proc = run_cli("compare", str(artifact / "out"), "--inputs", str(artifact / "bad.npy"))
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: --inputs: ") and "has shape (1, 3, 8)" in lines[0]
+    assert "RuntimeError" not in proc.stderr

@@ -386,3 +386,21 @@ def test_calibration_is_split_across_ranks(monkeypatch: pytest.MonkeyPatch, batc
     assert reduced == [len(got)] and got == want
     everything = alone.calibrate(gm, ctx, alone.plan(gm, ctx, "onnxruntime"), spec)
     assert got["x"] != everything["x"]  # the input range differs: this rank did not see batch 0
+
+
+def test_calibration_of_the_wrong_rank_names_argument_input_and_shapes() -> None:
+    """The audit's case: a (4, 3, 8) batch for a model traced on (1, 3, 16, 16) is named before
+    calibration runs, not reported as the convolution's RuntimeError."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).eval()
+    example = (torch.randn(1, 3, 16, 16),)
+    with pytest.raises(PassError) as err:
+        fxc.compile(model, example, "quantize-int8", calibration=[torch.randn(2, 3, 16, 16), torch.randn(4, 3, 8)],
+                    target="fx", progress=False)
+    msg = str(err.value)
+    assert "calibration= batch 1, input 'input'" in msg
+    assert "(3, 16, 16)" in msg and "(4, 3, 8)" in msg
+    assert not isinstance(err.value.__cause__, RuntimeError)
+    calibrated = fxc.compile(model, example, "quantize-int8", calibration=[torch.randn(3, 3, 16, 16)], target="fx",
+                             progress=False)
+    assert calibrated(*example).shape == (1, 4, 14, 14)

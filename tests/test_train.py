@@ -16,7 +16,7 @@ import fxcompress as fxc
 from fxcompress.errors import InputError, PassError, PipelineError
 from fxcompress.trace import trace
 from passes import FineTune, FoldBatchNorm, FreezeQuant, QuantizeInt8
-from passes.data import iter_batches, split_batch
+from passes.data import explain_failure, graph_inputs, input_specs, iter_batches, split_batch
 from passes.quantize.fake_quant import LearnedFakeQuant, LearnedWeightFakeQuant, dequantize
 from passes.train import _lr_factor, supervised_loss, train_loop
 from zoo import ZOO
@@ -332,3 +332,60 @@ def test_frozen_scales_stay_put_while_fine_tune_trains_the_weights() -> None:
     frozen = FreezeQuant().run(gm, ctx).graph
     act_scales = {n.args[1] for n in frozen.graph.nodes if n.target is torch.fake_quantize_per_tensor_affine}
     assert act_scales == {float(s) for name, s in scales.items() if isinstance(fqs[name], LearnedFakeQuant)}
+
+
+def _flatten_net() -> tuple[nn.Module, tuple[torch.Tensor]]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)).eval()
+    return model, (torch.randn(2, 3, 8, 8),)
+
+
+def test_batches_of_another_rank_or_dtype_kind_are_named_up_front() -> None:
+    """Batch 1 of 3 has rank 3: the error names train_data=, the input, the batch index and both
+    shapes before the model ever runs; another batch size or float64 data pass the check."""
+    model, ex = _flatten_net()
+    gm = trace(model, ex)
+    (name,) = graph_inputs(gm)
+    good = [torch.randn(5, 3, 8, 8), torch.randn(1, 3, 8, 8, dtype=torch.float64)]
+    assert [b[0].shape[0] for b, _ in iter_batches(good, gm, argument="train_data", pass_name="p")] == [5, 1]
+    bad = [good[0], torch.randn(4, 3, 8), good[1]]
+    with pytest.raises(PassError) as err:
+        list(iter_batches(bad, gm, argument="train_data", pass_name="finetune"))
+    msg = str(err.value)
+    assert f"train_data= batch 1, input '{name}'" in msg
+    assert "(3, 8, 8)" in msg and "(4, 3, 8)" in msg and "rank 3" in msg
+    with pytest.raises(PassError, match=r"calibration= batch 0.*integer data, the model takes float data"):
+        list(iter_batches([torch.ones(2, 3, 8, 8, dtype=torch.long)], gm, argument="calibration", pass_name="p"))
+
+
+def test_other_non_batch_dims_are_left_to_the_model() -> None:
+    """A model with a dynamic dim (global pooling) takes other spatial sizes: they are not rejected."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+    gm = trace(model, (torch.randn(1, 3, 8, 8),))
+    (inputs,) = [i for i, _ in iter_batches([torch.randn(2, 3, 12, 10)], gm, argument="calibration", pass_name="p")]
+    assert gm(*inputs).shape == (2, 4)
+
+
+def test_explain_failure_names_expected_and_actual_shape() -> None:
+    model, ex = _flatten_net()
+    gm = trace(model, ex)
+    specs = input_specs(gm)
+    x = torch.randn(2, 3, 9, 9)
+    with pytest.raises(PassError) as err:
+        with explain_failure((x,), specs, argument="calibration", pass_name="quantize-int8", index=3):
+            gm(x)
+    msg = str(err.value)
+    assert "calibration= batch 3" in msg and "(2, 3, 9, 9)" in msg and "(3, 8, 8)" in msg
+    assert isinstance(err.value.__cause__, RuntimeError)
+    # inputs shaped as traced: the model's own error goes through unchanged
+    with pytest.raises(ZeroDivisionError):
+        with explain_failure(ex, specs, argument="calibration", pass_name="p", index=0):
+            raise ZeroDivisionError
+
+
+def test_compile_names_wrongly_shaped_train_data() -> None:
+    model, ex = _flatten_net()
+    data = [(torch.randn(4, 3, 8), torch.tensor([0, 1, 2, 3]))]
+    with pytest.raises(PassError, match=r"train_data= batch 0, input .*\(3, 8, 8\).*\(4, 3, 8\)"):
+        fxc.compile(model, ex, "prune-channels{importance=taylor,ratio=0.25}", train_data=data, target="fx",
+                    progress=False)
