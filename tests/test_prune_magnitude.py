@@ -10,7 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.fx import GraphModule, symbolic_trace
+from torch.nn.utils.prune import l1_unstructured
 
+import fxcompress as fxc
 from fxcompress.backends.onnx_export import export_onnx
 from fxcompress.backends.onnxruntime import OrtRunner
 from fxcompress.errors import PipelineError
@@ -131,3 +133,50 @@ def test_pipeline_string_and_validation() -> None:
         PruneMagnitude(amount=1.5)
     with pytest.raises(PipelineError):
         Pipeline.parse("prune-magnitude{scope=everything}")
+
+
+def _two_layer() -> tuple[nn.Module, tuple[torch.Tensor]]:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 3)).eval(), (torch.randn(2, 10),)
+
+
+def test_repeat_prunes_the_remaining_weights_as_torch_prune_does() -> None:
+    """``amount`` is relative to the unpruned weights (torch.nn.utils.prune's convention): two
+    rounds of 0.2 zero 40 + 32 of 200 weights, the same ones two ``l1_unstructured`` calls zero."""
+    model, inputs = _two_layer()
+    compiled = fxc.compile(model, inputs, "repeat{n=2}(prune-magnitude{amount=0.2})", target="fx", progress=False)
+    rows = [r for r in compiled.report if "prune-magnitude" in r.name]
+    assert [r.status for r in rows] == ["ok", "ok"]
+    ours = compiled.graph_module.get_submodule("0").weight
+    reference = copy.deepcopy(model[0])
+    l1_unstructured(reference, "weight", 0.2)
+    l1_unstructured(reference, "weight", 0.2)
+    assert int((ours == 0).sum()) == int((reference.weight == 0).sum()) == 200 - int(200 * 0.8 * 0.8)
+    assert torch.equal(ours == 0, reference.weight == 0)
+    assert int((model[0].weight == 0).sum()) == 0
+
+
+def test_zeros_already_there_count_as_pruned_and_nothing_to_prune_is_reported() -> None:
+    model, inputs = _two_layer()
+    gm = propagate_shapes(symbolic_trace(copy.deepcopy(model)), inputs)
+    with torch.no_grad():
+        gm.get_submodule("0").weight[:5] = 0  # 50 of 200 already zero
+    r = PruneMagnitude(amount=0.5, scope="global").run(gm, PassContext(inputs))
+    assert (r.stats["already_zero"], r.stats["newly_pruned"]) == (50, 75)
+    assert int((r.graph.get_submodule("0").weight == 0).sum()) == 125
+    again = PruneMagnitude(amount=0.001).run(r.graph, PassContext(inputs))
+    assert again.stats["newly_pruned"] == 0
+    assert any("nothing pruned" in d.message and "75 remaining" in d.message for d in again.diagnostics)
+
+
+def test_repeated_nm_is_unchanged_and_says_the_layout_is_reached() -> None:
+    """N:M is a layout, not an amount: the second round keeps every weight (status "unchanged")."""
+    torch.manual_seed(0)
+    model, inputs = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)).eval(), (torch.randn(2, 8),)
+    compiled = fxc.compile(model, inputs, "repeat{n=2}(prune-nm)", target="fx", progress=False)
+    rows = [r for r in compiled.report if "prune-nm" in r.name]
+    assert [r.status for r in rows] == ["ok", "unchanged"]
+    assert not any("already 2:4" in d["message"] for d in rows[0].diagnostics)
+    assert any("already 2:4" in d["message"] and d["node"] == "0" for d in rows[1].diagnostics)
+    w = compiled.graph_module.get_submodule("0").weight
+    assert int((w == 0).sum()) == w.numel() // 2

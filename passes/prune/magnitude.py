@@ -2,6 +2,13 @@
 
 Zeros are written into the weights (new Parameters, no masks or hooks left behind): the graph
 stays a plain GraphModule and the sparsity survives export. Biases are never pruned.
+
+``amount`` follows ``torch.nn.utils.prune``: it is the fraction of the weights still unpruned
+(non-zero) that this run removes, so ``repeat{n=2}(prune-magnitude{amount=0.2})`` leaves
+``1 - 0.8**2 = 36%`` zeros, as two ``l1_unstructured(amount=0.2)`` calls do, and iterative
+prune -> fine-tune schedules prune again each round like ``prune-channels{ratio=...}``. Without
+masks, a weight that is exactly zero counts as already pruned. On a dense model the result is
+``amount`` sparsity of the selected weights.
 """
 
 from __future__ import annotations
@@ -32,13 +39,21 @@ def _count(amount: float, n: int) -> int:
     return min(n, int(amount * n + 0.5))
 
 
+def _picks(weight: torch.Tensor, amount: float) -> torch.Tensor:
+    """Flat indices of the zeros after pruning ``amount`` of ``weight``'s non-zeros: the existing
+    zeros sort first (``|0|`` is smallest), then the smallest survivors."""
+    zeros = int((weight == 0).sum())
+    return smallest(weight, zeros + _count(amount, weight.numel() - zeros))
+
+
 @dataclass(frozen=True)
 class PruneMagnitude(Pass):
-    """Zero ``amount`` of the weights with the smallest magnitude (L1, unstructured).
+    """Zero ``amount`` of the remaining (non-zero) weights, those of smallest magnitude (L1, unstructured).
 
-    ``scope="layer"``: every selected layer loses ``round(amount * numel)`` weights;
-    ``scope="global"``: one threshold across all selected layers (``round(amount * total)`` zeros
-    in all). Layers are selected by module type (``types``) and path patterns (``include`` /
+    ``amount`` is relative to what is left, as in ``torch.nn.utils.prune`` (see the module doc):
+    ``scope="layer"``: every selected layer loses ``round(amount * nonzero)`` more weights;
+    ``scope="global"``: one threshold across all selected layers (``round(amount * nonzero)``
+    more zeros in all). Layers are selected by module type (``types``) and path patterns (``include`` /
     ``exclude``); the classifier head is left dense unless ``exclude_head=False``.
     """
 
@@ -70,13 +85,14 @@ class PruneMagnitude(Pass):
             result.warn(f"no layer selected (types {', '.join(self.types)}, include {self.include})")
         weights = [mod.weight for _, mod in layers]
         if self.scope == "layer":
-            picks = [smallest(w, _count(self.amount, w.numel())) for w in weights]
+            picks = [_picks(w, self.amount) for w in weights]
         else:
             flat = torch.cat([w.detach().flatten() for w in weights]) if weights else torch.empty(0)
-            chosen = smallest(flat, _count(self.amount, flat.numel()))
+            chosen = _picks(flat, self.amount)
             bounds = torch.tensor([0] + [w.numel() for w in weights]).cumsum(0)
             picks = [chosen[(chosen >= lo) & (chosen < hi)] - lo for lo, hi in zip(bounds[:-1], bounds[1:])]
         zeros: dict[str, tuple[int, int]] = {}
+        already = sum(int((w == 0).sum()) for w in weights)
         for (path, mod), idx in zip(layers, picks):
             new = mod.weight.detach().clone()
             new.view(-1)[idx] = 0
@@ -88,5 +104,9 @@ class PruneMagnitude(Pass):
         pruned = sum(z for z, _ in zeros.values())
         total = sum(n for _, n in zeros.values())
         result.stats = {**totals(before, after), "scope": self.scope, "amount": self.amount, "layers": per_layer,
-                        "skipped": skipped, "selected_sparsity": pruned / total if total else 0.0}
+                        "skipped": skipped, "selected_sparsity": pruned / total if total else 0.0,
+                        "already_zero": already, "newly_pruned": pruned - already}
+        if layers and pruned == already:
+            result.info(f"nothing pruned: amount={self.amount} of the {total - already} remaining non-zero weights "
+                        f"rounds to 0 (selected sparsity stays {pruned / total if total else 0.0:.3f})")
         return result

@@ -4,6 +4,11 @@ a Conv/Linear weight (for each output channel and kernel position) at most N wei
 That is the layout of the sparse tensor-core kernels TensorRT uses for ``SPARSE_WEIGHTS``
 (weights ``K x C x R x S``, groups of M along ``C``). Layers whose input-channel count (per
 group) is not a multiple of M are skipped, with the reason.
+
+Unlike ``prune-magnitude{amount=...}`` (relative to the remaining weights), N:M is a target
+layout, not an amount: a weight already N:M sparse is left as it is, so running the pass again
+(``repeat{n=2}(prune-nm)``) changes nothing, and the pipeline reports the repeat as
+``unchanged``, with an info diagnostic per layer already in the layout.
 """
 
 from __future__ import annotations
@@ -47,7 +52,9 @@ def check_nm(tensor: torch.Tensor, n: int = 2, m: int = 4) -> bool:
 
 @dataclass(frozen=True)
 class PruneNM(Pass):
-    """Keep the ``n`` largest-magnitude weights of every ``m`` along the input channels (2:4 by default)."""
+    """Keep the ``n`` largest-magnitude weights of every ``m`` along the input channels (2:4 by default).
+
+    Idempotent: a layer already N:M sparse keeps its weights (see the module doc)."""
 
     name: ClassVar[str] = "prune-nm"
     exact: ClassVar[bool] = False
@@ -81,6 +88,8 @@ class PruneNM(Pass):
                 skipped[path] = (f"{w.shape[1]} input channels per group are not a multiple of m={self.m}")
                 result.info(f"skipped: {skipped[path]}", node=path)
                 continue
+            if check_nm(w, self.n, self.m):
+                result.info(f"already {self.n}:{self.m} sparse; left as it is", node=path)
             groups = nm_groups(w, self.m).clone()
             order = torch.argsort(groups.abs(), dim=1, descending=True, stable=True)
             groups.scatter_(1, order[:, self.n:], 0.0)
