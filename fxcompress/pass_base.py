@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Literal
@@ -133,6 +134,10 @@ class Pass:
       ``requires``  capabilities an earlier step must provide (e.g. ``"calibration-data"``)
       ``provides``  capabilities this pass provides to later passes
       ``preserves`` cached analyses still valid after the pass (default: none)
+
+    Options are type-checked when the pass is constructed, exactly as in a pipeline string
+    (``PruneChannels(ratio="x")`` raises ``PipelineError``: ``... expects a number``), before a
+    subclass's own ``__post_init__`` runs, whether or not that one calls ``super()``.
     """
 
     name: ClassVar[str] = ""
@@ -141,6 +146,24 @@ class Pass:
     requires: ClassVar[tuple[str, ...]] = ()
     provides: ClassVar[tuple[str, ...]] = ()
     preserves: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self) -> None:
+        _check_options(self)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Make a subclass's own ``__post_init__`` check the options first (see the class docstring)."""
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("__post_init__")
+        if own is None or getattr(own, "_checks_options", False):
+            return
+
+        @functools.wraps(own)
+        def __post_init__(self: Pass, *args: Any, **kw: Any) -> None:
+            _check_options(self)
+            own(self, *args, **kw)
+
+        __post_init__._checks_options = True  # type: ignore[attr-defined]
+        cls.__post_init__ = __post_init__  # type: ignore[method-assign]
 
     def run(self, gm: "GraphModule", ctx: PassContext) -> PassResult:  # pragma: no cover
         raise NotImplementedError(f"{type(self).__name__}.run")
@@ -180,6 +203,19 @@ class OnnxPass(Pass):
 
     def run(self, graph: "gs.Graph", ctx: PassContext) -> PassResult:  # type: ignore[override]  # pragma: no cover
         raise NotImplementedError(f"{type(self).__name__}.run")
+
+
+def _check_options(p: Pass) -> None:
+    from .registry import check_options
+
+    check_options(p)
+
+
+def checks_options_itself(post_init: Callable[..., None]) -> Callable[..., None]:
+    """Mark a ``__post_init__`` that calls ``registry.check_options(self)`` itself (e.g. after giving
+    its own, more specific messages), so ``Pass`` does not check the options before it."""
+    post_init._checks_options = True  # type: ignore[attr-defined]
+    return post_init
 
 
 def not_in_pipeline_string(default: Any = None) -> Any:

@@ -24,7 +24,8 @@ from torch.fx import GraphModule
 
 from .errors import FxCompressError, PassError, PassVerificationError, PipelineError
 from .instruments import validate_instrument
-from .pass_base import Diagnostic, Pass, PassContext, PassResult, copy_graph_module, not_in_pipeline_string
+from .pass_base import (Diagnostic, Pass, PassContext, PassResult, checks_options_itself, copy_graph_module,
+                        not_in_pipeline_string)
 from .report import PassRecord, Report
 from .verify import (ATOL, RTOL, allclose, error_metrics, first_divergent_node, first_divergent_onnx_node,
                      fresh_inputs, lint, output_mismatch, propagate_shapes)
@@ -76,6 +77,7 @@ class Pipeline(Pass):
     on_error: OnError = "raise"
     instruments: tuple[Any, ...] = not_in_pipeline_string(())
 
+    @checks_options_itself
     def __post_init__(self) -> None:
         passes = self.passes
         if isinstance(passes, str):
@@ -98,6 +100,9 @@ class Pipeline(Pass):
             validate_instrument(instrument, f"instrument {i}")
         object.__setattr__(self, "passes", passes)
         object.__setattr__(self, "instruments", instruments)
+        from .registry import check_options
+
+        check_options(self)
 
     @classmethod
     def parse(cls, text: str, **options: Any) -> "Pipeline":

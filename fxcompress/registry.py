@@ -19,7 +19,9 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import functools
 import json
+import numbers
 import pkgutil
 import re
 import types
@@ -337,10 +339,35 @@ def parse_pipeline(text: str) -> list[Pass]:
 # Type checking of options
 # ---------------------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=None)
+def option_types(cls: type[Pass]) -> dict[str, Any]:
+    """The resolved annotation of every field of ``cls``; empty when they cannot be resolved (a
+    class defined inside a function naming local types), so its options go unchecked."""
+    try:
+        return get_type_hints(cls)
+    except Exception:  # noqa: BLE001 - unresolvable annotations: nothing to check against
+        return {}
+
+
+def check_options(p: Pass) -> None:
+    """Type-check the pipeline-string options of a constructed pass, as the parser does
+    (``option 'ratio' of pass 'prune-channels' expects a number; got 'x'``). Values are normalized
+    the same way (lists become tuples where a tuple is declared, integers become floats). Fields
+    marked ``not_in_pipeline_string`` (a model, a data loader) and nested passes are not checked."""
+    cls = type(p)
+    hints = option_types(cls)
+    label = cls.name or cls.__name__
+    for f in _string_fields(cls):
+        value = getattr(p, f.name)
+        checked = coerce(value, hints.get(f.name, Any), f"option '{f.name}' of pass '{label}'")
+        if checked is not value:
+            object.__setattr__(p, f.name, checked)
+
+
 def build_pass(cls: type[Pass], raw: dict[str, Any], children: list[Pass] | None = None) -> Pass:
     """Instantiate ``cls`` from option values given by name (kebab or snake case), type-checked."""
     fields = {f.name: f for f in _string_fields(cls)}
-    hints = get_type_hints(cls)
+    hints = option_types(cls)
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
         fname = key.replace("-", "_")
@@ -403,12 +430,12 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
             return value
         raise PipelineError(f"{where} expects true/false; got {value!r}")
     if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            return value if type(value) is int else int(value)
         raise PipelineError(f"{where} expects an integer; got {value!r}")
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            return value if type(value) is float else float(value)
         raise PipelineError(f"{where} expects a number; got {value!r}")
     if tp is str:
         if isinstance(value, str):
@@ -423,7 +450,7 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
 
 def describe_options(cls: type[Pass]) -> list[tuple[str, str, str]]:
     """``(option, type, default)`` for every option of a pass, as written in pipeline strings."""
-    hints = get_type_hints(cls)
+    hints = option_types(cls)
     rows = []
     for f in _string_fields(cls):
         if f.default is not dataclasses.MISSING:

@@ -189,3 +189,69 @@ def test_pass_classes_are_reachable_from_the_library_and_each_subpackage() -> No
     with pytest.raises(AttributeError, match=r"module 'passes.onnx' has no pass class 'FoldBatchNorm'; "
                                              r"available: CheckTensorRT, OnnxCleanup"):
         passes.onnx.FoldBatchNorm  # noqa: B018
+
+
+@dataclass(frozen=True)
+class _OwnPostInit(fxc.Pass):
+    """Its ``__post_init__`` does not call super() and compares ``ratio`` with a number."""
+
+    name: ClassVar[str] = "test-own-post-init"
+    ratio: float = 0.5
+    names: tuple[str, ...] = ()
+    model: object = fxc.pass_base.not_in_pipeline_string()
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.ratio < 1:
+            raise fxc.PipelineError(f"test-own-post-init: ratio={self.ratio} must be in [0, 1)")
+
+    def run(self, gm: GraphModule, ctx: fxc.PassContext) -> fxc.PassResult:
+        return fxc.PassResult(gm)
+
+
+@dataclass(frozen=True)
+class _Inherits(_OwnPostInit):
+    name: ClassVar[str] = "test-inherits"
+    extra: int = 0
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: _Opts(ratio="x"), "option 'ratio' of pass 'test-options' expects a number; got 'x'"),
+    (lambda: _Opts(round_to=2.5), "option 'round_to' of pass 'test-options' expects an integer; got 2.5"),
+    (lambda: _Opts(mode="l3"), "option 'mode' of pass 'test-options' must be one of 'l1', 'l2'; got 'l3'"),
+    (lambda: _OwnPostInit(ratio="x"), "option 'ratio' of pass 'test-own-post-init' expects a number; got 'x'"),
+    (lambda: _OwnPostInit(names=[1]), "option 'names' of pass 'test-own-post-init' expects a string; got 1"),
+    (lambda: _Inherits(ratio="x"), "option 'ratio' of pass 'test-inherits' expects a number; got 'x'"),
+    (lambda: _Inherits(extra="2"), "option 'extra' of pass 'test-inherits' expects an integer; got '2'"),
+    (lambda: fxc.Repeat(n="2"), "option 'n' of pass 'repeat' expects an integer; got '2'"),
+])
+def test_options_given_in_python_are_checked_like_pipeline_strings(make, message: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(fxc.PipelineError) as info:
+        make()
+    assert str(info.value) == message
+
+
+def test_python_options_get_the_parser_message_and_are_normalized() -> None:
+    with pytest.raises(fxc.PipelineError) as parsed:
+        parse_pipeline("test-options{ratio=x}")
+    with pytest.raises(fxc.PipelineError) as built:
+        _Opts(ratio="x")
+    assert str(built.value) == str(parsed.value)
+    p = _Opts(ratio=1, exclude=["a", "b"])
+    assert p == parse_pipeline("test-options{ratio=1,exclude=[a,b]}")[0]
+    assert isinstance(p.ratio, float) and p.exclude == ("a", "b")
+    assert _OwnPostInit(ratio=0.25, model=[1, 2]).model == [1, 2]  # not_in_pipeline_string: not checked
+    with pytest.raises(fxc.PipelineError, match=r"ratio=2.0 must be in \[0, 1\)"):
+        _Inherits(ratio=2)  # the subclass's own check still runs, after the type check
+
+
+def test_library_passes_check_options_in_python() -> None:
+    import torch
+
+    from passes import Distill, PruneChannels
+
+    with pytest.raises(fxc.PipelineError) as info:
+        PruneChannels(ratio="x")
+    assert str(info.value) == "option 'ratio' of pass 'prune-channels' expects a number; got 'x'"
+    teacher, data = torch.nn.Linear(2, 2), [(torch.zeros(1, 2), torch.zeros(1, 2))]
+    d = Distill(teacher=teacher, data=data)
+    assert d.teacher is teacher and d.data is data
