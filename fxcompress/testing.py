@@ -12,6 +12,10 @@ fails with a unified diff; a missing golden fails showing the text it would writ
 
 from __future__ import annotations
 
+import difflib
+import functools
+import importlib
+import inspect
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -121,6 +125,80 @@ class _Item:
     label: str
 
 
+_FX_OPS = ("placeholder", "get_attr", "call_module", "call_function", "call_method", "output")
+
+
+@functools.lru_cache(maxsize=1)
+def _torch_function_names() -> frozenset[str]:
+    """Lower-cased short and qualified names of torch functions, Tensor methods and operators."""
+    import operator
+
+    import torch
+
+    names = set(_FX_OPS)
+    for namespace, prefix in ((torch, "torch"), (torch.nn.functional, "torch.nn.functional"),
+                              (torch.special, "torch.special"), (torch.linalg, "torch.linalg"),
+                              (torch.fft, "torch.fft"), (operator, "operator"), (torch.Tensor, "Tensor")):
+        for attr in dir(namespace):
+            if namespace is torch.Tensor or not attr.startswith("_"):
+                names.update((attr.lower(), f"{prefix}.{attr}".lower()))
+    return frozenset(names)
+
+
+def _module_class_names() -> dict[str, str]:
+    """Every ``nn.Module`` subclass defined so far (torch's and the user's): lower-cased short and
+    qualified name -> short name."""
+    from torch import nn
+
+    names: dict[str, str] = {}
+    stack = [nn.Module]
+    while stack:
+        cls = stack.pop()
+        names[cls.__name__.lower()] = names[f"{cls.__module__}.{cls.__qualname__}".lower()] = cls.__name__
+        stack.extend(cls.__subclasses__())
+    return names
+
+
+def _resolves(dotted: str) -> bool:
+    """True if ``dotted`` names an importable function or module class (``mypkg.ops.fused_gelu``)."""
+    parts = dotted.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        try:
+            obj: Any = importlib.import_module(".".join(parts[:cut]))
+        except Exception:  # noqa: BLE001 - not a module path at this cut
+            continue
+        try:
+            for attr in parts[cut:]:
+                obj = getattr(obj, attr)
+        except AttributeError:
+            return False
+        from torch import nn
+
+        return (inspect.isroutine(obj) or isinstance(obj, functools.partial)
+                or (isinstance(obj, type) and issubclass(obj, nn.Module)))
+    return False
+
+
+@functools.lru_cache(maxsize=1)
+def _onnx_op_names() -> frozenset[str]:
+    """Lower-cased ONNX operator types (standard domains, and ONNX Runtime's contrib ops when installed)."""
+    import onnx.defs
+
+    schemas = list(onnx.defs.get_all_schemas_with_history())
+    try:
+        from onnxruntime.capi.onnxruntime_pybind11_state import get_all_operator_schema
+
+        schemas += list(get_all_operator_schema())
+    except Exception:  # noqa: BLE001 - ONNX Runtime absent or without schema access
+        pass
+    names = set()
+    for schema in schemas:
+        names.add(schema.name.lower())
+        if schema.domain:
+            names.add(f"{schema.domain}.{schema.name}".lower())
+    return frozenset(names)
+
+
 def _fx_items(graph: Any) -> list[_Item]:
     from .graph_text import fx_node_kinds
 
@@ -149,15 +227,19 @@ class GraphCheck:
     A pattern names a node by its kind (module class such as ``"Conv2d"``, function such as
     ``"torch.relu"`` or its short name ``"relu"``, method ``"Tensor.view"``/``"view"``, op kind such
     as ``"placeholder"``, ONNX op type such as ``"Conv"``), by its node name, or, for
-    ``call_module``/``get_attr`` nodes, by its module/attribute path. Matching is exact and
-    case-sensitive. ``count`` matches kinds only. Every check returns ``self`` so checks chain, and
-    raises ``AssertionError`` listing what was found.
+    ``call_module``/``get_attr`` nodes, by its module/attribute path. Kinds match ignoring case
+    (``"dropout"`` matches ``nn.Dropout`` modules and ``F.dropout`` calls); names and paths match
+    exactly. ``count`` matches kinds only, and a kind no node has must be a real name (a module
+    class, a torch function or ``Tensor`` method, an ONNX op type): a misspelled one such as
+    ``"batchnorm"`` fails, listing the kinds present, instead of passing as "0 found". Every check
+    returns ``self`` so checks chain, and raises ``AssertionError`` listing what was found.
     """
 
     def __init__(self, graph: Any) -> None:
         from .graph_text import as_fx_graph, as_onnx_model
 
         fx_graph = as_fx_graph(graph)
+        self._onnx = fx_graph is None
         if fx_graph is not None:
             self._items = _fx_items(fx_graph)
         else:
@@ -169,7 +251,32 @@ class GraphCheck:
 
     @staticmethod
     def _matches(item: _Item, pattern: str, *, kinds_only: bool = False) -> bool:
-        return pattern in item.kinds or (not kinds_only and pattern in item.aliases)
+        return (pattern.lower() in (kind.lower() for kind in item.kinds)
+                or (not kinds_only and pattern in item.aliases))
+
+    def is_known_kind(self, pattern: str) -> bool:
+        """True if ``pattern`` is a kind some node could have, in this graph or not."""
+        low = pattern.lower()
+        if any(low == kind.lower() for item in self._items for kind in item.kinds):
+            return True
+        if self._onnx:
+            return low in _onnx_op_names()
+        return (low in _torch_function_names() or low in _module_class_names()
+                or ("." in pattern and _resolves(pattern)))
+
+    def _unknown_kind(self, pattern: str, check: str) -> str:
+        named = [item for item in self._items if pattern in item.aliases]
+        if named:
+            return (f"  {pattern!r}: is a node name, but count matches kinds, not names (that node is "
+                    f"{named[0].label}); use present/absent for names")
+        candidates = {kind.lower(): kind for item in self._items for kind in item.kinds}
+        if not self._onnx:
+            candidates = {**{k: v for k, v in _module_class_names().items() if not v.startswith("_")}, **candidates}
+        close = difflib.get_close_matches(pattern.lower(), list(candidates), n=3, cutoff=0.7)
+        hint = f" Did you mean {', '.join(dict.fromkeys(repr(candidates[c]) for c in close))}?" if close else ""
+        what = "an ONNX op type" if self._onnx else "a module class, a torch function or a Tensor method"
+        return (f"  {pattern!r}: no node has this kind and it is not {what}, so {check} could never find "
+                f"it (misspelled?).{hint} The kinds present are listed below.")
 
     def _find(self, pattern: str, *, kinds_only: bool = False) -> list[_Item]:
         return [item for item in self._items if self._matches(item, pattern, kinds_only=kinds_only)]
@@ -191,7 +298,9 @@ class GraphCheck:
         problems = []
         for pattern, want in expected.items():
             found = self._find(pattern, kinds_only=True)
-            if len(found) != want:
+            if not found and not self.is_known_kind(pattern):
+                problems.append(self._unknown_kind(pattern, "count"))
+            elif len(found) != want:
                 names = ", ".join(item.label for item in found) or "none"
                 problems.append(f"  {pattern}: expected {want}, found {len(found)} [{names}]")
         if problems:
@@ -199,7 +308,8 @@ class GraphCheck:
         return self
 
     def absent(self, patterns: Iterable[str] | str) -> "GraphCheck":
-        """Assert that no node matches any of ``patterns``."""
+        """Assert that no node matches any of ``patterns``. A pattern may be a node name that is
+        gone, so one matching nothing passes; use ``count({kind: 0})`` to have a kind checked too."""
         problems = []
         for pattern in self._patterns(patterns):
             found = self._find(pattern)

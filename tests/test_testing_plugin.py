@@ -198,3 +198,63 @@ def test_graphcheck_on_onnx_counts_op_types():
 def test_graphcheck_rejects_other_objects():
     with pytest.raises(TypeError, match="GraphCheck needs"):
         GraphCheck(nn.Linear(2, 2))
+
+
+class WithDropouts(nn.Module):
+    """A Dropout module named ``drop`` (not ``dropout``) and a functional dropout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop = nn.Dropout(0.5)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.dropout(self.fc(self.drop(x)), 0.1, training=False)
+
+
+@pytest.fixture(scope="module")
+def dropouts_gm() -> torch.fx.GraphModule:
+    return torch.fx.symbolic_trace(WithDropouts().eval())
+
+
+def test_graphcheck_design_example_catches_dropout_modules_and_functions(dropouts_gm):
+    with pytest.raises(AssertionError) as info:
+        GraphCheck(dropouts_gm).count({"BatchNorm2d": 0}).absent(["dropout"])
+    assert ("'dropout' should be absent but matches 2 node(s): drop (Dropout), "
+            "dropout (torch.nn.functional.dropout)") in str(info.value)
+    GraphCheck(dropouts_gm).count({"dropout": 2, "Dropout": 2, "DROPOUT": 2, "torch.nn.functional.dropout": 1,
+                                   "linear": 1})
+
+
+def test_graphcheck_matches_names_exactly(dropouts_gm):
+    GraphCheck(dropouts_gm).present(["drop", "fc"]).absent(["FC", "Drop"])
+
+
+@pytest.mark.parametrize("counts, message", [
+    ({"batchnorm": 0}, r"'batchnorm': no node has this kind and it is not a module class, a torch function or a "
+                       r"Tensor method, so count could never find it \(misspelled\?\)\. Did you mean 'BatchNorm"),
+    ({"Linaer": 1}, r"'Linaer': no node has this kind .* Did you mean 'Linear'"),
+    ({"fc": 1}, r"'fc': is a node name, but count matches kinds, not names \(that node is fc \(Linear\)\)"),
+])
+def test_graphcheck_count_rejects_a_kind_that_can_never_match(dropouts_gm, counts, message):
+    with pytest.raises(AssertionError, match=message) as info:
+        GraphCheck(dropouts_gm).count(counts)
+    assert "graph has 5 nodes: Dropout: 1, Linear: 1, output: 1, placeholder: 1" in str(info.value)
+
+
+def test_graphcheck_count_zero_of_a_real_absent_kind_passes(dropouts_gm):
+    GraphCheck(dropouts_gm).count({"BatchNorm2d": 0, "batchnorm2d": 0, "torch.sigmoid": 0, "sigmoid": 0,
+                                   "Tensor.view": 0, "WithDropouts": 0, "Small": 0,
+                                   "torch.nn.modules.conv.Conv2d": 0, "operator.mul": 0})
+    with pytest.raises(AssertionError, match=r"BatchNorm2d: expected 1, found 0 \[none\]"):
+        GraphCheck(dropouts_gm).count({"BatchNorm2d": 1})
+
+
+def test_graphcheck_onnx_kinds_are_checked_against_onnx_op_types():
+    buffer = io.BytesIO()
+    torch.onnx.export(Small().eval(), (torch.randn(1, 3, 4, 4),), buffer, dynamo=False, opset_version=17)
+    model = onnx.load_from_string(buffer.getvalue())
+    GraphCheck(model).count({"conv": 2, "QuantizeLinear": 0, "Dropout": 0})
+    with pytest.raises(AssertionError, match=r"'Convv': no node has this kind and it is not an ONNX op type.*"
+                                             r"Did you mean 'Conv'"):
+        GraphCheck(model).count({"Convv": 0})
