@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -170,6 +171,55 @@ def _compile_data(model: Any, example: tuple[Any, ...], calibration: Optional[Pa
     return calib, train, notes
 
 
+#: what the command line gives for each capability a pass may require (see CONTEXT_CAPABILITIES)
+CLI_CAPABILITIES: dict[str, str] = {
+    "example-inputs": "give --input-shape, e.g. --input-shape 1x3x224x224",
+    "calibration-data": "give --calibration samples.npy (or --train-data, whose inputs then calibrate)",
+    "train-data": "give --train-data inputs.npy (and --train-targets targets.npy for fine-tune)",
+    "teacher": "compile provides the original model as the teacher",
+}
+#: passes that train on labels: with --train-data they also need --train-targets
+NEEDS_TARGETS = ("fine-tune",)
+#: the Python API's advice in library messages, and what a command-line user does instead
+_API_TO_CLI = (
+    ("pass calibration= to fxcompress.compile()", "give --calibration samples.npy"),
+    ("pass train_data= to fxcompress.compile()", "give --train-data inputs.npy"),
+    ("pass train_data= or calibration= to fxcompress.compile()", "give --train-data or --calibration"),
+    ("save one with Compiled.save(dir)", "make one with `fxcompress compile ... --out DIR`"),
+)
+#: compile()'s keyword arguments that are also compile's flags: ``target='x'`` -> ``--target x``
+_KEYWORD_FLAG = re.compile(r"\b(target|fallback|precision)='([\w-]+)'")
+
+
+def cli_hints(message: str) -> str:
+    """``message`` with the Python API's advice (``calibration=``, ``fallback=...``) replaced by the
+    command-line flags that do the same."""
+    from .pipeline import CONTEXT_CAPABILITIES
+
+    for cap, fix in CONTEXT_CAPABILITIES.items():
+        if cap in CLI_CAPABILITIES:
+            message = message.replace(fix, CLI_CAPABILITIES[cap])
+    for api, cli in _API_TO_CLI:
+        message = message.replace(api, cli)
+    return _KEYWORD_FLAG.sub(r"--\1 \2", message)
+
+
+def check_pipeline_data(passes: str, *, calibration: bool, train_data: bool, train_targets: bool) -> None:
+    """Before anything is loaded or traced: every pass in ``passes`` gets the data it needs from the
+    command line (the library would find out later, in its own terms)."""
+    from .pipeline import Pipeline
+
+    given = {"example-inputs": True, "calibration-data": calibration, "train-data": train_data, "teacher": True}
+    for p in Pipeline.parse(passes).leaves() if passes else ():
+        for need in p.requires:
+            if not given.get(need, True):
+                raise CliError(f"pass '{p.name}' needs {need.replace('-', ' ')}: {CLI_CAPABILITIES[need]}")
+        if p.name in NEEDS_TARGETS and train_data and not train_targets:
+            raise CliError(f"pass '{p.name}' trains on labels: give --train-targets targets.npy (one target per "
+                           "--train-data sample: class indices or float targets), or use distill, which learns "
+                           "from the original model instead")
+
+
 @app.command("compile")
 def compile_cmd(
     model: Optional[str] = typer.Argument(None, help="module:factory returning the model (or (model, inputs))."),
@@ -210,6 +260,8 @@ def compile_cmd(
         passes = table[recipe]
     from .api import compile as fx_compile
 
+    check_pipeline_data(passes, calibration=calibration is not None or train_data is not None,
+                        train_data=train_data is not None, train_targets=train_targets is not None)
     module, example = _model_and_inputs(model, input_shape)
     calib, train, notes = _compile_data(module, example, calibration, train_data, train_targets, batch)
     for note in notes:
@@ -295,12 +347,7 @@ def inspect(path: Path = typer.Argument(..., help="An artifact directory, a .onn
     if path.suffix == ".fxg":
         console.print(path.read_text(encoding="utf-8"), markup=False, highlight=False)
         return
-    import onnx
-
-    try:
-        model = onnx.load_model(str(path))
-    except Exception as exc:  # noqa: BLE001 - any decode failure is the same user error
-        raise CliError(f"{path}: not an ONNX model ({type(exc).__name__}: {exc})") from exc
+    model = _load_onnx(path)
     console.print(to_text(model), markup=False, highlight=False)
     _print_check_tensorrt(model, parse_shapes(input_shape) if input_shape else None)
 
@@ -313,17 +360,57 @@ def _print_check_tensorrt(model: Any, shapes: list[tuple[int, ...]] | None) -> N
             console.print(f"  {f}", markup=False, highlight=False)
 
 
+def graph_text(path: Path) -> str:
+    """The canonical graph text of ``path``: an ``.fxg`` file as it is, a ``.onnx`` model rendered,
+    an artifact directory's final graph (its ``model.onnx``, rendered)."""
+    from .graph_text import read_fxg
+
+    if not path.exists():
+        raise CliError(f"{path}: no such file or directory")
+    if path.is_dir():
+        from .artifact import read_manifest
+
+        read_manifest(path)
+        return _onnx_text(path / "model.onnx")
+    if path.suffix == ".onnx":
+        return _onnx_text(path)
+    try:
+        return read_fxg(path)
+    except UnicodeDecodeError:
+        raise CliError(f"{path}: not a graph text; give a .fxg file, a .onnx model or an artifact "
+                       "directory") from None
+
+
+def _load_onnx(path: Path) -> Any:
+    import onnx
+
+    try:
+        return onnx.load_model(str(path))
+    except Exception as exc:  # noqa: BLE001 - any decode failure is the same user error
+        raise CliError(f"{path}: not an ONNX model ({type(exc).__name__}: {exc})") from exc
+
+
+def _onnx_text(path: Path) -> str:
+    from .graph_text import to_text
+
+    return to_text(_load_onnx(path))
+
+
 @app.command()
-def diff(a: Path = typer.Argument(..., help="Before (.fxg)."), b: Path = typer.Argument(..., help="After (.fxg).")
+def diff(a: Path = typer.Argument(..., help="Before: a .fxg file, a .onnx model or an artifact directory."),
+         b: Path = typer.Argument(..., help="After: the same kinds."),
          ) -> None:
-    """Unified diff of two canonical graph texts."""
+    """Unified diff of two canonical graph texts; exit status 0 when identical, 1 when they differ."""
     from .graph_text import diff as text_diff
 
-    for p in (a, b):
-        if not p.is_file():
-            raise CliError(f"{p}: no such file")
-    out = text_diff(a.read_text(encoding="utf-8"), b.read_text(encoding="utf-8"), str(a), str(b))
+    out = text_diff(graph_text(a), graph_text(b), str(a), str(b))
     console.print(out or "(no differences)", markup=False, highlight=False)
+    if out:
+        raise typer.Exit(1)
+
+
+#: what ``bench --backend`` can run an artifact on
+BENCH_BACKENDS = ("onnxruntime", "tensorrt", "tensorrt-rtx")
 
 
 @app.command()
@@ -334,16 +421,22 @@ def bench(
     iters: int = typer.Option(100, "--iters"),
     warmup: int = typer.Option(10, "--warmup"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON here."),
+    backend: Optional[str] = typer.Option(
+        None, "--backend", help=f"{' | '.join(BENCH_BACKENDS)} (default: what the artifact was compiled to run "
+                                "on); onnxruntime runs a TensorRT artifact's model.onnx on the CPU."),
 ) -> None:
     """Latency (median, p90), throughput, peak memory and size; side by side with eager."""
     import torch
 
     from . import bench as b
     from .artifact import load
+    from .errors import BackendUnavailable
 
     if not path.is_dir():
         raise CliError(f"{path}: not an artifact directory (make one with `fxcompress compile ... --out DIR`)")
-    compiled = load(path)
+    if backend is not None and backend not in BENCH_BACKENDS:
+        raise CliError(f"--backend {backend!r}: choose one of {', '.join(BENCH_BACKENDS)}")
+    compiled = load(path, backend=backend)
     shapes = [list(s["shape"]) for s in compiled.inputs]
     if batch:
         shapes = [[batch, *s[1:]] for s in shapes]
@@ -360,8 +453,15 @@ def bench(
                                      ",".join("x".join(map(str, s)) for s in shapes))
         baseline = b.benchmark(eager.eval(), inputs, name="eager (torch)", warmup=warmup, iters=iters)
         results.append(baseline)
-    results.append(b.benchmark(compiled, inputs, name=f"compiled ({compiled.backend})", warmup=warmup, iters=iters,
-                               size=b.model_size(path)))
+    try:
+        results.append(b.benchmark(compiled, inputs, name=f"compiled ({compiled.backend})", warmup=warmup,
+                                   iters=iters, size=b.model_size(path)))
+    except BackendUnavailable as exc:
+        if compiled.backend.startswith("onnxruntime"):
+            raise
+        reason = cli_hints(getattr(exc, "reason", str(exc)))
+        raise CliError(f"{reason}; to benchmark the model here, run it on ONNX Runtime: "
+                       f"fxcompress bench {path} --backend onnxruntime") from exc
     console.print(b.table(results, baseline))
     if json_out:
         json_out.write_text(b.to_json(results, baseline) + "\n", encoding="utf-8")
@@ -382,6 +482,9 @@ def compare_cmd(
     tolerance: Optional[str] = typer.Option(None, "--tolerance",
                                             help='Drift limits, e.g. "cosine=0.999,abs=1e-3" (abs: x max(1,|ref|max)).'),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the comparison as JSON here."),
+    target: Optional[str] = typer.Option(
+        None, "--target", help="tensorrt | tensorrt-rtx: the TensorRT side, built per layer on a GPU (default: "
+                               "the artifact's target when it is one of these)."),
 ) -> None:
     """Per-layer error: original torch vs rewritten FX vs ONNX Runtime (vs TensorRT on a GPU)."""
     import torch
@@ -392,6 +495,9 @@ def compare_cmd(
 
     if not path.is_dir():
         raise CliError(f"{path}: not an artifact directory (make one with `fxcompress compile ... --out DIR`)")
+    if target is not None and target not in cmp.TRT_TARGETS:
+        raise CliError(f"--target {target!r}: choose one of {', '.join(cmp.TRT_TARGETS)} (ONNX Runtime is "
+                       "always compared)")
     compiled = load(path, backend="none")
     try:
         tol = cmp.Tolerance.parse(tolerance) if tolerance else cmp.Tolerance()
@@ -418,10 +524,13 @@ def compare_cmd(
     else:
         notes.append("FX and original columns omitted: the artifact records no source factory; "
                      "pass --original module:factory")
-    target = compiled.target if compiled.target in cmp.TRT_TARGETS else None
-    result = cmp.compare(model, graph, compiled.onnx_model, args, engine=compiled.engine, target=target, tolerance=tol,
+    if target is None:
+        target = compiled.target if compiled.target in cmp.TRT_TARGETS else None
+    engine = compiled.engine if target == compiled.target else None
+    result = cmp.compare(model, graph, compiled.onnx_model, args, engine=engine, target=target, tolerance=tol,
                          precision=artifact_precision(compiled))
     result.notes[:0] = notes
+    result.stages = {stage: _compare_hints(status) for stage, status in result.stages.items()}
     if console.is_terminal:
         console.print(result.table())
     else:  # a pipe or file: the full table, never squeezed to 80 columns
@@ -430,6 +539,12 @@ def compare_cmd(
         console.print(line, markup=False, highlight=False)
     if json_out:
         json_out.write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+
+def _compare_hints(status: str) -> str:
+    """A compare stage status with compare()'s keyword advice (``target='tensorrt-rtx'``) as the flag."""
+    return status.replace("pass target='tensorrt-rtx' or 'tensorrt'", "give --target tensorrt-rtx or --target "
+                                                                      "tensorrt")
 
 
 @app.command()
@@ -445,11 +560,13 @@ def demo(
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except (CliError, FxCompressError, OSError) as exc:
         if _state["debug"]:
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, FxCompressError):  # the library's advice is for Python callers
+            first = cli_hints(first)
         Console(stderr=True, soft_wrap=True).print(f"error: {first}", markup=False, highlight=False)
         raise SystemExit(2) from None
     except typer.Exit as exc:
@@ -466,6 +583,9 @@ def main() -> None:
         Console(stderr=True, soft_wrap=True).print(f"error: {type(exc).__name__}: {detail} (rerun with --debug for "
                                                    "the traceback)", markup=False, highlight=False)
         raise SystemExit(1) from None
+    if isinstance(code, int) and not isinstance(code, bool) and code:  # typer.Exit(code) of a command
+        raise SystemExit(code)
+
 
 if __name__ == "__main__":
     main()

@@ -238,11 +238,17 @@ def test_dtype_rules_are_precise():
 
 
 def test_dynamic_dims_need_a_profile():
+    """No shapes known: a warning (a build from example inputs derives the profile), whose fix names
+    the CLI flag and the Python option; profiles given without this input: an error."""
     m = _model([oh.make_node("Relu", ["x"], ["y"], name="relu")], [_vi("x", T.FLOAT, ["batch", 5])],
                [_vi("y", T.FLOAT, ["batch", 5])])
     found = static(m)
-    assert [(f.node, f.rule, f.severity) for f in found] == [("input:x", "dynamic-shape", "error")]
+    assert [(f.node, f.rule, f.severity) for f in found] == [("input:x", "dynamic-shape", "warning")]
     assert "0:batch" in found[0].problem
+    assert "--input-shape" in found[0].fix and "BuildOptions(profiles=" in found[0].fix
+    missing = static(m, profiles={"z": ((1, 5), (4, 5), (16, 5))})
+    assert [(f.node, f.rule, f.severity) for f in missing] == [("input:x", "dynamic-shape", "error")]
+    assert "(z) have none for it" in missing[0].problem
     assert static(m, profiles={"x": ((1, 5), (4, 5), (16, 5))}) == []
     bad = static(m, profiles={"x": ((1, 6), (4, 6), (16, 6))})
     assert rules(bad) == ["dynamic-shape"] and "fixed to 5" in bad[0].problem
@@ -471,8 +477,10 @@ def test_pass_reports_findings_and_leaves_the_graph_alone():
 def test_pass_derives_profiles_from_example_inputs_and_strict_raises():
     x = torch.randn(2, 3, 8, 8)
     m = _export(ConvBnResidual(), (x,), dynamic_batch=True)
-    found = CheckTensorRT(use_parser=False).run(_gs(m), PassContext()).stats["findings"]
-    assert [f["rule"] for f in found] == ["dynamic-shape"]
+    result = CheckTensorRT(use_parser=False, strict=True).run(_gs(m), PassContext())
+    found = result.stats["findings"]
+    assert [(f["rule"], f["severity"]) for f in found] == [("dynamic-shape", "warning")]
+    assert result.stats["errors"] == 0  # so strict=True does not stop the pipeline on it
     assert CheckTensorRT(use_parser=False).run(_gs(m), PassContext((x,))).stats["findings"] == []
     with pytest.raises(PassError, match="qdq-zero-point|zero point"):
         CheckTensorRT(use_parser=False, strict=True).run(_gs(conv_qdq(zp=3)), PassContext())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -63,6 +64,8 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     np.save(d / "x8.npy", gen.standard_normal((6, 3, 8, 8)).astype(np.float32))
     np.save(d / "x7.npy", gen.standard_normal((6, 3, 7, 8)).astype(np.float32))
     np.save(d / "y5.npy", gen.integers(0, 5, 5))
+    np.save(d / "x1.npy", gen.standard_normal((1, 3, 8, 8)).astype(np.float32))
+    (d / "x8.onnx").write_bytes((d / "x8.npy").read_bytes())
     return d
 
 
@@ -85,20 +88,81 @@ def test_inspect_artifact_and_onnx(workdir: Path) -> None:
     assert "# fxg 1 onnx" in proc.stdout and "Conv(" in proc.stdout and "fold-batchnorm" in proc.stdout
     # the artifact's model.onnx is checked too, with profiles from the shapes it was compiled with
     assert "CheckTensorRT: 0 finding(s)" in proc.stdout
+    # a bare model.onnx has no shapes: a warning whose fix is the flag this command takes
     proc = run("inspect", "out/model.onnx", cwd=workdir)
     assert proc.returncode == 0, proc.stderr
     assert "# fxg 1 onnx" in proc.stdout and "CheckTensorRT: 1 finding(s)" in proc.stdout
-    assert "has dynamic dims (0:batch) but no optimization profile" in proc.stdout
+    finding = next(line for line in proc.stdout.splitlines() if "dynamic dims" in line)
+    assert finding.strip().startswith("warning [input:") and "(0:batch) but no optimization profile" in finding
+    assert "--input-shape" in finding and "BuildOptions(profiles=" in finding
     proc = run("inspect", "out/model.onnx", "--input-shape", "1x3x8x8", cwd=workdir)
     assert proc.returncode == 0, proc.stderr
     assert "CheckTensorRT: 0 finding(s)" in proc.stdout
 
 
 def test_diff(workdir: Path) -> None:
+    """Like diff(1): exit 1 when the graphs differ, 0 when identical."""
     proc = run("diff", "out/graphs/00_input.fxg", "out/graphs/01_fold-batchnorm.fxg", cwd=workdir)
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 1, proc.stderr
     assert "-call_module   %_1 = 1:BatchNorm2d(8" in proc.stdout
     assert "+++ out/graphs/01_fold-batchnorm.fxg" in proc.stdout
+
+
+@pytest.fixture(scope="module")
+def unfolded(workdir: Path) -> Path:
+    """A second artifact of the same model compiled without passes (its BatchNorm stays)."""
+    from fxcompress.cli import _model_and_inputs
+    from fxcompress.api import compile as fx_compile
+
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(workdir)
+    try:
+        model, example = _model_and_inputs("mymodels:make_model", "1x3x8x8")
+    finally:
+        os.chdir(cwd)
+    fx_compile(model, example, "", target="onnxruntime", progress=False).save(workdir / "unfolded")
+    return workdir / "unfolded"
+
+
+def cli_main(workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+             *args: str) -> tuple[int, str, str]:
+    """``fxcompress ARGS`` in-process: (exit status, stdout, stderr)."""
+    from fxcompress import cli
+
+    monkeypatch.chdir(workdir)
+    monkeypatch.setattr(sys, "argv", ["fxcompress", *args])
+    monkeypatch.setitem(cli._state, "debug", False)
+    capsys.readouterr()
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("a, b", [("out/model.onnx", "unfolded/model.onnx"), ("out", "unfolded"),
+                                  ("out", "unfolded/model.onnx"), ("out/graphs/02_export-onnx.fxg", "unfolded")])
+def test_diff_of_onnx_models_and_artifact_directories(workdir: Path, unfolded: Path, a: str, b: str,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """.onnx files and artifact directories diff as their canonical ONNX text; the folded model lost the
+    BatchNormalization node the unfolded one still has."""
+    code, out, err = cli_main(workdir, monkeypatch, capsys, "diff", a, b)
+    assert code == 1, err
+    assert f"--- {a}" in out and f"+++ {b}" in out
+    added = [line for line in out.splitlines() if line.startswith("+") and not line.startswith("+++")]
+    assert any("BatchNormalization(" in line for line in added), out
+
+
+@pytest.mark.parametrize("a, b", [("out", "out/model.onnx"), ("out/model.onnx", "out/graphs/02_export-onnx.fxg")])
+def test_diff_of_the_same_graph_exits_0(workdir: Path, a: str, b: str, monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = cli_main(workdir, monkeypatch, capsys, "diff", a, b)
+    assert (code, out.strip(), err) == (0, "(no differences)", "")
 
 
 def test_bench_compare_eager(workdir: Path) -> None:
@@ -217,6 +281,20 @@ def test_compile_a_training_recipe_from_npy_files_with_an_html_report(workdir: P
      "unknown pass 'fold-batchnrom'"),
     (("inspect", "missing.onnx"), "missing.onnx: no such file"),
     (("diff", "a.fxg", "b.fxg"), "a.fxg: no such file"),
+    (("diff", "x8.npy", "out"), "x8.npy: not a graph text; give a .fxg file, a .onnx model or an artifact directory"),
+    (("diff", "mymodels.py", "out/nothing.onnx"), "out/nothing.onnx: no such file"),
+    (("diff", "out/report.json", "x8.onnx"), "x8.onnx: not an ONNX model"),
+    (("diff", "out/graphs", "out"),
+     "out/graphs is not an fxcompress artifact: manifest.json is missing (make one with `fxcompress compile"),
+    # the advice names the command line's flags, not compile()'s keywords
+    (("compile", "mymodels:make_model", "--input-shape", "1x3x8x8", "--passes", "quantize-int8"),
+     "pass 'quantize-int8' needs calibration data: give --calibration samples.npy (or --train-data"),
+    (("compile", "mymodels:make_model", "--input-shape", "1x3x8x8", "--passes", "fine-tune"),
+     "pass 'fine-tune' needs train data: give --train-data inputs.npy (and --train-targets targets.npy"),
+    (("compile", "mymodels:make_model", "--input-shape", "1x3x8x8", "--passes", "fold-batchnorm,fine-tune",
+      "--train-data", "x8.npy"), "pass 'fine-tune' trains on labels: give --train-targets targets.npy"),
+    (("bench", "out", "--backend", "cuda"), "--backend 'cuda': choose one of onnxruntime, tensorrt, tensorrt-rtx"),
+    (("compare", "out", "--inputs", "x1.npy", "--target", "onnxruntime"), "--target 'onnxruntime': choose one of"),
     (("bench", "nowhere"), "not an artifact directory"),
 ])
 def test_errors_are_one_clear_line(workdir: Path, args: tuple[str, ...], message: str,
@@ -234,6 +312,63 @@ def test_errors_are_one_clear_line(workdir: Path, args: tuple[str, ...], message
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
     assert "Traceback" not in err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
+def test_missing_tensorrt_names_the_fallback_flag(workdir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = cli_main(workdir, monkeypatch, capsys, "compile", "mymodels:make_model", "--input-shape",
+                            "1x3x8x8", "--target", "tensorrt", "--out", "out_trt")
+    assert code == 2 and "pip install" in err and "--fallback onnxruntime" in err, err
+    assert "fallback='onnxruntime'" not in err
+
+
+def _as_tensorrt_rtx_artifact(src: Path, dst: Path) -> Path:
+    """A copy of an ONNX Runtime artifact that says it runs on TensorRT-RTX (manifest hashes kept valid)."""
+    import hashlib
+    import shutil
+
+    shutil.copytree(src, dst)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    manifest.update(target="tensorrt-rtx", backend="tensorrt-rtx", load_backend="tensorrt-rtx")
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    return dst
+
+
+def test_bench_backend_option_and_its_hint(workdir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """A TensorRT artifact that cannot run here points at `bench --backend onnxruntime`, which works."""
+    art = _as_tensorrt_rtx_artifact(workdir / "out", tmp_path / "rtx")
+    code, _, err = cli_main(workdir, monkeypatch, capsys, "bench", str(art), "--iters", "3", "--warmup", "0")
+    assert code == 2 and f"fxcompress bench {art} --backend onnxruntime" in err, err
+    assert "fallback=" not in err and "compile with" not in err
+    code, out, err = cli_main(workdir, monkeypatch, capsys, "bench", str(art), "--backend", "onnxruntime",
+                              "--iters", "3", "--warmup", "0", "--json", str(tmp_path / "b.json"))
+    assert code == 0, err
+    assert [r["name"] for r in json.loads((tmp_path / "b.json").read_text())["results"]] == ["compiled (onnxruntime)"]
+
+
+def test_compare_target_option_and_its_hint(workdir: Path, monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """Without a TensorRT target the status names `--target`; with it, compare() gets that target."""
+    from fxcompress import compare as cmp
+
+    code, out, err = cli_main(workdir, monkeypatch, capsys, "compare", "out", "--inputs", "x1.npy")
+    assert code == 0, err
+    status = next(line for line in out.splitlines() if line.startswith("TRT vs ORT:"))
+    assert "give --target tensorrt-rtx or --target tensorrt" in status and "target='" not in status
+    seen: dict[str, Any] = {}
+    real = cmp.compare
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cmp, "compare", spy)
+    code, out, err = cli_main(workdir, monkeypatch, capsys, "compare", "out", "--inputs", "x1.npy",
+                              "--target", "tensorrt-rtx")
+    assert code == 0, err
+    assert seen["target"] == "tensorrt-rtx" and seen["engine"] is None  # the artifact has no engine for it
 
 
 def test_error_exit_code_in_a_real_process(workdir: Path) -> None:

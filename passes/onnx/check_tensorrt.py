@@ -16,8 +16,9 @@ Static rules (CPU only, no TensorRT needed), each a ``Finding(node, problem, fix
                      network I/O), or an operator fed a type outside its documented types (e.g. INT64
                      into MatMul). TensorRT >= 10 handles INT64 natively (shape tensors, Gather
                      indices, ...), so plain INT64 is not flagged.
-``dynamic-shape``    dynamic input dims without an optimization profile (or a profile that contradicts
-                     the graph)
+``dynamic-shape``    dynamic input dims without an optimization profile: a warning when no shapes are
+                     known at all (a build from example inputs derives the profile), an error when the
+                     given profiles miss the input or contradict the graph
 
 When ``tensorrt`` or ``tensorrt_rtx`` is importable, the real ONNX parser runs too and each error it
 reports becomes a ``parser`` finding on its node; its warnings are kept beside the findings.
@@ -364,21 +365,31 @@ def _profile_problems(dims: Sequence[Any], profile: Any) -> list[str]:
     return bad
 
 
+PROFILE_FIX = ("give the input shapes: on the command line --input-shape (e.g. 1x3x224x224); in Python "
+               "BuildOptions(profiles={name: (min, opt, max)}) or example inputs (profiles are then derived: "
+               "derive_profiles); or export with static shapes")
+
+
 def _profile_rules(model: onnx.ModelProto, profiles: Mapping[str, Any] | None) -> list[Finding]:
+    """``profiles=None`` means no shapes are known: a dynamic input is then a warning, since a build
+    from example inputs derives its profile; a given mapping that misses one is an error."""
     out: list[Finding] = []
-    profiles = profiles or {}
     for value in graph_inputs(model):
         dims = input_dims(value)
         where = f"input:{value.name}"
         if all(isinstance(d, int) for d in dims):
             continue
-        if value.name not in profiles:
-            dynamic = ", ".join(f"{a}:{d or '?'}" for a, d in enumerate(dims) if not isinstance(d, int))
+        dynamic = ", ".join(f"{a}:{d or '?'}" for a, d in enumerate(dims) if not isinstance(d, int))
+        if profiles is None:
             out.append(Finding(
-                where, f"input '{value.name}' has dynamic dims ({dynamic}) but no optimization profile; the "
-                       "engine build fails",
-                "give BuildOptions(profiles={name: (min, opt, max)}) or example inputs (profiles are then "
-                "derived: derive_profiles), or export with static shapes", "error", "dynamic-shape"))
+                where, f"input '{value.name}' has dynamic dims ({dynamic}) but no optimization profile was "
+                       "given; building an engine needs one (a build from example inputs derives it)",
+                PROFILE_FIX, "warning", "dynamic-shape"))
+        elif value.name not in profiles:
+            out.append(Finding(
+                where, f"input '{value.name}' has dynamic dims ({dynamic}) but the given profiles "
+                       f"({', '.join(profiles) or 'none'}) have none for it; the engine build fails",
+                PROFILE_FIX, "error", "dynamic-shape"))
         elif bad := _profile_problems(dims, profiles[value.name]):
             out.append(Finding(where, f"the optimization profile for '{value.name}' does not fit the graph: "
                                       f"{'; '.join(bad)}",
