@@ -31,7 +31,7 @@ from fxcompress.errors import PassError, PipelineError
 from fxcompress.pass_base import Pass, PassContext, PassResult, not_in_pipeline_string
 
 from .distributed import shard, sync_module, world_size, wrap_ddp
-from .data import graph_inputs, split_batch, to_device
+from .data import graph_inputs, input_specs, split_batch, to_device
 from .train import OPTIMIZERS, SCHEDULES, finalize_training, train_loop
 
 LOSSES = ("auto", "kd", "mse")
@@ -388,7 +388,8 @@ class Distill(Pass):
                                schedule=self.schedule, warmup=self.warmup, grad_clip=self.grad_clip,
                                weight_decay=self.weight_decay, device=device,
                                progress=_progress_with_loss(ctx.progress, meter), seed=ctx.seed,
-                               n_inputs=len(names), input_names=names, description=self.name)
+                               n_inputs=len(names), input_names=names, description=self.name,
+                               specs=input_specs(gm))
             sync_module(gm)
         gm.to("cpu")
         gm.eval()

@@ -21,7 +21,7 @@ from fxcompress.errors import PassError, PipelineError
 from fxcompress.pass_base import Pass, PassContext, PassResult, _no_progress
 
 from ._fx_utils import writes_inputs
-from .data import graph_inputs, split_batch, to_device
+from .data import InputSpec, check_inputs, explain_failure, graph_inputs, input_specs, split_batch, to_device
 from .distributed import shard, sync_module, wrap_ddp
 
 LossFn = Callable[[Any, Any, tuple[Any, ...]], torch.Tensor]
@@ -84,11 +84,14 @@ def train_loop(model: nn.Module, data: Iterable[Any], loss_fn: LossFn, *, epochs
                weight_decay: float = 0.0, device: str | torch.device = "cpu",
                progress: Callable[..., Any] | None = None, max_steps: int = 0, seed: int | None = 0,
                n_inputs: int | None = None, input_names: Sequence[str] = (),
-               parameters: Iterable[nn.Parameter] | None = None, description: str = "training") -> dict[str, Any]:
+               parameters: Iterable[nn.Parameter] | None = None, description: str = "training",
+               specs: Sequence[InputSpec] = ()) -> dict[str, Any]:
     """Train ``model`` in place; returns ``{"steps", "epochs", "first_loss", "last_loss", "epoch_losses"}``.
 
     ``warmup`` is in steps; ``grad_clip`` 0 disables clipping; ``max_steps`` 0 means no cap. The
     model is left in eval mode. ``seed`` makes the run repeatable without touching the caller's RNG.
+    ``specs`` (``data.input_specs`` of the traced graph) lets a batch shaped unlike the example
+    inputs fail with an error naming ``train_data=``, the input and both shapes.
     """
     if optimizer not in OPTIMIZERS:
         raise PipelineError(f"optimizer={optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
@@ -129,9 +132,12 @@ def train_loop(model: nn.Module, data: Iterable[Any], loss_fn: LossFn, *, epochs
                     if max_steps and step >= max_steps:
                         break
                     inputs, targets = split_batch(batch, n_inputs, input_names)
+                    where = {"argument": "train_data", "pass_name": description, "index": step}
+                    check_inputs(inputs, specs, **where)
                     fed, targets = to_device(inputs, device, copy=writes), to_device(targets, device)
                     opt.zero_grad(set_to_none=True)
-                    outputs = model(*fed)
+                    with explain_failure(inputs, specs, **where):
+                        outputs = model(*fed)
                     loss = loss_fn(outputs, targets, to_device(inputs, device, copy=True) if writes else fed)
                     if not torch.isfinite(loss.detach()):
                         raise PassError(f"training diverged at step {step}: loss is {float(loss.detach())}; lower lr "
@@ -208,7 +214,8 @@ class FineTune(Pass):
                            optimizer=self.optimizer, schedule=self.schedule, warmup=self.warmup,
                            grad_clip=self.grad_clip, weight_decay=self.weight_decay, device=ctx.device,
                            progress=ctx.progress, max_steps=self.max_steps, seed=ctx.seed,
-                           n_inputs=len(names), input_names=names, description=f"{self.name}")
+                           n_inputs=len(names), input_names=names, description=self.name,
+                           specs=input_specs(gm))
         sync_module(gm)
         gm.to("cpu")
         if self.freeze_quant:

@@ -389,3 +389,26 @@ def test_compile_names_wrongly_shaped_train_data() -> None:
     with pytest.raises(PassError, match=r"train_data= batch 0, input .*\(3, 8, 8\).*\(4, 3, 8\)"):
         fxc.compile(model, ex, "prune-channels{importance=taylor,ratio=0.25}", train_data=data, target="fx",
                     progress=False)
+
+
+@pytest.mark.parametrize("passes, argument", [
+    ("quantize-int8", "calibration"),
+    ("quant-sensitivity{eval-batches=1},quantize-int8", "calibration"),
+    ("fine-tune{max-steps=2}", "train_data"),
+    ("distill{max-batches=2}", "train_data"),
+    ("prune-channels{importance=taylor,ratio=0.25}", "train_data"),
+])
+def test_every_data_pass_names_a_batch_whose_spatial_size_breaks_the_model(passes: str, argument: str) -> None:
+    """Same rank, another spatial size: the Linear after Flatten cannot take it. Whichever pass runs
+    the model on the data, the error names the argument, the input and both shapes, with the
+    model's own error as ``__cause__``."""
+    model, ex = _flatten_net()
+    batch = (torch.randn(4, 3, 10, 10), torch.tensor([0, 1, 2, 3]))
+    data = {argument: [batch]}
+    with pytest.raises(PassError, match=rf"{argument}= batch 0, input .*the model failed on a tensor of shape "
+                                        rf"\(4, 3, 10, 10\).*traced with samples of shape \(3, 8, 8\)") as info:
+        fxc.compile(model, ex, passes, target="fx", progress=False, **data)
+    cause = info.value.__cause__
+    while cause is not None and not isinstance(cause, RuntimeError):
+        cause = cause.__cause__
+    assert isinstance(cause, RuntimeError) and "shapes cannot be multiplied" in str(cause)

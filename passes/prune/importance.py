@@ -105,7 +105,7 @@ def _loss(out: Any, target: Any) -> torch.Tensor:
 
 def _taylor(gm: GraphModule, dg: DependencyGraph, data: Iterable[Any], batches: int, pass_name: str,
             argument: str) -> np.ndarray:
-    from passes.data import iter_batches, to_device
+    from passes.data import explain_failure, input_specs, iter_batches, to_device
 
     params = dict(gm.named_parameters())
     flags = {name: p.requires_grad for name, p in params.items()}
@@ -116,9 +116,11 @@ def _taylor(gm: GraphModule, dg: DependencyGraph, data: Iterable[Any], batches: 
             p.requires_grad_(True)
             p.grad = None
         with torch.enable_grad():
-            for inputs, target in iter_batches(data, gm, argument=argument, pass_name=pass_name,
-                                               limit=batches):
-                loss = _loss(gm(*to_device(inputs, device)), to_device(target, device))
+            specs = input_specs(gm)
+            batches_ = iter_batches(data, gm, argument=argument, pass_name=pass_name, limit=batches)
+            for i, (inputs, target) in enumerate(batches_):
+                with explain_failure(inputs, specs, argument=argument, pass_name=pass_name, index=i):
+                    loss = _loss(gm(*to_device(inputs, device)), to_device(target, device))
                 loss.backward()
                 for name, p in params.items():
                     if p.grad is not None:

@@ -15,7 +15,7 @@ from torch.fx import GraphModule, Node
 
 from fxcompress.pass_base import PassContext
 
-from ..data import iter_inputs
+from ..data import explain_failure, input_specs, iter_inputs
 from .observers import Observer
 
 
@@ -54,9 +54,11 @@ def observe(gm: GraphModule, nodes: Iterable[Node], make: Callable[[Node], Obser
     if device.type != "cpu":
         probe_gm = copy.deepcopy(probe_gm).to(device)
         observers = {name: probe_gm.get_submodule(f"_fxq_probe_{i}").observer for i, name in enumerate(names)}
+    specs = input_specs(gm)
     with torch.no_grad(), ctx.progress(f"{pass_name}: calibrating", total=batches or None) as bar:
-        for inputs in iter_inputs(data, gm, argument="calibration", pass_name=pass_name, limit=batches,
-                                  device=device):
-            probe_gm(*inputs)
+        for i, inputs in enumerate(iter_inputs(data, gm, argument="calibration", pass_name=pass_name,
+                                               limit=batches, device=device)):
+            with explain_failure(inputs, specs, argument="calibration", pass_name=pass_name, index=i):
+                probe_gm(*inputs)
             bar.advance(1)
     return observers

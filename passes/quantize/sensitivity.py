@@ -18,7 +18,7 @@ from torch.fx import GraphModule
 from fxcompress.errors import PassError, PipelineError
 from fxcompress.pass_base import Pass, PassContext, PassResult, copy_graph_module
 
-from ..data import iter_inputs, model_inputs
+from ..data import explain_failure, input_specs, iter_inputs, model_inputs
 from .observers import OBSERVERS
 from .patterns import module_path
 from .placement import build_plan
@@ -69,8 +69,12 @@ class QuantSensitivity(Pass):
         act = config.calibrate(gm, ctx, full, spec)
         batches = list(iter_inputs(ctx.calibration, gm, argument="calibration", pass_name=self.name,
                                    limit=self.eval_batches))
+        specs = input_specs(gm)
+        reference = []
         with torch.no_grad():
-            reference = [_flat(gm(*model_inputs(b, gm))) for b in batches]
+            for i, b in enumerate(batches):
+                with explain_failure(b, specs, argument="calibration", pass_name=self.name, index=i):
+                    reference.append(_flat(gm(*model_inputs(b, gm))))
         names = [layer.node.name for layer in full.layers]
         rows: list[dict[str, Any]] = []
         with ctx.progress(f"{self.name}: layers", total=len(names)) as bar:
