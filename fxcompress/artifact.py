@@ -2,8 +2,10 @@
 
 An artifact directory holds ``model.onnx``, ``model.engine`` (TensorRT targets),
 ``report.json``, ``graphs/NN_<step>.fxg`` and ``manifest.json``: format version, library
-versions, the pipeline string, target and backend, input/output specs, engine build options
-and the sha256 of every file. ``load`` refuses an unknown format version, a file whose hash
+versions, the pipeline string (canonical, defaults dropped) and ``pipeline_full`` (every option
+written out, so the artifact reproduces even if a default changes), target and backend,
+input/output specs, engine build options and the sha256 of every file. Saving into an existing
+artifact directory removes the engine and graph files the new manifest does not list. ``load`` refuses an unknown format version, a file whose hash
 does not match, a required file (model, report, snapshots, a present engine) the manifest does
 not list, and any manifest path that leaves the directory. Input/output names are the ONNX
 graph's.
@@ -28,6 +30,21 @@ from .verify import flatten_outputs
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 ENGINE = "model.engine"
+#: what ``Compiled.use_backend`` accepts
+BACKENDS = ("fx", "onnxruntime", "tensorrt", "tensorrt-rtx", "none")
+_ENGINE_MODULES = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}
+
+
+def full_pipeline(pipeline: str) -> str | None:
+    """``pipeline`` with every option written out; None when it names a pass that is not registered
+    (a class used only as a Python object), which no pipeline string can rebuild anyway."""
+    from .errors import FxCompressError
+    from .registry import expand_pipeline
+
+    try:
+        return expand_pipeline(pipeline)
+    except FxCompressError:
+        return None
 
 
 def tensor_specs(values: Any, names: Sequence[str] | None) -> list[dict[str, Any]]:
@@ -92,12 +109,27 @@ class Compiled:
     #: how to rebuild the source model (set by the CLI: ``{"factory": "mod:fn", "input_shape": ...}``)
     source: dict[str, Any] | None = None
     lower: Callable[[Any], Any] | None = field(default=None, repr=False)
+    #: ``pipeline`` with every option written out (computed from ``pipeline`` when not given)
+    pipeline_full: str | None = None
     _runner: Callable[..., Any] | None = field(default=None, repr=False)
     _backend_options: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.onnx_model is not None:
             self.inputs, self.outputs = self._io_specs(self.onnx_model)
+        if self.pipeline_full is None:
+            self.pipeline_full = full_pipeline(self.pipeline)
+
+    def runnable_backends(self) -> list[str]:
+        """The backends this object can run on: ``fx`` needs the GraphModule (not saved in an
+        artifact), ``onnxruntime`` the ONNX model, TensorRT ones an engine built by that module."""
+        found = ["fx"] if self.graph_module is not None else []
+        if self.onnx_model is not None:
+            found.append("onnxruntime")
+        if self.engine is not None:
+            module = self.engine_info.get("module")
+            found += [b for b, m in _ENGINE_MODULES.items() if module in (None, m)]
+        return found
 
     def _io_specs(self, model: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """Input/output specs named as in ``model``'s graph: the names a session or engine answers to."""
@@ -106,7 +138,19 @@ class Compiled:
 
     def use_backend(self, backend: str, *, providers: Sequence[str] | None = None, threads: int | None = None,
                     note: str | None = None) -> None:
-        """Choose what ``__call__`` runs on: ``fx``, ``onnxruntime``, ``tensorrt``, ``tensorrt-rtx`` or ``none``."""
+        """Choose what ``__call__`` runs on: ``fx``, ``onnxruntime``, ``tensorrt``, ``tensorrt-rtx`` or ``none``
+        (builds but does not run). ``note`` labels it (e.g. a fallback); it must name ``backend``."""
+        if backend not in BACKENDS:
+            raise InputError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+        runnable = self.runnable_backends()
+        # a TensorRT backend without any engine fails on the first call (as when no GPU is there), so
+        # callers that handle BackendUnavailable around running keep one place for it
+        lazy = backend in _ENGINE_MODULES and self.engine is None
+        if backend != "none" and backend not in runnable and not lazy:
+            need = {"fx": "the torch.fx GraphModule (an artifact saves ONNX, not the GraphModule)",
+                    "onnxruntime": "an ONNX model"}.get(backend, f"an engine built with {_ENGINE_MODULES.get(backend)}")
+            raise BackendUnavailable(f"backend {backend!r} needs {need}, which this model does not have; it can run "
+                                     f"on: {', '.join(runnable) or 'nothing'} (or 'none')")
         self._backend_options = {"providers": list(providers) if providers else None, "threads": threads}
         self.backend = note or backend
         self.report.meta["backend"] = self.backend
@@ -117,7 +161,7 @@ class Compiled:
 
             self._runner = OrtRunner(self.onnx_model, providers=providers, threads=threads)
         elif backend in ("tensorrt", "tensorrt-rtx"):
-            self._runner = _LazyTrtRunner(self.engine, backend)
+            self._runner = _LazyTrtRunner(self.engine, backend, runnable)
         else:
             self._runner = None
 
@@ -148,6 +192,10 @@ class Compiled:
             model = self.lower(self.graph_module)
         inputs, outputs = self._io_specs(model)
         files: list[str] = []
+        graphs = {snap.filename for snap in self.snapshots}
+        for stale in (out / "graphs").glob("*.fxg"):  # left by an earlier save: the manifest would not list it
+            if stale.name not in graphs:
+                stale.unlink()
         onnx.save_model(model, str(out / "model.onnx"))
         files.append("model.onnx")
         if self.engine is not None:
@@ -170,6 +218,7 @@ class Compiled:
             "backend": self.backend,
             "load_backend": runnable,
             "pipeline": self.pipeline,
+            "pipeline_full": self.pipeline_full,
             "inputs": inputs,
             "outputs": outputs,
             "engine": self.engine_info or None,
@@ -185,15 +234,17 @@ class Compiled:
 class _LazyTrtRunner:
     """Deserializes the engine on first call: building works on a CPU, running needs a GPU."""
 
-    def __init__(self, engine: bytes | None, target: str) -> None:
+    def __init__(self, engine: bytes | None, target: str, runnable: Sequence[str] = ()) -> None:
         self.engine, self.target, self._runner = engine, target, None
+        self.runnable = [b for b in runnable if b not in _ENGINE_MODULES]
 
     def __call__(self, *inputs: Any) -> Any:
         if self._runner is None:
             from .backends.tensorrt import TrtRunner
 
             if self.engine is None:
-                raise BackendUnavailable(f"no {self.target} engine in this artifact")
+                raise BackendUnavailable(f"no {self.target} engine in this artifact; it can run on: "
+                                         f"{', '.join(self.runnable) or 'nothing'} (use_backend(...) or load(dir, backend=...))")
             self._runner = TrtRunner(self.engine, self.target)
         return self._runner(*inputs)
 
@@ -249,7 +300,12 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
 
 def load(directory: str | Path, *, backend: str | None = None, providers: Sequence[str] | None = None,
          threads: int | None = None) -> Compiled:
-    """Rebuild a runnable ``Compiled`` from an artifact directory, without the source model."""
+    """Rebuild a runnable ``Compiled`` from an artifact directory, without the source model.
+
+    ``backend`` (default: the manifest's ``load_backend``, ONNX Runtime unless a TensorRT engine
+    was saved) is one of ``BACKENDS`` the artifact can run on; ``Compiled.backend`` names what it
+    runs on (an artifact compiled for ``fx`` or ``onnx`` runs on ONNX Runtime), ``target`` the
+    target it was compiled for."""
     import onnx
 
     root = Path(directory)
@@ -263,8 +319,9 @@ def load(directory: str | Path, *, backend: str | None = None, providers: Sequen
         graph_module=None, onnx_model=model, report=report, snapshots=snapshots, pipeline=manifest["pipeline"],
         target=manifest["target"], inputs=manifest["inputs"], outputs=manifest["outputs"],
         engine=engine_path.read_bytes() if engine_path else None, engine_info=manifest.get("engine") or {},
-        source=manifest.get("source"))
+        source=manifest.get("source"), pipeline_full=manifest.get("pipeline_full"))
     chosen = backend or manifest.get("load_backend", "onnxruntime")
-    note = manifest.get("backend") if chosen == manifest.get("load_backend") else None
+    saved = manifest.get("backend")
+    note = saved if isinstance(saved, str) and saved.split(" ", 1)[0] == chosen else None
     compiled.use_backend(chosen, providers=providers, threads=threads, note=note)
     return compiled

@@ -168,18 +168,25 @@ def format_value(value: Any) -> str:
     raise PipelineError(f"option value {value!r} of type {type(value).__name__} cannot be written in a pipeline string")
 
 
-def format_pass(p: Pass) -> str:
-    """The pipeline-string form of one pass (options that differ from their defaults)."""
-    opts = ",".join(f"{k.replace('_', '-')}={format_value(v)}" for k, v in p.options().items())
+def format_pass(p: Pass, *, full: bool = False) -> str:
+    """The pipeline-string form of one pass: options that differ from their defaults, or with
+    ``full`` every option (so the text still means the same pass if a default changes)."""
+    values = {f.name: getattr(p, f.name) for f in _string_fields(type(p))} if full else p.options()
+    opts = ",".join(f"{k.replace('_', '-')}={format_value(v)}" for k, v in values.items())
     text = p.name + (f"{{{opts}}}" if opts else "")
     children = _children_field(type(p))
     if children is not None and getattr(p, children.name):
-        text += "(" + ",".join(format_pass(c) for c in getattr(p, children.name)) + ")"
+        text += "(" + ",".join(format_pass(c, full=full) for c in getattr(p, children.name)) + ")"
     return text
 
 
-def format_pipeline(passes: typing.Iterable[Pass]) -> str:
-    return ",".join(format_pass(p) for p in passes)
+def format_pipeline(passes: typing.Iterable[Pass], *, full: bool = False) -> str:
+    return ",".join(format_pass(p, full=full) for p in passes)
+
+
+def expand_pipeline(text: str) -> str:
+    """``text`` with every option of every pass written out, defaults included."""
+    return format_pipeline(parse_pipeline(text), full=True)
 
 
 class _Parser:

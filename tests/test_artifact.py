@@ -273,3 +273,76 @@ def test_tensorrt_rtx_engine_in_artifact_and_fallback_in_manifest(tmp_path: Path
         strict = fxc.compile(SecretNet().eval(), X, "fold-batchnorm", target="tensorrt-rtx")
         with pytest.raises(fxc.BackendUnavailable, match="needs an NVIDIA GPU"):
             strict(*X)
+
+
+@pytest.mark.parametrize("target, runs_before_saving", [("fx", True), ("onnx", False)])
+def test_loaded_backend_label_is_what_it_runs_on(target: str, runs_before_saving: bool, tmp_path: Path) -> None:
+    compiled = fxc.compile(SecretNet().eval(), X, "fold-batchnorm", target=target)
+    assert compiled.backend == ("fx" if target == "fx" else "none")
+    if not runs_before_saving:
+        with pytest.raises(fxc.BackendUnavailable):
+            compiled(*X)
+    out = compiled.save(tmp_path / target)
+    again = fxc.load(out)
+    assert again.backend == again.report.meta["backend"] == "onnxruntime"
+    assert again.target == json.loads((out / "manifest.json").read_text())["target"] == target
+    assert repr(again) == f"Compiled(target={target!r}, backend='onnxruntime', pipeline='fold-batchnorm')"
+    with torch.no_grad():
+        assert torch.allclose(again(*X), SecretNet().eval()(*X), rtol=1e-4, atol=1e-5)
+    assert fxc.load(out, backend="none").backend == "none"
+
+
+def test_load_rejects_a_backend_it_cannot_run_on(saved: tuple[Path, fxc.Compiled]) -> None:
+    out = saved[0]
+    with pytest.raises(fxc.InputError, match=r"unknown backend 'bogus'; choose one of: fx, onnxruntime, tensorrt, "
+                                             r"tensorrt-rtx, none"):
+        fxc.load(out, backend="bogus")
+    with pytest.raises(fxc.BackendUnavailable, match=r"backend 'fx' needs the torch.fx GraphModule .* it can run on: "
+                                                     r"onnxruntime \(or 'none'\)"):
+        fxc.load(out, backend="fx")
+    no_engine = fxc.load(out, backend="tensorrt")  # fails when run, like an engine without a GPU
+    with pytest.raises(fxc.BackendUnavailable, match=r"no tensorrt engine in this artifact; it can run on: onnxruntime"):
+        no_engine(*X)
+    rtx = fxc.load(out)
+    rtx.engine, rtx.engine_info = b"an engine", {"module": "tensorrt_rtx"}
+    assert rtx.runnable_backends() == ["onnxruntime", "tensorrt-rtx"]
+    with pytest.raises(fxc.BackendUnavailable, match=r"backend 'tensorrt' needs an engine built with tensorrt, .* "
+                                                     r"it can run on: onnxruntime, tensorrt-rtx"):
+        rtx.use_backend("tensorrt")
+    with pytest.raises(fxc.InputError, match="unknown backend 'ort'"):
+        saved[1].use_backend("ort")
+    assert saved[1].backend == "onnxruntime"
+
+
+def test_resaving_removes_stale_graph_files(saved: tuple[Path, fxc.Compiled], tmp_path: Path) -> None:
+    out = _copy(saved[0], tmp_path / "regraph")
+    (out / "graphs" / "07_old-pass.fxg").write_text("# fxg 1 fx\n")
+    (out / "graphs" / "notes.txt").write_text("kept: not a graph file")
+    shorter = fxc.compile(SecretNet().eval(), X, "fold-batchnorm", target="onnxruntime")
+    shorter.save(out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    listed = {s["file"] for s in manifest["snapshots"]}
+    assert {f"graphs/{p.name}" for p in (out / "graphs").glob("*.fxg")} == listed == {
+        "graphs/00_input.fxg", "graphs/01_fold-batchnorm.fxg", "graphs/02_export-onnx.fxg"}
+    assert (out / "graphs" / "notes.txt").exists()
+    assert len(fxc.load(out).snapshots) == 3
+
+
+def test_manifest_pipeline_full_writes_every_option_and_parses_to_the_same_passes(tmp_path: Path) -> None:
+    from passes import FoldBatchNorm, PruneChannels
+
+    from fxcompress.registry import option_names
+
+    pipeline = fxc.Pipeline([FoldBatchNorm(), fxc.Repeat(2, (PruneChannels(ratio=0.25),))])
+    compiled = fxc.compile(SecretNet().eval(), X, pipeline, target="onnxruntime")
+    out = compiled.save(tmp_path / "full")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["pipeline"] == "fold-batchnorm,repeat{n=2}(prune-channels{ratio=0.25})"
+    full = manifest["pipeline_full"]
+    assert all(f"{o}=" in full for o in option_names(PruneChannels)) and "round-to=1" in full
+    assert tuple(fxc.parse_pipeline(full)) == pipeline.passes == tuple(fxc.parse_pipeline(manifest["pipeline"]))
+    loaded = fxc.load(out)
+    assert loaded.pipeline_full == full
+    _edit_manifest(out, lambda m: m.update(pipeline_full=full.replace("round-to=1", "round-to=8")))
+    resaved = fxc.load(out).save(tmp_path / "again")
+    assert "round-to=8" in json.loads((resaved / "manifest.json").read_text())["pipeline_full"]
