@@ -2,6 +2,12 @@
 
 Numbers here are measurements of one run on one machine: compare ratios from the same run,
 never absolute numbers across runs (the machine is shared and noisy).
+
+Two sizes, never mixed: **weights** (bytes of the parameters and buffers a model holds, in their
+dtypes: what the per-pass report's size counts) and **file** (bytes of what ships: model.onnx plus
+any engine; an eager torch model has none). Ratios compare weights with weights. Peak RSS is the
+whole process's (``VmHWM`` during the timed calls, everything loaded so far included), so it does
+not tell variants measured in one process apart.
 """
 
 from __future__ import annotations
@@ -29,9 +35,12 @@ class BenchResult:
     median_ms: float
     p90_ms: float
     throughput: float
+    #: the whole process's peak resident set during the timed calls, not this model's footprint
     peak_rss_mb: float | None
     peak_cuda_mb: float | None
-    size_bytes: int | None
+    #: bytes of parameters and buffers (the report's size); ``file_bytes``: model.onnx (+ engine)
+    weight_bytes: int | None
+    file_bytes: int | None
     iters: int
 
     def to_dict(self) -> dict[str, Any]:
@@ -56,21 +65,43 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def model_size(obj: Any) -> int | None:
-    """Bytes of what would be shipped: artifact files, ONNX model, or parameters and buffers."""
+def file_size(obj: Any) -> int | None:
+    """Bytes of what would be shipped: an artifact directory's model files, a compiled model's ONNX
+    model and engine; ``None`` for an eager model (no file)."""
     if isinstance(obj, (str, Path)) and Path(obj).is_dir():
         return sum(f.stat().st_size for f in Path(obj).iterdir() if f.is_file() and f.suffix in (".onnx", ".engine"))
     onnx_model = getattr(obj, "onnx_model", None)
     if onnx_model is not None:
         return onnx_model.ByteSize() + len(getattr(obj, "engine", None) or b"")
+    return None
+
+
+def weight_size(obj: Any) -> int | None:
+    """Bytes of the weights (parameters and buffers, in their dtypes) of an ``nn.Module``, an ONNX
+    model, anything with an ``onnx_model`` (a ``Compiled``), or an artifact directory's model.onnx."""
+    import onnx
+
+    from .stats import onnx_stats
+
     if isinstance(obj, torch.nn.Module):
         return sum(t.numel() * t.element_size() for t in list(obj.parameters()) + list(obj.buffers()))
+    if isinstance(obj, (str, Path)) and Path(obj).is_dir():
+        obj = Path(obj) / "model.onnx"
+    if isinstance(obj, (str, Path)) and Path(obj).is_file():
+        return onnx_stats(obj).bytes
+    onnx_model = getattr(obj, "onnx_model", obj)
+    if isinstance(onnx_model, onnx.ModelProto):
+        return onnx_stats(onnx_model).bytes
     return None
 
 
 def benchmark(fn: Callable[..., Any], inputs: Sequence[Any], *, name: str = "model", warmup: int = 10,
-              iters: int = 100, size: int | None = None, torch_threads: int | None = None) -> BenchResult:
+              iters: int = 100, weight_bytes: int | None = None, file_bytes: int | None = None,
+              torch_threads: int | None = None) -> BenchResult:
     """Time ``fn(*inputs)``: median and p90 latency, throughput (samples/s), peak memory.
+
+    ``weight_bytes`` / ``file_bytes`` default to ``weight_size(fn)`` / ``file_size(fn)`` (give them
+    when ``fn`` is a runner that does not carry its model).
 
     An ``nn.Module`` is timed in eval mode and its training flags are restored afterwards; the
     inputs are cloned once, so an in-place model does not change the caller's tensors.
@@ -83,7 +114,8 @@ def benchmark(fn: Callable[..., Any], inputs: Sequence[Any], *, name: str = "mod
         previous = torch.get_num_threads()
         torch.set_num_threads(torch_threads)
         try:
-            return benchmark(fn, inputs, name=name, warmup=warmup, iters=iters, size=size)
+            return benchmark(fn, inputs, name=name, warmup=warmup, iters=iters, weight_bytes=weight_bytes,
+                             file_bytes=file_bytes)
         finally:
             torch.set_num_threads(previous)
     inputs = fresh_inputs(tuple(inputs))
@@ -103,7 +135,8 @@ def benchmark(fn: Callable[..., Any], inputs: Sequence[Any], *, name: str = "mod
         name=name, batch=batch, median_ms=median, p90_ms=p90, throughput=batch / (median / 1e3),
         peak_rss_mb=hwm / 1024 if hwm else None,
         peak_cuda_mb=torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
-        size_bytes=size if size is not None else model_size(fn), iters=iters)
+        weight_bytes=weight_bytes if weight_bytes is not None else weight_size(fn),
+        file_bytes=file_bytes if file_bytes is not None else file_size(fn), iters=iters)
 
 
 def _measure(fn: Callable[..., Any], inputs: tuple[Any, ...], warmup: int, iters: int
@@ -151,30 +184,42 @@ def interleaved(fns: Mapping[str, Callable[..., Any]], inputs: Sequence[Any], *,
 
 
 def ratios(result: BenchResult, baseline: BenchResult) -> dict[str, float | None]:
-    """``result`` relative to ``baseline`` (latency < 1 and speedup > 1 mean faster)."""
-    size = (result.size_bytes / baseline.size_bytes) if result.size_bytes and baseline.size_bytes else None
+    """``result`` relative to ``baseline`` (latency < 1 and speedup > 1 mean faster); ``weights`` and
+    ``file`` compare like with like, ``None`` when either side lacks that size."""
+
+    def share(a: int | None, b: int | None) -> float | None:
+        return a / b if a and b else None
+
     return {"latency": result.median_ms / baseline.median_ms, "speedup": baseline.median_ms / result.median_ms,
-            "size": size}
+            "weights": share(result.weight_bytes, baseline.weight_bytes),
+            "file": share(result.file_bytes, baseline.file_bytes)}
+
+
+#: the benchmark table's columns (``weights`` and ``file`` as in the module docstring)
+COLUMNS = ("model", "batch", "median ms", "p90 ms", "samples/s", "process peak RSS MB", "weights", "file",
+           "vs baseline")
 
 
 def table(results: Sequence[BenchResult], baseline: BenchResult | None = None, title: str = "benchmark") -> Any:
+    """A rich ``Table`` of ``results``; ``vs baseline`` gives speed and the weights ratio."""
     from rich.table import Table
 
     from .report import human
 
     t = Table(title=title)
-    for col in ("model", "batch", "median ms", "p90 ms", "samples/s", "peak RSS MB", "size", "vs baseline"):
+    for col in COLUMNS:
         t.add_column(col, justify="left" if col == "model" else "right")
     for r in results:
         rel = "-"
         if baseline is not None and r is not baseline:
             q = ratios(r, baseline)
             rel = f"{q['speedup']:.2f}x faster" if q["speedup"] >= 1 else f"{1 / q['speedup']:.2f}x slower"
-            if q["size"] is not None:
-                rel += f", {q['size']:.2f}x size"
+            if q["weights"] is not None:
+                rel += f", {q['weights']:.2f}x weights"
         t.add_row(r.name, str(r.batch), f"{r.median_ms:.3f}", f"{r.p90_ms:.3f}", f"{r.throughput:.1f}",
                   f"{r.peak_rss_mb:.0f}" if r.peak_rss_mb else "-",
-                  human(r.size_bytes, "B") if r.size_bytes else "-", rel)
+                  human(r.weight_bytes, "B") if r.weight_bytes else "-",
+                  human(r.file_bytes, "B") if r.file_bytes else "-", rel)
     return t
 
 

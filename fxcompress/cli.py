@@ -425,7 +425,7 @@ def bench(
         None, "--backend", help=f"{' | '.join(BENCH_BACKENDS)} (default: what the artifact was compiled to run "
                                 "on); onnxruntime runs a TensorRT artifact's model.onnx on the CPU."),
 ) -> None:
-    """Latency (median, p90), throughput, peak memory and size; side by side with eager."""
+    """Latency (median, p90), throughput, process peak RSS, weight and file bytes; side by side with eager."""
     import torch
 
     from . import bench as b
@@ -455,7 +455,7 @@ def bench(
         results.append(baseline)
     try:
         results.append(b.benchmark(compiled, inputs, name=f"compiled ({compiled.backend})", warmup=warmup,
-                                   iters=iters, size=b.model_size(path)))
+                                   iters=iters, file_bytes=b.file_size(path)))
     except BackendUnavailable as exc:
         if compiled.backend.startswith("onnxruntime"):
             raise
@@ -550,7 +550,7 @@ def _compare_hints(status: str) -> str:
 @app.command()
 def demo(
     out: Path = typer.Option(Path("demo_out"), "--out", help="Where to write the artifact and HTML report."),
-    quick: bool = typer.Option(False, "--quick", help="Fewer epochs (for CI)."),
+    quick: bool = typer.Option(False, "--quick", help="Fewer training and distillation epochs (for CI)."),
 ) -> None:
     """The whole story on scikit-learn's digits: train, compress, lower, measure."""
     from .demo import run_demo

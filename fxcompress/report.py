@@ -27,6 +27,7 @@ class PassRecord:
     nodes: int = 0
     params: int = 0
     nonzero: int = 0
+    #: weight bytes (parameters and buffers in their dtypes), not the size of a model file
     bytes: int = 0
     macs: int = 0
     error: dict[str, Any] | None = None
@@ -91,7 +92,7 @@ class Report(Sequence[PassRecord]):
         t = Table(title=title, show_lines=False)
         for col, justify in (("#", "right"), ("pass", "left"), ("status", "left"), ("time", "right"),
                              ("nodes", "right"), ("params", "right"), ("nonzero", "right"),
-                             ("size", "right"), ("MACs", "right"), ("max abs err", "right"),
+                             ("weights", "right"), ("MACs", "right"), ("max abs err", "right"),
                              ("cosine", "right"), ("top-1", "right")):
             t.add_column(col, justify=justify)  # type: ignore[arg-type]
         for r in self.rows:

@@ -175,8 +175,16 @@ def test_bench_compare_eager(workdir: Path) -> None:
     for r in data:
         assert 0 < r["median_ms"] <= r["p90_ms"], r
         assert r["batch"] == 1 and r["throughput"] == pytest.approx(r["batch"] / (r["median_ms"] / 1e3), rel=1e-6)
-    assert compiled["size_bytes"] == (workdir / "out" / "model.onnx").stat().st_size
+    # weights compare with weights (the report's size), the file is what ships; eager has no file
+    report = json.loads((workdir / "out" / "report.json").read_text())["passes"]
+    assert compiled["file_bytes"] == (workdir / "out" / "model.onnx").stat().st_size
+    assert compiled["weight_bytes"] == report[-1]["bytes"] < compiled["file_bytes"]
+    assert eager["weight_bytes"] == report[0]["bytes"] and eager["file_bytes"] is None
     assert compiled["vs_baseline"]["speedup"] == pytest.approx(eager["median_ms"] / compiled["median_ms"])
+    assert compiled["vs_baseline"]["weights"] == pytest.approx(compiled["weight_bytes"] / eager["weight_bytes"])
+    assert compiled["vs_baseline"]["file"] is None
+    header = next(line for line in proc.stdout.splitlines() if "median ms" in line)
+    assert "process peak RSS MB" in header and "weights" in header and "file" in header and "size" not in header
 
 
 @pytest.mark.parametrize("engine, meta, expected", [

@@ -27,7 +27,7 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
         cells = [c.strip() for c in line.split("│")[1:-1]]
         if len(cells) == 7 and cells[1].endswith("%"):
             rows[cells[0]] = cells
-        elif len(cells) == 8 and cells[1] == "1":  # the benchmark table, batch 1
+        elif len(cells) == 9 and cells[1] == "1":  # the benchmark table, batch 1
             bench[cells[0]] = cells
     stages = list(rows)
     assert stages[:2] == ["original (eager torch)", "input"]
@@ -44,20 +44,38 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert fp32_size > 3 * int8_size, (fp32_size, int8_size)
     assert _size(rows["input"][4]) > fp32_size, "pruning is expected to shrink the FP32 graph too"
 
-    # median, p90, throughput, peak memory and size of the final ORT session next to eager
+    # median, p90, throughput, process peak RSS, weights and file of the final ORT session next to eager
     assert list(bench) == ["eager (torch)", "final (onnxruntime)"], proc.stdout
-    for name, (_, _, median, p90, throughput, peak, size, _) in bench.items():
+    for name, (_, _, median, p90, throughput, peak, weights, _, _) in bench.items():
         assert 0 < float(median) <= float(p90), (name, median, p90)
         assert float(throughput) == pytest.approx(1e3 / float(median), rel=0.01, abs=0.1), name
-        assert float(peak) > 0 and _size(size) > 0, (name, peak, size)
+        assert float(peak) > 0 and _size(weights) > 0, (name, peak, weights)
     eager, final = bench["eager (torch)"], bench["final (onnxruntime)"]
-    assert _size(final[6]) < _size(eager[6]) / 3
-    speed, direction, size_ratio = re.fullmatch(r"([\d.]+)x (faster|slower), ([\d.]+)x size", final[7]).groups()  # type: ignore[union-attr]
+    # weights as the stage table counts them; the file (graph and Q/DQ params included) only for ONNX
+    assert (eager[6], final[6]) == (rows["original (eager torch)"][4], rows["export-onnx"][4])
+    assert eager[7] == "-" and _size(final[7]) > _size(final[6])
+    speed, direction, weights_ratio = re.fullmatch(r"([\d.]+)x (faster|slower), ([\d.]+)x weights", final[8]).groups()  # type: ignore[union-attr]
     ratio = float(eager[2]) / float(final[2])
     assert float(speed) == pytest.approx(ratio if direction == "faster" else 1 / ratio, rel=0.05)
-    assert float(size_ratio) == pytest.approx(_size(final[6]) / _size(eager[6]), rel=0.05, abs=0.006)
+    assert float(weights_ratio) == pytest.approx(_size(final[6]) / _size(eager[6]), rel=0.05, abs=0.006)
+    assert float(weights_ratio) < 1 / 3
     assert "result: accuracy" in proc.stdout
     out = tmp_path / "demo"
     assert (out / "model.onnx").is_file() and (out / "manifest.json").is_file()
     html = (out / "report.html").read_text(encoding="utf-8")
     assert "distill" in html and "<img" in html
+
+
+def test_quick_pipeline_cuts_every_training_pass_and_keeps_the_rest() -> None:
+    """--quick runs the demo's recipe with distillation (the demo's longest step) cut to QUICK_EPOCHS."""
+    from fxcompress.demo import DEMO_RECIPE, QUICK_EPOCHS, quick_pipeline
+    from fxcompress.registry import parse_pipeline, recipes
+
+    full = parse_pipeline(recipes()[DEMO_RECIPE])
+    quick = parse_pipeline(quick_pipeline(recipes()[DEMO_RECIPE]))
+    assert [p.name for p in quick] == [p.name for p in full]
+    (distill_full,) = [p for p in full if p.name == "distill"]
+    (distill_quick,) = [p for p in quick if p.name == "distill"]
+    assert distill_quick.epochs == QUICK_EPOCHS < distill_full.epochs and distill_quick.lr == distill_full.lr
+    assert [p for p in quick if p.name != "distill"] == [p for p in full if p.name != "distill"]
+    assert quick_pipeline("fine-tune{epochs=5},distill{epochs=1}", epochs=2) == "fine-tune{epochs=2},distill"
