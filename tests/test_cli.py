@@ -111,10 +111,10 @@ def test_diff(workdir: Path) -> None:
 @pytest.fixture(scope="module")
 def unfolded(workdir: Path) -> Path:
     """A second artifact of the same model compiled without passes (its BatchNorm stays)."""
-    from fxcompress.cli import _model_and_inputs
-    from fxcompress.api import compile as fx_compile
-
     import os
+
+    from fxcompress.api import compile as fx_compile
+    from fxcompress.cli import _model_and_inputs
 
     cwd = os.getcwd()
     os.chdir(workdir)
