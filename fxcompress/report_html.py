@@ -287,7 +287,7 @@ def plot_stages(figs: _Figures, rows: list[PassRecord]) -> list[str]:
     top1 = [_err(r, "top1") for r in rows]
     if any(v is not None for v in top1) and not any(v is not None for v in accuracy):
         series.append(("top-1 agreement with original", top1, "tab:purple"))
-    series.append(("size (KB)", [r.bytes / 1e3 for r in rows], "tab:blue"))
+    series.append(("weights (KB)", [r.bytes / 1e3 for r in rows], "tab:blue"))
     latency = [_stat(r, "ort_latency_ms") for r in rows]
     if any(v is not None for v in latency):
         series.append(("ORT latency (ms)", latency, "tab:orange"))
@@ -328,7 +328,7 @@ def plot_stages(figs: _Figures, rows: list[PassRecord]) -> list[str]:
         for (s, q), names in labels.items():
             ax.annotate("\n".join(names), (s, q), textcoords="offset points", xytext=(4, 4), fontsize=7)
         ax.margins(0.15)
-        ax.set_xlabel("size (KB)")
+        ax.set_xlabel("weights (KB)")
         ax.set_ylabel(quality_label)
         ax.grid(True, alpha=0.3)
         ax.set_title("quality vs size per stage" + (" (colour: ORT latency)" if all(
@@ -497,7 +497,7 @@ def _summary_section(report: Sequence[PassRecord]) -> str:
     items = [("params", human(first.params), human(last.params), ratio(first.params, last.params)),
              ("non-zero params", human(first.nonzero), human(last.nonzero),
               ratio(first.nonzero, last.nonzero)),
-             ("size", human(first.bytes, "B"), human(last.bytes, "B"), ratio(first.bytes, last.bytes)),
+             ("weights", human(first.bytes, "B"), human(last.bytes, "B"), ratio(first.bytes, last.bytes)),
              ("MACs", human(first.macs), human(last.macs), ratio(first.macs, last.macs))]
     a0, a1 = _stat(first, "accuracy"), _stat(last, "accuracy")
     if a0 is not None and a1 is not None:
@@ -525,7 +525,7 @@ def _table_section(report: Sequence[PassRecord]) -> str:
     has_acc = any(_stat(r, "accuracy") is not None for r in report)
     has_lat = any(_stat(r, "ort_latency_ms") is not None for r in report)
     head = ["#", "pass", "stage", "status", "changed", "weights changed", "time (s)", "nodes", "params",
-            "non-zero", "sparsity", "size", "MACs", "max abs err", "mean abs err", "cosine", "top-1"]
+            "non-zero", "sparsity", "weights", "MACs", "max abs err", "mean abs err", "cosine", "top-1"]
     head += (["accuracy"] if has_acc else []) + (["ORT latency (ms)"] if has_lat else []) + ["diagnostics"]
     out = ['<section id="passes"><h2>Passes</h2><table class="passes"><thead><tr>',
            "".join(f"<th>{_e(h)}</th>" for h in head), "</tr></thead><tbody>"]

@@ -293,8 +293,8 @@ def test_hand_made_report_tables_and_columns(hand_html: str) -> None:
     assert rows[4][0]["class"] == "status-rolled-back" and rows[6][0]["class"] == "status-not-run"
     assert rows[3][0]["class"] == "status-unchanged"
     # the summary compares the first and the last stage that produced a graph (#5, not the not-run #6)
-    summary = next(cells for _, cells in page.rows if cells and cells[0] == "size")
-    assert summary == ["size", "40.00KB", "6.00KB", "6.67x"]
+    summary = next(cells for _, cells in page.rows if cells and cells[0] == "weights")
+    assert summary == ["weights", "40.00KB", "6.00KB", "6.67x"]
     assert "<title>digits &lt;demo&gt;</title>" in text
 
 
