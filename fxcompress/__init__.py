@@ -23,9 +23,10 @@ from .stats import GraphStats, LayerStats, graph_stats, onnx_stats
 __version__ = "0.1.0"
 
 __all__ = [
-    "ArtifactError", "BackendUnavailable", "BenchResult", "Bisect", "Compiled", "Comparison", "Tolerance", "Diagnostic", "DumpGraphs", "Evaluate", "ExportError",
-    "FxCompressError", "InputError", "NumericCheck", "OnnxPass", "Pass", "PassContext", "PassError",
-    "PassRecord", "PassTiming", "PassVerificationError", "Pipeline", "PipelineError", "PrintAfter",
-    "ProgressBar", "Repeat", "Report", "GraphStats", "LayerStats", "graph_stats", "onnx_stats", "Snapshot", "TraceError", "available_passes", "benchmark", "compile", "load",
-    "parse_pipeline", "register", "__version__",
+    "ArtifactError", "available_passes", "BackendUnavailable", "benchmark", "BenchResult", "Bisect",
+    "Comparison", "compile", "Compiled", "Diagnostic", "DumpGraphs", "Evaluate", "ExportError",
+    "FxCompressError", "graph_stats", "GraphStats", "InputError", "LayerStats", "load", "NumericCheck",
+    "onnx_stats", "OnnxPass", "parse_pipeline", "Pass", "PassContext", "PassError", "PassRecord",
+    "PassResult", "PassTiming", "PassVerificationError", "Pipeline", "PipelineError", "PrintAfter",
+    "ProgressBar", "register", "Repeat", "Report", "Snapshot", "Tolerance", "TraceError", "__version__",
 ]

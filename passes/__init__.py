@@ -17,7 +17,7 @@ from functools import lru_cache
 from types import ModuleType
 from typing import Any
 
-from fxcompress.pipeline import Pipeline, Repeat
+from fxcompress.pipeline import Pipeline as Pipeline, Repeat as Repeat  # re-exported for users
 
 
 def iter_modules(package: str = __name__, path: Sequence[str] | None = None) -> list[ModuleType]:

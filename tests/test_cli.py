@@ -333,7 +333,6 @@ def test_missing_tensorrt_names_the_fallback_flag(workdir: Path, monkeypatch: py
 
 def _as_tensorrt_rtx_artifact(src: Path, dst: Path) -> Path:
     """A copy of an ONNX Runtime artifact that says it runs on TensorRT-RTX (manifest hashes kept valid)."""
-    import hashlib
     import shutil
 
     shutil.copytree(src, dst)

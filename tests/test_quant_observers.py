@@ -101,7 +101,6 @@ def _reference_entropy(values: np.ndarray, bins: int, amax: float, levels: int =
 
 
 def test_entropy_threshold_within_a_bin_of_reference() -> None:
-    g = _gen(4)
     with torch.random.fork_rng():
         torch.manual_seed(0)
         x = torch.distributions.StudentT(3.0).sample((30000,)) * 0.5

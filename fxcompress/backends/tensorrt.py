@@ -788,7 +788,7 @@ class TrtRunner:
         if not gpu_available():
             raise _no_gpu_error()
         self.target = target
-        self.trt = trt = import_trt(target)
+        self.trt = import_trt(target)
         self.device = torch.device("cuda", torch.cuda.current_device() if device is None
                                    else torch.device(device).index or 0)
         self.runtime_cache_path = runtime_cache
