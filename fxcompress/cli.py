@@ -227,7 +227,7 @@ def inspect(path: Path = typer.Argument(..., help="An artifact directory, a .onn
 
         shapes = parse_shapes(input_shape) if input_shape else \
             [tuple(s["shape"]) for s in manifest.get("inputs") or []] or None
-        _print_check_tensorrt(onnx.load_model(str(path / "model.onnx")), shapes)
+        _print_check_tensorrt(onnx.load_model(str(path / "model.onnx")), shapes, manifest.get("target"))
         return
     if path.suffix == ".fxg":
         console.print(path.read_text(encoding="utf-8"), markup=False, highlight=False)
@@ -237,12 +237,29 @@ def inspect(path: Path = typer.Argument(..., help="An artifact directory, a .onn
     _print_check_tensorrt(model, parse_shapes(input_shape) if input_shape else None)
 
 
-def _print_check_tensorrt(model: Any, shapes: list[tuple[int, ...]] | None) -> None:
+def _print_check_tensorrt(model: Any, shapes: list[tuple[int, ...]] | None, target: str | None = None) -> None:
+    """CheckTensorRT's findings, one line each; findings of one rule with one fix on several nodes
+    print once, naming the nodes. ``target``: what an artifact was compiled for (a note says that an
+    ONNX Runtime artifact is not meant for TensorRT as it is)."""
     findings = _check_tensorrt(model, shapes)
-    if findings is not None:
-        console.print(f"CheckTensorRT: {len(findings)} finding(s)", markup=False)
-        for f in findings:
-            console.print(f"  {f}", markup=False, highlight=False)
+    if findings is None:
+        return
+    console.print(f"CheckTensorRT: {len(findings)} finding(s)", markup=False)
+    if findings and target and not target.startswith("tensorrt"):
+        console.print(f"  (this artifact was compiled for {target}; for TensorRT recompile with "
+                      "--target tensorrt-rtx or --target tensorrt)", markup=False, highlight=False)
+    groups: dict[tuple[str, str, str], list[Any]] = {}
+    for f in findings:
+        groups.setdefault((f.severity, f.rule or f.problem, f.fix), []).append(f)
+    for group in groups.values():
+        if len(group) == 1:
+            console.print(f"  {group[0]}", markup=False, highlight=False)
+            continue
+        nodes = [f.node for f in group if f.node]
+        shown = ", ".join(nodes[:4]) + (f" and {len(nodes) - 4} more" if len(nodes) > 4 else "")
+        first = group[0]
+        console.print(f"  {first.severity} on {len(group)} nodes [{shown}]: {first.problem} Fix: {first.fix}",
+                      markup=False, highlight=False)
 
 
 def graph_text(path: Path) -> str:

@@ -100,6 +100,26 @@ def test_inspect_artifact_and_onnx(workdir: Path) -> None:
     assert "CheckTensorRT: 0 finding(s)" in proc.stdout
 
 
+def test_inspect_groups_repeated_tensorrt_findings_of_an_onnxruntime_int8_artifact(workdir: Path) -> None:
+    """ONNX Runtime's asymmetric UINT8 Q/DQ is a TensorRT error on every Q/DQ node: one line per rule
+    and fix, naming the nodes, and a note that the artifact was not compiled for TensorRT."""
+    proc = run("compile", "mymodels:make_model", "--input-shape", "1x3x8x8", "--passes", "fold-batchnorm,quantize-int8",
+               "--calibration", "x8.npy", "--out", "out_int8", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    proc = run("inspect", "out_int8", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    count = int(next(line for line in lines if line.startswith("CheckTensorRT:")).split()[1])
+    findings = lines[lines.index(f"CheckTensorRT: {count} finding(s)") + 1:]
+    assert findings[0].strip() == ("(this artifact was compiled for onnxruntime; for TensorRT recompile with "
+                                   "--target tensorrt-rtx or --target tensorrt)")
+    grouped = [line for line in findings if " on " in line.split("[", 1)[0] and " nodes [" in line]
+    assert grouped and all(line.strip().startswith("error on ") for line in grouped)
+    assert any("UINT8" in line for line in grouped)
+    nodes_in_groups = sum(int(line.split(" on ", 1)[1].split(" nodes", 1)[0]) for line in grouped)
+    assert len(findings) - 1 < count and nodes_in_groups + (len(findings) - 1 - len(grouped)) == count
+
+
 def test_diff(workdir: Path) -> None:
     """Like diff(1): exit 1 when the graphs differ, 0 when identical."""
     proc = run("diff", "out/graphs/00_input.fxg", "out/graphs/01_fold-batchnorm.fxg", cwd=workdir)
