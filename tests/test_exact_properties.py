@@ -13,12 +13,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from _passes_util import (apply, assert_same_outputs, assert_untouched, call_module_types, randomize_bn,
+from _passes_util import (apply, assert_same_outputs, assert_untouched, call_module_types, outputs, randomize_bn,
                           snapshot, traced)
 from passes.cleanup import EliminateDeadCode, FoldConstants, RemoveDropout, RemoveIdentity
 from passes.fuse import FoldBatchNorm
 
 EXACT_PASSES = (EliminateDeadCode(), RemoveDropout(), RemoveIdentity(), FoldConstants(), FoldBatchNorm())
+BIT_EXACT = (EliminateDeadCode, RemoveDropout, RemoveIdentity)   # they only drop no-ops: same bits
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -153,15 +154,21 @@ def test_exact_passes_preserve_random_stacks(stack: tuple, order: list[int]) -> 
     model, inputs = build(*stack)
     before = snapshot(model)
     base = traced(model, inputs)
+    foldable = sum(spec[0] in ("conv", "convT", "linear", "residual") for spec in stack[2])
     for p in EXACT_PASSES:
-        gm = apply(p, copy.deepcopy(base), inputs).graph
-        assert_same_outputs(model, gm, inputs)
+        res = apply(p, copy.deepcopy(base), inputs)
+        assert_same_outputs(model, res.graph, inputs, exact=isinstance(p, BIT_EXACT))
+        if isinstance(p, FoldBatchNorm):   # every producer -> BN pair, and only those
+            assert len(res.stats["folded"]) == foldable, res.stats
 
     gm = base
     for i in order:
+        prev = outputs(gm, inputs)
         res = apply(EXACT_PASSES[i], gm, inputs)
         gm = res.graph
         assert_same_outputs(model, gm, inputs)
+        if isinstance(EXACT_PASSES[i], BIT_EXACT):
+            assert all(map(torch.equal, outputs(gm, inputs), prev))
         if isinstance(EXACT_PASSES[i], FoldBatchNorm):
             assert _bn_nodes(gm) == len(res.stats["skipped"])
     types = call_module_types(gm)
@@ -188,9 +195,12 @@ def test_exact_passes_preserve_zoo_models(name: str) -> None:
     bns = _bn_nodes(gm)
     folded = 0
     for p in EXACT_PASSES:
+        prev = outputs(gm, inputs)
         res = apply(p, gm, inputs)
         gm = res.graph
         assert_same_outputs(model, gm, inputs)
+        if isinstance(p, BIT_EXACT):
+            assert all(map(torch.equal, outputs(gm, inputs), prev)), p
         if isinstance(p, FoldBatchNorm):
             folded = len(res.stats["folded"])
             assert _bn_nodes(gm) == len(res.stats["skipped"]) == bns - folded

@@ -38,6 +38,28 @@ class ProducerBN(nn.Module):
         return torch.relu(self.bn(self.producer(x)))
 
 
+def _folded_by_hand(producer: nn.Module, bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """W' = W * s and b' = (b - mean) * s + beta with s = gamma / sqrt(var + eps), per output channel
+    (a ConvTranspose stores output channels in dim 1, per group)."""
+    with torch.no_grad():
+        scale = bn.running_var.double().add(bn.eps).rsqrt()
+        if bn.weight is not None:
+            scale = scale * bn.weight.double()
+        w = producer.weight.double()
+        if isinstance(producer, nn.modules.conv._ConvTransposeNd):
+            g = producer.groups
+            grouped = w.reshape(g, w.shape[0] // g, w.shape[1], *w.shape[2:])
+            s = scale.reshape(g, 1, w.shape[1], *([1] * (w.dim() - 2)))
+            w = (grouped * s).reshape(w.shape)
+        else:
+            w = w * scale.reshape(-1, *([1] * (w.dim() - 1)))
+        b = producer.bias.double() if producer.bias is not None else torch.zeros_like(scale)
+        b = (b - bn.running_mean.double()) * scale
+        if bn.bias is not None:
+            b = b + bn.bias.double()
+    return w.float(), b.float()
+
+
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
 @pytest.mark.parametrize("case", list(CASES))
@@ -56,6 +78,9 @@ def test_fold_each_producer(case: str, bias: bool, affine: bool) -> None:
     assert not hasattr(gm, "bn")
     assert gm.producer.bias is not None and gm.producer.bias.requires_grad
     assert gm.producer.weight.dtype == torch.float32
+    want_w, want_b = _folded_by_hand(producer, model.bn)
+    torch.testing.assert_close(gm.producer.weight.detach(), want_w, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gm.producer.bias.detach(), want_b, rtol=1e-5, atol=1e-6)
     assert_same_outputs(model, gm, inputs)
     assert_untouched(model, before)
 
