@@ -136,7 +136,10 @@ def test_integer_ops_point_to_the_qdq_form_and_custom_domains_need_plugins():
                 oh.make_node("Foo", ["c"], ["y"], name="foo", domain="com.example")],
                [_vi("a", T.INT8, [2, 3]), _vi("b", T.INT8, [3, 2])], [_vi("y", T.INT32, [2, 2])])
     m.opset_import.append(oh.make_opsetid("com.example", 1))
-    by_node = {f.node: f for f in static(m) if f.rule == "unsupported-op"}
+    found = static(m)
+    assert [(f.node, f.rule, f.severity) for f in found] == [("mmi", "unsupported-op", "error"),
+                                                             ("foo", "unsupported-op", "error")]
+    by_node = {f.node: f for f in found}
     assert "QuantizeInt8(scheme='tensorrt')" in by_node["mmi"].fix
     assert "plugin" in by_node["foo"].problem and by_node["foo"].severity == "error"
 
@@ -152,36 +155,38 @@ def test_ops_inside_local_functions_are_checked():
 
 def test_non_zero_zero_point_is_an_error_on_every_qdq_node():
     found = static(conv_qdq(zp=3))
-    zp = [f.node for f in found if f.rule == "qdq-zero-point"]
-    assert zp == ["q_x", "dq_x"]
-    assert all(f.severity == "error" for f in found if f.rule == "qdq-zero-point")
+    assert [(f.node, f.rule, f.severity) for f in found] == [("q_x", "qdq-zero-point", "error"),
+                                                             ("dq_x", "qdq-zero-point", "error")]
 
 
 def test_uint8_qdq_is_flagged():
     found = static(conv_qdq(act_type=T.UINT8, w_type=T.UINT8))
-    assert rules(found, "q_x") == ["qdq-type"]
-    assert rules(found, "dq_w") == ["qdq-type", "qdq-zero-point"]
+    assert [(f.node, f.rule, f.severity) for f in found] == [
+        ("q_x", "qdq-type", "error"), ("dq_x", "qdq-type", "error"),
+        ("dq_w", "qdq-type", "error"), ("dq_w", "qdq-zero-point", "error")]
     assert "UINT8" in next(f.problem for f in found if f.node == "q_x")
 
 
 def test_quantize_without_zero_point_is_uint8():
     found = static(act_qdq(None, with_zp=False))
-    q = next(f for f in found if f.node == "q")
-    assert q.rule == "qdq-type" and "UINT8" in q.problem and "saturate" in q.problem
+    assert [(f.node, f.rule, f.severity) for f in found] == [("q", "qdq-type", "error")]
+    assert "UINT8" in found[0].problem and "saturate" in found[0].problem
 
 
 def test_int32_bias_dequantize_is_flagged():
     found = static(int32_bias_dq())
-    bias = [f for f in found if f.node == "dq_bias"]
-    assert [f.rule for f in bias] == ["int32-bias-dq"]
-    assert "QuantizeBias" in bias[0].fix
+    assert [(f.node, f.rule, f.severity) for f in found] == [("dq_bias", "int32-bias-dq", "error")]
+    assert "QuantizeBias" in found[0].fix
 
 
 def test_per_channel_axis_follows_the_consumer():
-    assert rules(static(conv_qdq(axis=1)), "dq_w") == ["weight-axis"]
-    assert static(conv_qdq(axis=0)) == []
-    assert static(conv_qdq(axis=1, op="ConvTranspose")) == []
-    assert rules(static(conv_qdq(axis=0, op="ConvTranspose")), "dq_w") == ["weight-axis"]
+    def codes(model):
+        return [(f.node, f.rule, f.severity) for f in static(model)]
+
+    assert codes(conv_qdq(axis=1)) == [("dq_w", "weight-axis", "warning")]
+    assert codes(conv_qdq(axis=0)) == []
+    assert codes(conv_qdq(axis=1, op="ConvTranspose")) == []
+    assert codes(conv_qdq(axis=0, op="ConvTranspose")) == [("dq_w", "weight-axis", "warning")]
 
 
 def _linear_qdq(axis, batch_shape):
@@ -208,13 +213,16 @@ def test_linear_weight_axis_through_gemm_and_transpose(batch_shape):
     ops = {n.op_type for n in bad.graph.node}
     assert ("Gemm" in ops) if len(batch_shape) == 1 else ({"Transpose", "MatMul"} <= ops)
     assert static(good) == []
-    assert rules(static(bad)) == ["weight-axis"]
+    found = static(bad)
+    assert [(f.rule, f.severity) for f in found] == [("weight-axis", "warning")]
+    assert next(n for n in bad.graph.node if n.name == found[0].node).op_type == "DequantizeLinear"
 
 
 def test_scales_must_be_positive_build_time_constants():
     m = act_qdq(np.int8)
     m.graph.initializer[0].CopyFrom(nh.from_array(np.array(-0.1, np.float32), "s"))
-    assert rules(static(m)) == ["qdq-constant"]
+    assert [(f.node, f.rule, f.severity) for f in static(m)] == [("q", "qdq-constant", "error"),
+                                                                 ("dq", "qdq-constant", "error")]
     dyn = _model([oh.make_node("ReduceMax", ["x"], ["m"], name="amax", keepdims=0),
                   oh.make_node("QuantizeLinear", ["x", "m", "z"], ["q"], name="q"),
                   oh.make_node("DequantizeLinear", ["q", "m", "z"], ["y"], name="dq")],
@@ -289,12 +297,21 @@ def test_onnxruntime_quantize_static_output_is_flagged(tmp_path):
                         weight_type=QuantType.QInt8)
     q = onnx.load(str(tmp_path / "q.onnx"))
     found = static(q)
-    assert {"int32-bias-dq", "qdq-type", "qdq-zero-point"} <= set(rules(found))
-    assert {f.node for f in found if f.rule == "int32-bias-dq"} == {"conv.bias_DequantizeLinear",
-                                                                      "fc.bias_DequantizeLinear"}
+    assert {f.severity for f in found} == {"error"}
+    by_node = {n.name: rules(found, n.name) for n in q.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")}
+    # UINT8 on every activation Q/DQ, a non-zero zero point where the calibrated range crosses zero
+    # (input, logits; not the ReLU output), INT32 bias DQs, nothing on the INT8 per-channel weights
+    assert by_node == {
+        "conv.bias_DequantizeLinear": ["int32-bias-dq"], "fc.bias_DequantizeLinear": ["int32-bias-dq"],
+        "conv.weight_DequantizeLinear": [], "fc.weight_DequantizeLinear": [],
+        "x_QuantizeLinear": ["qdq-type", "qdq-zero-point"], "x_DequantizeLinear": ["qdq-type", "qdq-zero-point"],
+        "/Relu_output_0_QuantizeLinear": ["qdq-type"], "/Relu_output_0_DequantizeLinear": ["qdq-type"],
+        "/Flatten_output_0_QuantizeLinear": ["qdq-type"], "/Flatten_output_0_DequantizeLinear": ["qdq-type"],
+        "8_QuantizeLinear": ["qdq-type", "qdq-zero-point"], "8_DequantizeLinear": ["qdq-type", "qdq-zero-point"],
+    }
     if RTX:
         parser, _ = parser_findings(q)
-        assert parser and parser[0].node in {f.node for f in found if f.severity == "error"}
+        assert [(f.node, f.severity) for f in parser] == [("conv.bias_DequantizeLinear", "error")]
 
 
 # --------------------------------------------------------------------------- agreement with the real parser
@@ -490,7 +507,8 @@ def test_pass_derives_profiles_from_example_inputs_and_strict_raises():
 def test_pass_uses_the_parser_of_the_compile_target():
     result = CheckTensorRT().run(_gs(conv_qdq(zp=3)), PassContext(target="tensorrt-rtx"))
     assert result.stats["parser"].startswith("tensorrt_rtx ")
-    assert "parser" in [f["rule"] for f in result.stats["findings"]]
+    assert [(f["node"], f["rule"], f["severity"]) for f in result.stats["findings"]] == [
+        ("q_x", "qdq-zero-point", "error"), ("dq_x", "qdq-zero-point", "error"), ("q_x", "parser", "error")]
 
 
 def test_pass_is_registered_and_round_trips_as_a_pipeline_string():
