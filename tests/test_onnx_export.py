@@ -166,6 +166,9 @@ def test_fake_quant_exports_as_qdq_with_int8_zero_points_and_axis() -> None:
 
     act_q = next(n for n in q if n is not weight_q)
     assert not any(a.name == "axis" for a in act_q.attribute)
+    act_params = run_onnx(expose_outputs(model, list(act_q.input[1:])), (x,), output_names=list(act_q.input[1:]))
+    np.testing.assert_allclose(act_params[0], 0.05)
+    assert act_params[1].dtype == np.int8 and int(act_params[1]) == 0
 
     with torch.no_grad():
         _close(OrtRunner(model)(x), m(x))
@@ -211,6 +214,9 @@ def test_names_multiple_and_repeated_outputs() -> None:
                         output_names=["h", "b", "h_again"])
     assert [i.name for i in named.graph.input] == ["left", "right"]
     assert [o.name for o in named.graph.output] == ["h", "b", "h_again"]
+    with torch.no_grad():
+        for got, want in zip(OrtRunner(named)(right=y, left=x), m(x, y), strict=True):
+            _close(got, want)
     with pytest.raises(ExportError, match="3 distinct names"):
         export_onnx(fx.symbolic_trace(m), (x, y), output_names=["only_one"])
     with pytest.raises(ExportError, match="input_names"):
