@@ -228,6 +228,8 @@ def test_graphcheck_design_example_catches_dropout_modules_and_functions(dropout
 
 def test_graphcheck_matches_names_exactly(dropouts_gm):
     GraphCheck(dropouts_gm).present(["drop", "fc"]).absent(["FC", "Drop"])
+    with pytest.raises(AssertionError, match=r"no node matches 'FC'"):
+        GraphCheck(dropouts_gm).present(["FC"])
 
 
 @pytest.mark.parametrize("counts, message", [

@@ -147,6 +147,8 @@ def test_leaf_mha_and_lstm_are_recorded_in_graph_order() -> None:
     targets = [n.target for n in gm.graph.nodes if n.op == "call_module"]
     assert "mha" in targets and "lstm" in targets
     assert not any(t.startswith(("mha.", "lstm.")) for t in targets)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(*inputs), model(*inputs), rtol=1e-5, atol=1e-6)
 
 
 def test_zoo_without_opaque_parts_records_none() -> None:
