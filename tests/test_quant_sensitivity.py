@@ -30,6 +30,22 @@ def _mlp_with_a_fragile_first_layer() -> tuple[nn.Module, tuple[torch.Tensor], l
     return model, batches[0], batches
 
 
+def _reference_rel_mse(model: nn.Module, ex: tuple[torch.Tensor], batches: list[tuple[torch.Tensor]],
+                       layers: list[str], eval_batches: int) -> dict[str, float]:
+    """Each layer alone in INT8 (QuantizeInt8 calibrated on all batches, skipping the others): mean over
+    the first ``eval_batches`` batches of ||y_q - y||^2 / ||y||^2 against the float model."""
+    out = {}
+    for layer in layers:
+        ctx = fxc.PassContext(ex, calibration=batches, target="onnxruntime")
+        skip = tuple(n for n in layers if n != layer)
+        gm = QuantizeInt8(observer="minmax", skip=skip).run(trace(model, ex), ctx).graph
+        with torch.no_grad():
+            errs = [float(((gm(*b) - model(*b)) ** 2).sum() / (model(*b) ** 2).sum())
+                    for b in batches[:eval_batches]]
+        out[layer] = sum(errs) / len(errs)
+    return out
+
+
 def test_ranks_the_fragile_layer_first_and_fills_the_skip_list() -> None:
     model, ex, batches = _mlp_with_a_fragile_first_layer()
     gm = trace(model, ex)
@@ -37,6 +53,10 @@ def test_ranks_the_fragile_layer_first_and_fills_the_skip_list() -> None:
     ctx = fxc.PassContext(ex, calibration=batches, target="onnxruntime")
     result = QuantSensitivity(k=1, observer="minmax").run(gm, ctx)
     rows = result.stats["layers"]
+    reference = _reference_rel_mse(model, ex, batches, ["_0", "_2", "_4"], eval_batches=4)
+    assert [r["node"] for r in rows] == sorted(reference, key=lambda n: -reference[n])
+    for r in rows:
+        assert r["rel_mse"] == pytest.approx(reference[r["node"]], rel=1e-4), r
     assert [r["rank"] for r in rows] == [1, 2, 3]
     assert rows[0]["node"] == "_0" and rows[0]["module"] == "0"
     assert rows[0]["rel_mse"] > 10 * rows[1]["rel_mse"]
