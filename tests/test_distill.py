@@ -21,6 +21,7 @@ from fxcompress.errors import PassError, PipelineError
 from fxcompress.pass_base import PassContext
 from fxcompress.registry import parse_pipeline
 from fxcompress.trace import trace
+from fxcompress.verify import error_metrics
 from passes import FineTune, PruneChannels
 from passes.distill import Distill, distillation_loss, kd_loss, make_projection, tapped
 
@@ -105,8 +106,13 @@ def test_projection_shapes() -> None:
     assert isinstance(make_projection((2, 8, 4, 4), (2, 8, 4, 4), ("a", "b")), nn.Identity)
     conv = make_projection((2, 4, 4, 4), (2, 8, 4, 4), ("a", "b"))
     assert isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1) and conv.out_channels == 8
-    assert isinstance(make_projection((2, 4, 10), (2, 6, 10), ("a", "b")), nn.Conv1d)
-    assert isinstance(make_projection((2, 4), (2, 6), ("a", "b")), nn.Linear)
+    conv1d = make_projection((2, 4, 10), (2, 6, 10), ("a", "b"))
+    assert isinstance(conv1d, nn.Conv1d) and conv1d.kernel_size == (1,)
+    linear = make_projection((2, 4), (2, 6), ("a", "b"))
+    assert isinstance(linear, nn.Linear)
+    for proj, student, teacher in ((conv, (2, 4, 4, 4), (2, 8, 4, 4)), (conv1d, (2, 4, 10), (2, 6, 10)),
+                                   (linear, (2, 4), (2, 6))):
+        assert tuple(proj(torch.zeros(student)).shape) == teacher
     with pytest.raises(PassError, match="spatial"):
         make_projection((2, 4, 4, 4), (2, 8, 2, 2), ("layer1_relu_1", "layer2"))
 
@@ -178,6 +184,9 @@ def test_repeat_prune_then_distill_with_its_own_data() -> None:
         assert math.isfinite(stats["first_loss"]) and math.isfinite(stats["last_loss"])
         assert stats["epoch_losses"] == [stats["last_loss"]]
         assert 0.0 <= record.error["top1"] <= 1.0 and record.error["max_abs"] > 0
+    with torch.no_grad():  # the last round's recorded error is the final graph's, measured against the original
+        final = error_metrics(model(x), compiled.graph_module(x)).to_dict()
+    assert distills[-1].error == pytest.approx(final)
     with pytest.raises(PipelineError, match="one-shot iterator"):
         Distill(data=iter(loader))
     with pytest.raises(PipelineError, match="iterable of"):
@@ -311,7 +320,21 @@ def test_tapped_shares_parameters() -> None:
     gm, _, x = small_student_and_teacher()
     t = tapped(gm, ["layer1_relu_1", "layer2.conv1"], "the student")
     out, (f1, f2) = t(x)
-    assert torch.equal(out, gm(x)) and f1.shape == (2, 4, 8, 8) and f2.shape == (2, 8, 4, 4)
+    seen: dict[str, torch.Tensor] = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, n: torch.fx.Node) -> object:
+            seen[n.name] = super().run_node(n)
+            return seen[n.name]
+
+    conv_out: list[torch.Tensor] = []
+    hook = gm.get_submodule("layer2.conv1").register_forward_hook(lambda m, a, o: conv_out.append(o))
+    with torch.no_grad():
+        expected = Recorder(gm).run(x)
+    hook.remove()
+    assert torch.equal(out, expected) and torch.equal(out, gm(x))
+    assert f1.shape == (2, 4, 8, 8) and f2.shape == (2, 8, 4, 4)
+    assert torch.equal(f1, seen["layer1_relu_1"]) and torch.equal(f2, conv_out[0])
     assert t.get_submodule("layer1.conv1").weight is gm.get_submodule("layer1.conv1").weight
 
 
