@@ -42,6 +42,10 @@ def test_folds_weight_quantize_into_int8_initializer_exactly() -> None:
     assert sum(n.op_type == "QuantizeLinear" for n in after.graph.node) == 1
     int8 = [i for i in after.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 4]
     assert len(int8) == 1 and list(int8[0].dims) == [64, 32, 3, 3]
+    module = _ForeignQDQ()
+    w, scale = module.weight.detach().numpy(), module.w_scale.numpy()
+    expected = np.clip(np.round(w / scale[:, None, None, None]), -128, 127).astype(np.int8)
+    assert np.array_equal(onnx.numpy_helper.to_array(int8[0]), expected)
     assert after.ByteSize() < 0.4 * before.ByteSize()
     a, b = OrtRunner(before)(*ex), OrtRunner(after)(*ex)
     assert torch.equal(a, b)
