@@ -5,10 +5,10 @@ An artifact directory holds ``model.onnx``, ``model.engine`` (TensorRT targets),
 versions, the pipeline string (canonical, defaults dropped) and ``pipeline_full`` (every option
 written out, so the artifact reproduces even if a default changes), target and backend,
 input/output specs, engine build options and the sha256 of every file. Saving into an existing
-artifact directory removes the engine and graph files the new manifest does not list. ``load`` refuses an unknown format version, a file whose hash
-does not match, a required file (model, report, snapshots, a present engine) the manifest does
-not list, and any manifest path that leaves the directory. Input/output names are the ONNX
-graph's.
+artifact directory removes the engine and graph files the new manifest does not list. ``load``
+refuses an unknown format version, a file whose hash does not match, a required file (model,
+report, snapshots, a present engine) the manifest does not list, and any manifest path that
+leaves the directory. Input/output names are the ONNX graph's.
 """
 
 from __future__ import annotations

@@ -95,6 +95,13 @@ def weight_size(obj: Any) -> int | None:
     return None
 
 
+def _check_counts(function: str, **counts: tuple[Any, int]) -> None:
+    """Each ``name=(value, least)`` must be an integer >= ``least``; ``InputError`` naming it otherwise."""
+    for arg, (value, least) in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise InputError(f"{function}({arg}=...) must be an integer >= {least}, got {value!r}")
+
+
 def benchmark(fn: Callable[..., Any], inputs: Sequence[Any], *, name: str = "model", warmup: int = 10,
               iters: int = 100, weight_bytes: int | None = None, file_bytes: int | None = None,
               torch_threads: int | None = None) -> BenchResult:
@@ -107,9 +114,7 @@ def benchmark(fn: Callable[..., Any], inputs: Sequence[Any], *, name: str = "mod
     inputs are cloned once, so an in-place model does not change the caller's tensors.
     ``torch_threads`` sets torch's intra-op thread count for the measurement only (compare eager
     with an ONNX Runtime session of the same thread count)."""
-    for arg, value, least in (("iters", iters, 1), ("warmup", warmup, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise InputError(f"benchmark({arg}=...) must be an integer >= {least}, got {value!r}")
+    _check_counts("benchmark", iters=(iters, 1), warmup=(warmup, 0))
     if torch_threads is not None:
         previous = torch.get_num_threads()
         torch.set_num_threads(torch_threads)
@@ -166,9 +171,7 @@ def interleaved(fns: Mapping[str, Callable[..., Any]], inputs: Sequence[Any], *,
     """Per-call milliseconds of several variants measured in turns: every round times each variant
     for ``iters`` calls, and each keeps its best round mean. Load on a shared machine then hits all
     variants alike, so ratios between them hold even when absolute numbers drift."""
-    for arg, value, least in (("iters", iters, 1), ("rounds", rounds, 1), ("warmup", warmup, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise InputError(f"interleaved({arg}=...) must be an integer >= {least}, got {value!r}")
+    _check_counts("interleaved", iters=(iters, 1), rounds=(rounds, 1), warmup=(warmup, 0))
     inputs = fresh_inputs(tuple(inputs))
     best = {name: float("inf") for name in fns}
     with torch.no_grad():

@@ -87,6 +87,7 @@ _API_TO_CLI = (
     ("pass train_data= to fxcompress.compile()", "give --train-data inputs.npy"),
     ("pass train_data= or calibration= to fxcompress.compile()", "give --train-data or --calibration"),
     ("save one with Compiled.save(dir)", "make one with `fxcompress compile ... --out DIR`"),
+    ("pass target='tensorrt-rtx' or 'tensorrt'", "give --target tensorrt-rtx or --target tensorrt"),
 )
 #: compile()'s keyword arguments that are also compile's flags: ``target='x'`` -> ``--target x``
 _KEYWORD_FLAG = re.compile(r"\b(target|fallback|precision)='([\w-]+)'")
@@ -432,7 +433,7 @@ def compare_cmd(
     result = cmp.compare(model, graph, compiled.onnx_model, args, engine=engine, target=target, tolerance=tol,
                          precision=artifact_precision(compiled))
     result.notes[:0] = notes
-    result.stages = {stage: _compare_hints(status) for stage, status in result.stages.items()}
+    result.stages = {stage: cli_hints(status) for stage, status in result.stages.items()}
     if console.is_terminal:
         console.print(result.table())
     else:  # a pipe or file: the full table, never squeezed to 80 columns
@@ -441,12 +442,6 @@ def compare_cmd(
         console.print(line, markup=False, highlight=False)
     if json_out:
         json_out.write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
-
-
-def _compare_hints(status: str) -> str:
-    """A compare stage status with compare()'s keyword advice (``target='tensorrt-rtx'``) as the flag."""
-    return status.replace("pass target='tensorrt-rtx' or 'tensorrt'", "give --target tensorrt-rtx or --target "
-                                                                      "tensorrt")
 
 
 @app.command()

@@ -126,11 +126,8 @@ class Pipeline(Pass):
     def schedule(self) -> Iterator[Pass]:
         """The non-nested passes as they execute: a ``Repeat`` body ``n`` times."""
         for p in self.passes:
-            if isinstance(p, Pipeline):
+            if isinstance(p, (Pipeline, Repeat)):
                 yield from p.schedule()
-            elif isinstance(p, Repeat):
-                for _ in range(p.n):
-                    yield from Pipeline(p.passes).schedule()
             else:
                 yield p
 
@@ -206,6 +203,11 @@ class Repeat(Pass):
 
     def leaves(self) -> Iterator[Pass]:
         return Pipeline(self.passes).leaves()
+
+    def schedule(self) -> Iterator[Pass]:
+        body = Pipeline(self.passes)
+        for _ in range(self.n):
+            yield from body.schedule()
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         return Pipeline((self,)).run(gm, ctx)
@@ -341,12 +343,12 @@ class _Run:
         if not self.started:
             return
         self.started = False
+        if not quiet:
+            self._hook("on_pipeline_end", self.report, self.ctx)
+            return
         for instrument in self.instruments:
             hook = getattr(instrument, "on_pipeline_end", None)
             if hook is None:
-                continue
-            if not quiet:
-                hook(self.report, self.ctx)
                 continue
             try:
                 hook(self.report, self.ctx)

@@ -17,9 +17,9 @@ so any string round-trips), or ``'raw strings'`` taken as written up to the next
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import inspect
-import functools
 import json
 import numbers
 import pkgutil
@@ -290,7 +290,6 @@ class _Parser:
             raise self.error("expected a value")
         self.i = m.end()
         return _bare(m.group(0))
-
 
     def raw_string(self) -> str:
         """``'...'``: the text up to the next ``'``, as written (no escapes)."""

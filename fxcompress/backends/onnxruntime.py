@@ -156,7 +156,7 @@ class OrtRunner:
     @property
     def providers(self) -> list[str]:
         """Providers the session actually uses, in priority order."""
-        return list(self.session.get_providers())
+        return list(self._providers)
 
     @property
     def input_names(self) -> list[str]:

@@ -21,7 +21,6 @@ from fxcompress.errors import PipelineError
 from fxcompress.pass_base import Pass, PassContext, PassResult
 
 from ._common import as_tuple, check_runs, graph_totals, layer_totals, need_shapes, totals
-from .analysis import NORM_STATS
 from .depgraph import DependencyGraph, dependency_graph
 from .importance import CRITERIA, class_importance
 from .rewrite import apply_removal
@@ -76,9 +75,6 @@ class PruneChannels(Pass):
         if self.importance not in CRITERIA:
             raise PipelineError(f"prune-channels: importance={self.importance!r}; choose one of "
                                 f"{', '.join(CRITERIA)}")
-        if self.norm_stats not in NORM_STATS:
-            raise PipelineError(f"prune-channels: norm_stats={self.norm_stats!r}; choose one of "
-                                f"{', '.join(NORM_STATS)}")
         if self.round_to < 1 or self.min_channels < 1 or self.batches < 1:
             raise PipelineError("prune-channels: round_to, min_channels and batches must be >= 1")
 
