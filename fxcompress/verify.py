@@ -266,7 +266,7 @@ def _judge_tensor(old: torch.Tensor, new: torch.Tensor, ref: Callable[[], Any]) 
     """(ok, why-not, max|new - old|, decided by float64) for one tensor; ``ref()`` gives its float64
     reference (or None) and is only called when the fast path cannot decide."""
     if not (old.is_floating_point() or old.is_complex()):
-        equal = old.dtype == new.dtype and torch.equal(old.detach().cpu(), new.detach().cpu())
+        equal = torch.equal(old.detach().cpu(), new.detach().cpu().to(old.dtype))
         return equal, "" if equal else f"{old.dtype} values differ", 0.0 if equal else math.inf, False
     if old.is_complex():
         ok = allclose(old, new)
