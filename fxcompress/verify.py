@@ -13,9 +13,9 @@ after (max absolute errors over finite elements):
 ratio of two float32 errors of the same computation is heavy-tailed on small outputs (measured up
 to 12.5 on 50-block plain conv-BN-ReLU stacks, 2.9 over a thousand node values), while a wrong
 rewrite is off by orders of magnitude more. ``FLOOR_RTOL = 1e-6`` and ``FLOOR_ATOL = 1e-7`` make
-the floor, for outputs too small or too exactly computed for float32 noise to show. Fast path, rigorous by
-the triangle inequality: if ``max|new - old| <= floor`` the pass is accepted without any float64
-run. NaN and infinite positions of ``new`` and ``old`` must be equal. The float64 graph is a copy of
+the floor, for outputs too small or too exactly computed for float32 noise to show. Fast path,
+rigorous by the triangle inequality: if ``max|new - old| <= floor`` the pass is accepted without
+any float64 run. NaN and infinite positions of ``new`` and ``old`` must be equal. The float64 graph is a copy of
 the graph before with parameters, buffers and plain tensor attributes converted and floating
 inputs cast (integer inputs untouched); its outputs are cached per graph object (a graph accepted
 by the pipeline is never changed in place). Where float64 is unavailable (an op raises, the
@@ -287,8 +287,8 @@ def _judge_tensor(old: torch.Tensor, new: torch.Tensor, ref: Callable[[], Any]) 
         allowed = EXACT_FACTOR * e_old + floor
         if e_new <= allowed:
             return True, "", change, True
-        return (False, f"error vs float64 {e_new:.3g} > {EXACT_FACTOR:g} x float32's own {e_old:.3g} "
-                       f"+ floor {floor:.3g}", change, True)
+        why = f"error vs float64 {e_new:.3g} > {EXACT_FACTOR:g} x float32's own {e_old:.3g} + floor {floor:.3g}"
+        return False, why, change, True
     atol = ATOL * max(1.0, _finite_max(o))
     ok = bool(torch.allclose(n, o, rtol=RTOL, atol=atol, equal_nan=True))
     return ok, "" if ok else f"beyond rtol {RTOL:g}, atol {atol:.3g} (no float64 reference)", change, False
@@ -366,7 +366,7 @@ def float64_values(gm: GraphModule, inputs: Sequence[Any], every_node: bool = Fa
         return None
 
 
-_REFERENCES: "weakref.WeakKeyDictionary[GraphModule, tuple[Sequence[Any], Any]]" = weakref.WeakKeyDictionary()
+_REFERENCES: weakref.WeakKeyDictionary[GraphModule, tuple[Sequence[Any], Any]] = weakref.WeakKeyDictionary()
 
 
 def _cached_float64_outputs(gm: GraphModule, inputs: Sequence[Any]) -> Any:
