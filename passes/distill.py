@@ -293,7 +293,7 @@ class Distill(Pass):
     ``auto`` picks KD for classification and MSE otherwise (``kd`` / ``mse`` force one).
     The defaults (3 epochs, lr 1e-2 with cosine decay, T 1, alpha 0.5) are for recovering a
     heavily pruned student on a short budget: on digits with 70% of the channels pruned they
-    bring DigitsResNet back to 98.9% (``bench/recovery.py``), where lr 1e-3 left it at 59%, and
+    bring DigitsResNet back to 98.9% (``bench/recovery.py``; lr 1e-3 left it at 59% in 2 epochs), and
     T 4 trailed T 1 by up to a point (soft targets a 2-3 epoch student cannot fit yet). For
     gentle distillation of a large pretrained student lower ``lr`` (1e-3 to 1e-4).
     ``features``: ``(("student_node", "teacher_module_or_node"), ...)`` pairs distilled with MSE
