@@ -59,8 +59,9 @@ def main() -> None:
     torch.set_num_threads(1)
     data = digits_loaders(batch_size=64, seed=0)
     model = trained_model(args.width, args.train_epochs, data)
-    print(f"{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"one thread; DigitsResNet(width={args.width}) trained {args.train_epochs} epochs: "
+    machine = platform.processor() or platform.machine()
+    print(f"{time.strftime('%Y-%m-%d')}, {machine}, torch {torch.__version__}, one thread; "
+          f"DigitsResNet(width={args.width}) trained {args.train_epochs} epochs: "
           f"{accuracy(model, data.test):.2%} on the 360 test images")
     seeds = " | ".join(f"seed {s}" for s in args.seeds)
     print(f"\n| pipeline | {seeds} |{' mean |' if len(args.seeds) > 1 else ''} time |")
