@@ -14,6 +14,7 @@ import argparse
 import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -49,6 +50,17 @@ def recovered_accuracy(model: torch.nn.Module, data: DigitsData, pipeline: str, 
     return accuracy(compiled.graph_module, data.test)
 
 
+def cpu_name() -> str:
+    """The CPU model from ``/proc/cpuinfo`` (Linux), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--width", type=int, default=32)
@@ -59,7 +71,7 @@ def main() -> None:
     torch.set_num_threads(1)
     data = digits_loaders(batch_size=64, seed=0)
     model = trained_model(args.width, args.train_epochs, data)
-    machine = platform.processor() or platform.machine()
+    machine = cpu_name()
     print(f"{time.strftime('%Y-%m-%d')}, {machine}, torch {torch.__version__}, one thread; "
           f"DigitsResNet(width={args.width}) trained {args.train_epochs} epochs: "
           f"{accuracy(model, data.test):.2%} on the 360 test images")
