@@ -174,7 +174,7 @@ _AS_FUNCTIONAL = {
     "adaptive_avg_pool2d": F.adaptive_avg_pool2d, "adaptive_avg_pool3d": F.adaptive_avg_pool3d,
     "max_pool1d": F.max_pool1d, "max_pool2d": F.max_pool2d, "max_pool3d": F.max_pool3d,
     "avg_pool1d": F.avg_pool1d, "avg_pool2d": F.avg_pool2d, "avg_pool3d": F.avg_pool3d, "pad": F.pad,
-    "logsigmoid": F.logsigmoid,
+    "logsigmoid": F.logsigmoid, "linear": F.linear,
 }
 _AS_METHOD_RENAMED = {"sym_size": "size", "sym_numel": "numel"}
 _AS_OPERATOR = {"__and__": operator.and_, "__or__": operator.or_, "__xor__": operator.xor}
