@@ -182,7 +182,8 @@ def test_copies_are_kept_when_the_graph_mutates() -> None:
 def test_remove_identity_without_shapes_only_does_shape_free_rewrites() -> None:
     model, inputs = Identities().eval(), (torch.randn(4, 5),)
     res = apply(RemoveIdentity(), traced(model, inputs, shapes=False), inputs)
-    assert set(res.stats["removed"].values()) == {"identity", "copy"}
+    # contiguous() is removed only where shapes prove its input contiguous (a later view needs it)
+    assert set(res.stats["removed"].values()) == {"identity"}
     assert any("shape information" in d.message for d in res.diagnostics)
     assert_same_outputs(model, res.graph, inputs, exact=True)
 
