@@ -24,6 +24,7 @@ from ._common import as_tuple, check_runs, graph_totals, layer_totals, need_shap
 from .depgraph import DependencyGraph, dependency_graph
 from .importance import CRITERIA, class_importance
 from .rewrite import apply_removal
+from .sections import SectionGuard
 
 __all__ = ["PruneChannels"]
 
@@ -95,6 +96,7 @@ class PruneChannels(Pass):
     def select(self, dg: DependencyGraph, scores: np.ndarray) -> tuple[np.ndarray, list[dict[str, Any]]]:
         """Boolean mask of removed classes and one record per group."""
         removed = np.zeros(len(dg.classes), dtype=bool)
+        guard = SectionGuard(dg)
         records = []
         for g in dg.groups:
             if not g.layers:
@@ -103,10 +105,17 @@ class PruneChannels(Pass):
             n = len(g.classes)
             n_remove = min(n - self._n_keep(n, ratio, g.block, g.min_block), len(g.prunable))
             order = sorted(g.prunable, key=lambda c: (scores[c], c))
-            removed[order[:max(n_remove, 0)]] = True
-            records.append({"layers": g.layers, "ratio": ratio, "units_before": n,
-                            "units_after": n - max(n_remove, 0), "unit_size": g.block,
-                            "prunable_units": len(g.prunable)})
+            spared_before = dict(guard.spared)
+            chosen = guard.choose(order, max(n_remove, 0), 1.0 - ratio)
+            removed[chosen] = True
+            record = {"layers": g.layers, "ratio": ratio, "units_before": n,
+                      "units_after": n - len(chosen), "unit_size": g.block,
+                      "prunable_units": len(g.prunable)}
+            spared = {node: k - spared_before.get(node, 0) for node, k in guard.spared.items()
+                      if k > spared_before.get(node, 0)}
+            if spared:  # classes kept so that no split piece or slice is thinned below 1 - ratio
+                record["kept_to_fill_sections"] = spared
+            records.append(record)
         return removed, records
 
     # ------------------------------------------------------------------ run
