@@ -111,10 +111,10 @@ class PruneChannels(Pass):
             record = {"layers": g.layers, "ratio": ratio, "units_before": n,
                       "units_after": n - len(chosen), "unit_size": g.block,
                       "prunable_units": len(g.prunable)}
-            spared = {node: k - spared_before.get(node, 0) for node, k in guard.spared.items()
-                      if k > spared_before.get(node, 0)}
-            if spared:  # classes kept so that no split piece or slice is thinned below 1 - ratio
-                record["kept_to_fill_sections"] = spared
+            if len(chosen) < max(n_remove, 0):  # kept so no split piece or slice falls below 1 - ratio
+                record["kept_for_sections"] = max(n_remove, 0) - len(chosen)
+                record["sections"] = sorted(node for node, k in guard.spared.items()
+                                            if k > spared_before.get(node, 0))
             records.append(record)
         return removed, records
 

@@ -1,0 +1,168 @@
+"""PruneChannels through ShuffleNetV2: chunk/split/tensor_split along channels, cat of a
+pass-through half and a computed half, and the channel shuffle (view-transpose-view).
+
+The analysis maps every removed channel through the shuffle (position ``i`` of the pass-through
+half and of the computed half form one unit), and the selection keeps every split piece at
+``1 - ratio`` of its units at least, so chained units stay balanced and no piece is emptied.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.fx import GraphModule, symbolic_trace
+
+import fxcompress as fxc
+from fxcompress.pass_base import PassContext
+from fxcompress.stats import graph_stats
+from fxcompress.verify import propagate_shapes
+from passes import PruneChannels
+from passes.prune.depgraph import dependency_graph
+from passes.prune.importance import class_importance
+from passes.prune.rewrite import apply_removal
+from zoo import TinyShuffleNetV2, ZOO, ShuffleV2Unit, _build
+
+TOL = {"rtol": 1e-5, "atol": 1e-5}
+
+
+def _traced(model: nn.Module, inputs: tuple[Tensor, ...]) -> GraphModule:
+    return propagate_shapes(symbolic_trace(copy.deepcopy(model)), inputs)
+
+
+def _prune(model: nn.Module, inputs: tuple[Tensor, ...], p: PruneChannels):  # type: ignore[no-untyped-def]
+    result = p.run(_traced(model, inputs), PassContext(inputs))
+    propagate_shapes(result.graph, inputs)
+    return result
+
+
+def _out(model: nn.Module, inputs: tuple[Tensor, ...]) -> Tensor:
+    with torch.no_grad():
+        return model(*inputs)
+
+
+def _split_sizes(gm: GraphModule) -> list[list[int]]:
+    return [list(n.args[1]) for n in gm.graph.nodes if n.op == "call_method" and n.target == "split"]
+
+
+def test_ratio_half_prunes_every_width_to_the_half_width_network() -> None:
+    """At ratio 0.5 every width halves (stem, both branches, the shuffled pass-through half, the
+    1x1-dw-1x1 intermediate, conv5): the pruned graph has exactly the parameters and MACs of the
+    same network built at half width (classifier outputs kept): 5938 -> 2030 params (0.342x),
+    177792 -> 75584 MACs (0.425x)."""
+    model, inputs = ZOO["shufflenet_v2"]()
+    result = _prune(model, inputs, PruneChannels(ratio=0.5))
+    half = TinyShuffleNetV2(stem=4, widths=(8, 16), last=32)
+    expected = graph_stats(_traced(half, inputs))
+    s = result.stats
+    assert (s["params_before"], s["macs_before"]) == (5938, 177792)
+    assert (s["params_after"], s["macs_after"]) == (expected.params, expected.macs) == (2030, 75584)
+    assert [m.out_channels for m in result.graph.modules() if isinstance(m, nn.Conv2d)] == \
+        [m.out_channels for m in half.modules() if isinstance(m, nn.Conv2d)]
+    assert _split_sizes(result.graph) == [[4, 4], [4, 4], [8, 8]]  # every chunk stays balanced
+    assert not any("kept_for_sections" in g for g in s["groups"])
+    assert s["unpruned"] == {"fc": "reaches the model output 'fc' (its shape must not change)"}
+
+
+@pytest.mark.parametrize("build", [
+    lambda: ZOO["shufflenet_v2"](),
+    lambda: _build(lambda: nn.Sequential(ShuffleV2Unit(8, 16, 2), ShuffleV2Unit(16, 16, 1),
+                                         ShuffleV2Unit(16, 16, 1), nn.Conv2d(16, 4, 1)), (2, 8, 8, 8), seed=20),
+], ids=["zoo", "units"])
+def test_zeroed_channels_are_removed_exactly(build) -> None:  # type: ignore[no-untyped-def]
+    """Zero every parameter position of the channels the pass removes (producer rows, BatchNorm
+    affine and statistics, consumer columns): the pruned graph then computes the same outputs."""
+    model, inputs = build()
+    gm = _traced(model, inputs)
+    dg = dependency_graph(gm)
+    scores, _ = class_importance(gm, dg, "l2")
+    removed, _ = PruneChannels(ratio=0.5).select(dg, scores)
+    assert removed.sum() >= 0.4 * sum(len(g.classes) for g in dg.groups if g.prunable)
+    with torch.no_grad():
+        for s in dg.slices:
+            pos = np.nonzero(removed[dg.comp[s.labels]])[0]
+            if len(pos):
+                name = f"{s.owner}.{s.param}"
+                t = gm.get_parameter(name) if name in dict(gm.named_parameters()) else gm.get_buffer(name)
+                t.index_fill_(s.dim, torch.as_tensor(pos), 1.0 if s.param == "running_var" else 0.0)
+    expected = _out(gm, inputs)
+    apply_removal(gm, dg, removed)
+    propagate_shapes(gm, inputs)
+    assert sum(p.numel() for p in gm.parameters()) < 0.5 * sum(p.numel() for p in model.parameters())
+    torch.testing.assert_close(_out(gm, inputs), expected, **TOL)
+
+
+def test_zero_branch_intermediate_channels_are_the_ones_removed_exactly() -> None:
+    """The 1x1 -> depthwise -> 1x1 intermediate width is prunable on its own. Channels zeroed in
+    the user's model (1x1 row, both BatchNorms' affine) score 0, are exactly the ones removed, and
+    the pruned model equals the zeroed one within float tolerance."""
+    model, inputs = ZOO["shufflenet_v2"]()
+    zeroed: dict[str, list[int]] = {}
+    with torch.no_grad():
+        for path, unit in model.named_modules():
+            if isinstance(unit, ShuffleV2Unit):
+                width = unit.branch2[0].out_channels
+                channels = list(range(1, width, 2))  # every other channel
+                zeroed[f"{path}.branch2.0"] = channels
+                unit.branch2[0].weight[channels] = 0
+                for bn in (unit.branch2[1], unit.branch2[4]):
+                    bn.weight[channels] = 0
+                    bn.bias[channels] = 0
+    result = _prune(model, inputs, PruneChannels(ratio=0.0, ratios={"*.branch2.0": 0.5}))
+    for path, channels in zeroed.items():
+        width = result.stats["layers"][path]["channels_before"]
+        assert result.stats["layers"][path]["kept"] == [c for c in range(width) if c not in channels], path
+        assert result.stats["layers"][path[:-1] + "3"]["channels_after"] == width // 2
+    assert result.stats["params_after"] < result.stats["params_before"]
+    torch.testing.assert_close(_out(result.graph, inputs), _out(model, inputs), **TOL)
+
+
+def test_pruned_shufflenet_exports_and_runs_in_onnxruntime(golden) -> None:  # type: ignore[no-untyped-def]
+    model, inputs = ZOO["shufflenet_v2"]()
+    before = copy.deepcopy(model.state_dict())
+    compiled = fxc.compile(model, inputs, "prune-channels{ratio=0.5}", target="onnxruntime")
+    row = next(r for r in compiled.report if r.name == "prune-channels")
+    assert row.status == "ok" and row.stats["params_after"] == 2030
+    torch.testing.assert_close(compiled(*inputs), _out(compiled.graph_module, inputs), rtol=1e-4, atol=1e-5)
+    bigger = tuple(torch.cat([t, t, t]) for t in inputs)  # the batch stays dynamic
+    torch.testing.assert_close(compiled(*bigger), _out(compiled.graph_module, bigger), rtol=1e-4, atol=1e-5)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), "the user's model changed"
+    golden.check(compiled.graph_module, "prune_channels_shufflenet_v2")
+
+
+class SplitHeads(nn.Module):
+    """A stem whose 6 channels ``tensor_split`` cuts into two pieces of 3, each with its own conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.a = nn.Conv2d(3, 4, 1)
+        self.b = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        p, q = torch.relu(self.stem(x)).tensor_split(2, dim=1)
+        return self.a(p) + self.b(q)
+
+
+def test_a_split_piece_keeps_its_share_even_when_all_its_channels_score_lowest() -> None:
+    """Ranking alone would remove the whole second piece (its stem channels are zero) and feed
+    ``b`` nothing. Each piece keeps ceil(3 * (1 - 0.5)) = 2 of its 3 channels instead, so one
+    channel fewer than the ratio asks is removed, and the group's record says so and where."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = SplitHeads().eval()
+    with torch.no_grad():
+        model.stem.weight[3:] = 0
+        model.stem.bias[3:] = 0
+    inputs = (torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(1)),)
+    result = _prune(model, inputs, PruneChannels(ratio=0.5))
+    kept = result.stats["layers"]["stem"]["kept"]
+    assert len([c for c in kept if c < 3]) == 2
+    assert [c for c in kept if c >= 3] == [4, 5]  # ties among the zero channels: the lowest index goes first
+    group = next(g for g in result.stats["groups"] if "stem" in g["layers"])
+    assert (group["units_after"], group["kept_for_sections"], group["sections"]) == (4, 1, ["tensor_split"])
+    assert _split_sizes(result.graph) == [[2, 2]] and result.graph.a.in_channels == result.graph.b.in_channels == 2
+    assert _out(result.graph, inputs).shape == (2, 4, 6, 6)
