@@ -218,7 +218,23 @@ def _copy_is_noop(node: Node, graph_mutates: bool) -> Node | None:
         return None
     if len(node.args) > 1 and not isinstance(node.args[1], torch.memory_format):
         return None
+    if node.target == "contiguous" and not _contiguous_meta(node.args[0]):
+        return None  # a later ``view`` may need the copy (``x.transpose(1, 2).contiguous().view(...)``)
     return node.args[0]
+
+
+def _contiguous_meta(node: Node) -> bool:
+    """True when shape propagation recorded ``node``'s value with row-major strides."""
+    tm = node.meta.get("tensor_meta")
+    shape, stride = getattr(tm, "shape", None), getattr(tm, "stride", None)
+    if shape is None or stride is None:
+        return False
+    expected = 1
+    for size, st in reversed(list(zip(shape, stride))):
+        if size != 1 and st != expected:
+            return False
+        expected *= size
+    return True
 
 
 @dataclass(frozen=True)
@@ -228,8 +244,9 @@ class RemoveIdentity(Pass):
     Covered: ``nn.Identity``; ``x * 1``, ``1 * x``, ``x / 1``, ``x - 0`` (Python scalar, same shape and
     dtype after broadcasting); ``flatten`` over a single dim; ``view``/``reshape`` to the input's own
     literal shape; casts to the input's dtype; ``contiguous``/``clone`` (only in graphs without
-    in-place ops and not as a graph output). ``detach`` is kept: it matters for training passes.
-    ``x + 0`` is kept: it maps -0.0 to +0.0. Rewrites that need shapes are skipped when
+    in-place ops and not as a graph output; ``contiguous`` only of a value already contiguous, as a
+    channel shuffle's ``transpose(1, 2).contiguous().view(...)`` needs the copy). ``detach`` is
+    kept: it matters for training passes. ``x + 0`` is kept: it maps -0.0 to +0.0. Rewrites that need shapes are skipped when
     ``meta["tensor_meta"]`` is missing.
     """
 

@@ -163,6 +163,23 @@ def test_remove_identity_keeps_what_is_not_provably_exact() -> None:
     assert_same_outputs(model, res.graph, inputs, exact=True)
 
 
+class ShuffleView(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.size()
+        y = x.view(b, 2, c // 2, h, w).transpose(1, 2).contiguous().view(b, -1, h, w)
+        return y.contiguous() * 2
+
+
+def test_contiguous_is_kept_where_a_view_needs_the_copy() -> None:
+    """The channel shuffle's ``contiguous`` after a transpose is a real copy (the next ``view``
+    fails without it); the one of an already contiguous value goes."""
+    model, inputs = ShuffleView(), (torch.randn(2, 4, 3, 3),)
+    res = apply(RemoveIdentity(), traced(model, inputs), inputs)
+    assert res.stats["removed"] == {"contiguous_1": "copy"}
+    assert node_targets(res.graph).count("contiguous") == 1
+    assert_same_outputs(model, res.graph, inputs, exact=True)
+
+
 class CloneBeforeMutation(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = x.clone()
@@ -182,7 +199,8 @@ def test_copies_are_kept_when_the_graph_mutates() -> None:
 def test_remove_identity_without_shapes_only_does_shape_free_rewrites() -> None:
     model, inputs = Identities().eval(), (torch.randn(4, 5),)
     res = apply(RemoveIdentity(), traced(model, inputs, shapes=False), inputs)
-    assert set(res.stats["removed"].values()) == {"identity", "copy"}
+    # ``contiguous`` is kept too: without strides nothing proves its input already contiguous
+    assert set(res.stats["removed"].values()) == {"identity"}
     assert any("shape information" in d.message for d in res.diagnostics)
     assert_same_outputs(model, res.graph, inputs, exact=True)
 
