@@ -24,7 +24,7 @@ from passes import PruneChannels
 from passes.prune.depgraph import dependency_graph
 from passes.prune.importance import class_importance
 from passes.prune.rewrite import apply_removal
-from zoo import TinyShuffleNetV2, ZOO, ShuffleV2Unit, _build
+from zoo import ZOO, ShuffleV2Unit, TinyShuffleNetV2, _build, channel_shuffle
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 
@@ -167,3 +167,56 @@ def test_a_split_piece_keeps_its_share_even_when_all_its_channels_score_lowest()
     assert (group["units_after"], group["kept_for_sections"], group["sections"]) == (4, 1, ["tensor_split"])
     assert _split_sizes(result.graph) == [[2, 2]] and result.graph.a.in_channels == result.graph.b.in_channels == 2
     assert _out(result.graph, inputs).shape == (2, 4, 6, 6)
+
+
+def _reshape_permute_reshape(x: Tensor, g: int) -> Tensor:
+    b, c, h, w = x.shape
+    return x.reshape(b, g, c // g, h, w).permute(0, 2, 1, 3, 4).reshape(b, c, h, w)
+
+
+SHUFFLES = {
+    "view-transpose-view": channel_shuffle,
+    "reshape-permute-reshape": _reshape_permute_reshape,
+    "unflatten-transpose-flatten": lambda x, g: x.unflatten(1, (g, -1)).transpose(1, 2).flatten(1, 2),
+}
+
+
+class ShuffleSpelling(nn.Module):
+    """Two conv branches concatenated, shuffled in ``groups`` groups by one of several spellings."""
+
+    def __init__(self, spelling: str, groups: int) -> None:
+        super().__init__()
+        self.spelling, self.groups = spelling, groups
+        self.a = nn.Conv2d(3, 12, 3, padding=1)
+        self.b = nn.Conv2d(3, 12, 1)
+        self.head = nn.Conv2d(24, 5, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = torch.cat([torch.relu(self.a(x)), self.b(x)], dim=1)
+        return self.head(SHUFFLES[self.spelling](y, self.groups))
+
+
+@pytest.mark.parametrize("spelling", list(SHUFFLES))
+@pytest.mark.parametrize("groups", [2, 3, 4])
+def test_shuffle_spellings_and_group_counts_prune_exactly(spelling: str, groups: int) -> None:
+    """Each shuffle group keeps the same channels (position i of every group is one unit), so the
+    pruned shuffle is the original one restricted to the kept units: zeroed channels go exactly."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(groups)
+        model = ShuffleSpelling(spelling, groups).eval()
+    inputs = (torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(7)),)
+    gm = _traced(model, inputs)
+    dg = dependency_graph(gm)
+    scores, _ = class_importance(gm, dg, "l2")
+    removed, _ = PruneChannels(ratio=0.5).select(dg, scores)
+    assert removed.sum() == 24 // groups // 2  # units span one channel of every group
+    with torch.no_grad():
+        for s in dg.slices:
+            pos = np.nonzero(removed[dg.comp[s.labels]])[0]
+            if len(pos):
+                gm.get_parameter(f"{s.owner}.{s.param}").index_fill_(s.dim, torch.as_tensor(pos), 0.0)
+    expected = _out(gm, inputs)
+    apply_removal(gm, dg, removed)
+    propagate_shapes(gm, inputs)
+    assert gm.head.in_channels == 24 - 24 // 2 and gm.a.out_channels + gm.b.out_channels == 12
+    torch.testing.assert_close(_out(gm, inputs), expected, **TOL)
