@@ -1,6 +1,6 @@
 """Pruning coverage: ``prune-channels{ratio=0.5}`` on every architecture family the tests can
-build (every model of ``tests/zoo.py`` and Hugging Face ``transformers`` vision models from small
-configs with random weights), lowered to ONNX and run in ONNX Runtime against the FX graph.
+build (every model of ``tests/zoo.py``, its ShuffleNetV2 at full ``x1.0`` size, and Hugging Face
+``transformers`` vision models from small configs with random weights), lowered to ONNX and run in ONNX Runtime against the FX graph.
 
 Per model: params and MACs after / before, max abs difference ONNX Runtime vs the pruned FX graph,
 how many layers keep channels the analysis could not prove removable (and the most common
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 import fxcompress as fxc  # noqa: E402
-from zoo import ZOO  # noqa: E402
+from zoo import ZOO, TinyShuffleNetV2, _build  # noqa: E402
 
 Builder = Callable[[], tuple[torch.nn.Module, tuple[torch.Tensor, ...]]]
 IMAGE = 64
@@ -70,7 +70,12 @@ HF: dict[str, Builder] = {
                         hidden_sizes=[32, 48, 64], neck_hidden_sizes=[8, 8, 16, 16, 24, 32, 64],
                         num_attention_heads=2),
 }
-MODELS: dict[str, Builder] = {**ZOO, **HF}
+#: the zoo's ShuffleNetV2 at torchvision's ``shufflenet_v2_x1_0`` widths (2,278,604 parameters)
+FULL_SIZE: dict[str, Builder] = {
+    "shufflenet_v2_x1_0": lambda: _build(lambda: TinyShuffleNetV2(24, (116, 232, 464), (4, 8, 4), 1024, 1000),
+                                         (1, 3, 224, 224), seed=0),
+}
+MODELS: dict[str, Builder] = {**ZOO, **FULL_SIZE, **HF}
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:
