@@ -13,6 +13,8 @@ import copy
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import Tensor, nn
 from torch.fx import GraphModule, symbolic_trace
 
@@ -42,6 +44,31 @@ def _prune(model: nn.Module, inputs: tuple[Tensor, ...], p: PruneChannels):  # t
 def _out(model: nn.Module, inputs: tuple[Tensor, ...]) -> Tensor:
     with torch.no_grad():
         return model(*inputs)
+
+
+def _zero_removed(gm: GraphModule, dg, removed: np.ndarray) -> None:  # type: ignore[no-untyped-def]
+    """Zero every parameter position of the removed classes (BatchNorm variance set to 1)."""
+    params = dict(gm.named_parameters())
+    with torch.no_grad():
+        for s in dg.slices:
+            pos = np.nonzero(removed[dg.comp[s.labels]])[0]
+            if len(pos):
+                name = f"{s.owner}.{s.param}"
+                t = params[name] if name in params else gm.get_buffer(name)
+                t.index_fill_(s.dim, torch.as_tensor(pos), 1.0 if s.param == "running_var" else 0.0)
+
+
+def _removal_is_exact(gm: GraphModule, inputs: tuple[Tensor, ...], p: PruneChannels) -> np.ndarray:
+    """Select with ``p``, zero the removed channels, remove them: the outputs must not change."""
+    dg = dependency_graph(gm)
+    scores, _ = class_importance(gm, dg, "l2")
+    removed, _ = p.select(dg, scores)
+    _zero_removed(gm, dg, removed)
+    expected = _out(gm, inputs)
+    apply_removal(gm, dg, removed)
+    propagate_shapes(gm, inputs)
+    torch.testing.assert_close(_out(gm, inputs), expected, **TOL)
+    return removed
 
 
 def _split_sizes(gm: GraphModule) -> list[list[int]]:
@@ -78,22 +105,10 @@ def test_zeroed_channels_are_removed_exactly(build, ratio: float) -> None:  # ty
     affine and statistics, consumer columns): the pruned graph then computes the same outputs."""
     model, inputs = build()
     gm = _traced(model, inputs)
-    dg = dependency_graph(gm)
-    scores, _ = class_importance(gm, dg, "l2")
-    removed, _ = PruneChannels(ratio=ratio).select(dg, scores)
-    assert removed.sum() >= (ratio - 0.15) * sum(len(g.classes) for g in dg.groups if g.prunable)
-    with torch.no_grad():
-        for s in dg.slices:
-            pos = np.nonzero(removed[dg.comp[s.labels]])[0]
-            if len(pos):
-                name = f"{s.owner}.{s.param}"
-                t = gm.get_parameter(name) if name in dict(gm.named_parameters()) else gm.get_buffer(name)
-                t.index_fill_(s.dim, torch.as_tensor(pos), 1.0 if s.param == "running_var" else 0.0)
-    expected = _out(gm, inputs)
-    apply_removal(gm, dg, removed)
-    propagate_shapes(gm, inputs)
+    classes = sum(len(g.classes) for g in dependency_graph(gm).groups if g.prunable)
+    removed = _removal_is_exact(gm, inputs, PruneChannels(ratio=ratio))
+    assert removed.sum() >= (ratio - 0.15) * classes
     assert sum(p.numel() for p in gm.parameters()) < (1.0 - ratio / 2) * sum(p.numel() for p in model.parameters())
-    torch.testing.assert_close(_out(gm, inputs), expected, **TOL)
 
 
 def test_zero_branch_intermediate_channels_are_the_ones_removed_exactly() -> None:
@@ -206,17 +221,20 @@ def test_shuffle_spellings_and_group_counts_prune_exactly(spelling: str, groups:
         model = ShuffleSpelling(spelling, groups).eval()
     inputs = (torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(7)),)
     gm = _traced(model, inputs)
-    dg = dependency_graph(gm)
-    scores, _ = class_importance(gm, dg, "l2")
-    removed, _ = PruneChannels(ratio=0.5).select(dg, scores)
+    removed = _removal_is_exact(gm, inputs, PruneChannels(ratio=0.5))
     assert removed.sum() == 24 // groups // 2  # units span one channel of every group
-    with torch.no_grad():
-        for s in dg.slices:
-            pos = np.nonzero(removed[dg.comp[s.labels]])[0]
-            if len(pos):
-                gm.get_parameter(f"{s.owner}.{s.param}").index_fill_(s.dim, torch.as_tensor(pos), 0.0)
-    expected = _out(gm, inputs)
-    apply_removal(gm, dg, removed)
-    propagate_shapes(gm, inputs)
     assert gm.head.in_channels == 24 - 24 // 2 and gm.a.out_channels + gm.b.out_channels == 12
-    torch.testing.assert_close(_out(gm, inputs), expected, **TOL)
+
+
+@settings(max_examples=6, derandomize=True, deadline=None)
+@given(stem=st.sampled_from([4, 6, 8]), widths=st.lists(st.sampled_from([8, 12, 16]), min_size=1, max_size=2),
+       repeats=st.lists(st.integers(1, 3), min_size=2, max_size=2), ratio=st.sampled_from([0.25, 0.5, 0.75]),
+       round_to=st.sampled_from([1, 2]))
+def test_random_shufflenets_prune_exactly_and_never_empty_a_piece(stem: int, widths: list[int], repeats: list[int],
+                                                                  ratio: float, round_to: int) -> None:
+    model, inputs = _build(lambda: TinyShuffleNetV2(stem, tuple(widths), tuple(repeats[:len(widths)]), 16),
+                           (2, 3, 16, 16), seed=stem + sum(widths))
+    gm = _traced(model, inputs)
+    removed = _removal_is_exact(gm, inputs, PruneChannels(ratio=ratio, round_to=round_to))
+    assert removed.any()
+    assert all(min(sizes) >= 1 for sizes in _split_sizes(gm))
