@@ -41,8 +41,12 @@ class PruneChannels(Pass):
     calibration data; ``batches`` of them are used). ``norm_stats``: channels that a LayerNorm or
     a one-group GroupNorm normalizes over are kept (``"block"``, listed in ``stats["unpruned"]``),
     since removing any of them, even an all-zero one, changes the statistics; ``"prune"`` prunes
-    them anyway (an approximation, like Torch-Pruning does). With ``ratio=0`` and no non-zero
-    ``ratios`` nothing is removed and the instance is ``exact`` (the pipeline checks it).
+    them anyway (an approximation, like Torch-Pruning does). Each piece of a channel
+    ``split``/``chunk``/``tensor_split`` and each channel slice keeps at least ``1 - ratio`` of its
+    units, and one (ShuffleNetV2's halves stay balanced); a group that would have to cut deeper
+    removes fewer units and says so (``kept_for_sections`` in ``stats["groups"]``). With
+    ``ratio=0`` and no non-zero ``ratios`` nothing is removed and the instance is ``exact`` (the
+    pipeline checks it).
     """
 
     name: ClassVar[str] = "prune-channels"
