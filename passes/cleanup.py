@@ -218,7 +218,9 @@ def _copy_is_noop(node: Node, graph_mutates: bool) -> Node | None:
         return None
     if len(node.args) > 1 and not isinstance(node.args[1], torch.memory_format):
         return None
-    if node.target == "contiguous" and not _contiguous_meta(node.args[0]):
+    fmt = node.args[1] if len(node.args) > 1 else node.kwargs.get(
+        "memory_format", torch.contiguous_format if node.target == "contiguous" else torch.preserve_format)
+    if fmt is not torch.preserve_format and not (fmt is torch.contiguous_format and _contiguous_meta(node.args[0])):
         return None  # a later ``view`` may need the copy (``x.transpose(1, 2).contiguous().view(...)``)
     return node.args[0]
 
@@ -246,8 +248,8 @@ class RemoveIdentity(Pass):
     literal shape; casts to the input's dtype; ``contiguous``/``clone`` (only in graphs without
     in-place ops and not as a graph output; ``contiguous`` only of a value already contiguous, as a
     channel shuffle's ``transpose(1, 2).contiguous().view(...)`` needs the copy). ``detach`` is
-    kept: it matters for training passes. ``x + 0`` is kept: it maps -0.0 to +0.0. Rewrites that need shapes are skipped when
-    ``meta["tensor_meta"]`` is missing.
+    kept: it matters for training passes. ``x + 0`` is kept: it maps -0.0 to +0.0. Rewrites that
+    need shapes are skipped when ``meta["tensor_meta"]`` is missing.
     """
 
     name: ClassVar[str] = "remove-identity"
