@@ -23,7 +23,7 @@ from fxcompress.pass_base import PassContext
 from fxcompress.stats import graph_stats
 from fxcompress.verify import propagate_shapes
 from passes import PruneChannels
-from passes.prune.depgraph import dependency_graph
+from passes.prune.depgraph import DependencyGraph, dependency_graph
 from passes.prune.importance import class_importance
 from passes.prune.rewrite import apply_removal
 from zoo import ZOO, ShuffleV2Unit, TinyShuffleNetV2, _build, channel_shuffle
@@ -46,7 +46,7 @@ def _out(model: nn.Module, inputs: tuple[Tensor, ...]) -> Tensor:
         return model(*inputs)
 
 
-def _zero_removed(gm: GraphModule, dg, removed: np.ndarray) -> None:  # type: ignore[no-untyped-def]
+def _zero_removed(gm: GraphModule, dg: DependencyGraph, removed: np.ndarray) -> None:
     """Zero every parameter position of the removed classes (BatchNorm variance set to 1)."""
     params = dict(gm.named_parameters())
     with torch.no_grad():
@@ -72,7 +72,8 @@ def _removal_is_exact(gm: GraphModule, inputs: tuple[Tensor, ...], p: PruneChann
 
 
 def _split_sizes(gm: GraphModule) -> list[list[int]]:
-    return [list(n.args[1]) for n in gm.graph.nodes if n.op == "call_method" and n.target == "split"]
+    """Section sizes of every ``split`` (the pruned form of ``chunk``/``tensor_split``)."""
+    return [list(n.args[1]) for n in gm.graph.nodes if n.target in ("split", torch.split)]
 
 
 def test_ratio_half_prunes_every_width_to_the_half_width_network() -> None:

@@ -1,5 +1,5 @@
-"""Keep every channel section non-empty: ``split``/``chunk``/``tensor_split`` pieces and channel
-slices that the pruning would otherwise empty.
+"""Keep every channel section at its share: ``split``/``chunk``/``tensor_split`` pieces and channel
+slices keep at least ``1 - ratio`` of their channel units, and never none.
 
 A channel section is a stretch of a tracked axis that the graph hands on as a value of its own
 (the pieces of ``x.chunk(2, dim=1)`` in a ShuffleNetV2 unit, ``x[:, 4:]``). The analysis maps
