@@ -218,25 +218,11 @@ def _copy_is_noop(node: Node, graph_mutates: bool) -> Node | None:
         return None
     if len(node.args) > 1 and not isinstance(node.args[1], torch.memory_format):
         return None
-    fmt = node.args[1] if len(node.args) > 1 else node.kwargs.get(
-        "memory_format", torch.contiguous_format if node.target == "contiguous" else torch.preserve_format)
-    if fmt is not torch.preserve_format and not (fmt is torch.contiguous_format and _contiguous_meta(node.args[0])):
-        return None  # a later ``view`` may need the copy (``x.transpose(1, 2).contiguous().view(...)``)
+    if node.target == "contiguous" or node.kwargs.get("memory_format") not in (None, torch.preserve_format):
+        tm = node.args[0].meta.get("tensor_meta")  # a later view() may need the contiguous layout
+        if getattr(tm, "memory_format", None) != torch.contiguous_format:
+            return None
     return node.args[0]
-
-
-def _contiguous_meta(node: Node) -> bool:
-    """True when shape propagation recorded ``node``'s value with row-major strides."""
-    tm = node.meta.get("tensor_meta")
-    shape, stride = getattr(tm, "shape", None), getattr(tm, "stride", None)
-    if shape is None or stride is None:
-        return False
-    expected = 1
-    for size, st in reversed(list(zip(shape, stride))):
-        if size != 1 and st != expected:
-            return False
-        expected *= size
-    return True
 
 
 @dataclass(frozen=True)
@@ -245,11 +231,10 @@ class RemoveIdentity(Pass):
 
     Covered: ``nn.Identity``; ``x * 1``, ``1 * x``, ``x / 1``, ``x - 0`` (Python scalar, same shape and
     dtype after broadcasting); ``flatten`` over a single dim; ``view``/``reshape`` to the input's own
-    literal shape; casts to the input's dtype; ``contiguous``/``clone`` (only in graphs without
-    in-place ops and not as a graph output; ``contiguous`` only of a value already contiguous, as a
-    channel shuffle's ``transpose(1, 2).contiguous().view(...)`` needs the copy). ``detach`` is
-    kept: it matters for training passes. ``x + 0`` is kept: it maps -0.0 to +0.0. Rewrites that
-    need shapes are skipped when ``meta["tensor_meta"]`` is missing.
+    literal shape; casts to the input's dtype; ``clone`` and ``contiguous`` of an already contiguous
+    tensor (only in graphs without in-place ops and not as a graph output). ``detach`` is kept: it matters for training passes.
+    ``x + 0`` is kept: it maps -0.0 to +0.0. Rewrites that need shapes are skipped when
+    ``meta["tensor_meta"]`` is missing.
     """
 
     name: ClassVar[str] = "remove-identity"
