@@ -92,8 +92,10 @@ def _tensors(value: Any) -> list[torch.Tensor]:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return f"{type(exc).__name__}: {text.splitlines()[0]}"
+    """The error's first line, and the next one when the first only introduces it (ends in ':')."""
+    lines = [line.strip() for line in (str(exc).strip() or type(exc).__name__).splitlines() if line.strip()]
+    head = lines[0] if not lines[0].endswith(":") or len(lines) == 1 else f"{lines[0]} {lines[1]}"
+    return f"{type(exc).__name__}: {head}"
 
 
 def _short(text: str, limit: int = 110) -> str:
