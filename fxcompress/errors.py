@@ -46,3 +46,8 @@ class ArtifactError(FxCompressError):
 class InputError(FxCompressError, ValueError):
     """Bad input given to fxcompress: inputs that do not match what a model was compiled for, or a
     graph without the shape metadata a function needs."""
+
+
+class PassOrderWarning(UserWarning):
+    """The pipeline's order goes against a pass's declared preference (``Pass.order_preferences``):
+    it runs as given; the message names the suggested order and the reason."""

@@ -125,6 +125,45 @@ Stage = Literal["fx", "onnx"]
 
 
 @dataclass(frozen=True)
+class OrderPreference:
+    """A soft ordering rule a pass declares on its class (``order_preferences``): the pass should
+    run ``relation`` (``"before"`` or ``"after"``) every pass that ``others`` names. ``others`` holds
+    pass names, or ``"trait:<attribute>"`` for every pass whose attribute is true (``"trait:trains"``).
+    A pipeline that goes against it still runs; the pass manager warns before any work starts,
+    with the suggested order and ``reason``."""
+
+    relation: Literal["before", "after"]
+    others: tuple[str, ...]
+    reason: str
+
+    def __post_init__(self) -> None:
+        if self.relation not in ("before", "after"):
+            raise ValueError(f"OrderPreference.relation must be 'before' or 'after'; got {self.relation!r}")
+        if isinstance(self.others, str):
+            object.__setattr__(self, "others", (self.others,))
+
+    def matches(self, p: "Pass") -> bool:
+        """Whether pass ``p`` is one of ``others``."""
+        return any(bool(getattr(p, o[len("trait:"):], False)) if o.startswith("trait:") else p.name == o
+                   for o in self.others)
+
+    def describe(self) -> str:
+        """``others`` as a reader says it: ``'quantize-int8'``, ``any pass that trains``."""
+        words = [f"any pass that {o[len('trait:'):]}" if o.startswith("trait:") else f"'{o}'" for o in self.others]
+        return " or ".join(words)
+
+
+def prefer_before(*others: str, reason: str) -> OrderPreference:
+    """The declaring pass should run before every pass in ``others`` (names or ``trait:<attr>``)."""
+    return OrderPreference("before", others, reason)
+
+
+def prefer_after(*others: str, reason: str) -> OrderPreference:
+    """The declaring pass should run after every pass in ``others`` (names or ``trait:<attr>``)."""
+    return OrderPreference("after", others, reason)
+
+
+@dataclass(frozen=True)
 class Pass:
     """Base of every FX pass. Subclasses are frozen dataclasses whose fields are options.
 
@@ -134,6 +173,11 @@ class Pass:
       ``requires``  capabilities an earlier step must provide (e.g. ``"calibration-data"``)
       ``provides``  capabilities this pass provides to later passes
       ``preserves`` cached analyses still valid after the pass (default: none)
+      ``trains``    True if the pass trains the graph's weights (an instance may decide, e.g. QAT)
+      ``order_preferences``  soft ordering rules (``prefer_before``/``prefer_after``), each with its
+                    reason: the pipeline warns before any work starts when the order goes against one
+
+    Hard constraints (an FX pass after an ONNX pass, an unmet ``requires``) are errors.
 
     Options are type-checked when the pass is constructed, exactly as in a pipeline string
     (``PruneChannels(ratio="x")`` raises ``PipelineError``: ``... expects a number``), before a
@@ -146,6 +190,8 @@ class Pass:
     requires: ClassVar[tuple[str, ...]] = ()
     provides: ClassVar[tuple[str, ...]] = ()
     preserves: ClassVar[tuple[str, ...]] = ()
+    trains: ClassVar[bool] = False
+    order_preferences: ClassVar[tuple[OrderPreference, ...]] = ()
 
     def __post_init__(self) -> None:
         _check_options(self)

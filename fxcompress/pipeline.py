@@ -16,13 +16,14 @@ from __future__ import annotations
 import copy
 import hashlib
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Literal, Sequence
 
 import torch
 from torch.fx import GraphModule
 
-from .errors import FxCompressError, PassError, PassVerificationError, PipelineError
+from .errors import FxCompressError, PassError, PassOrderWarning, PassVerificationError, PipelineError
 from .instruments import validate_instrument
 from .pass_base import (Diagnostic, Pass, PassContext, PassResult, checks_options_itself, copy_graph_module,
                         not_in_pipeline_string)
@@ -131,8 +132,11 @@ class Pipeline(Pass):
             else:
                 yield p
 
-    def check(self, ctx: PassContext, stage: str = "fx") -> None:
-        """Reject a pass order that breaks a declared constraint, before any pass runs.
+    def check(self, ctx: PassContext, stage: str = "fx") -> list[Diagnostic]:
+        """Check the pass order before any pass runs: raise ``PipelineError`` on an order that breaks
+        a hard constraint (an FX pass after an ONNX pass, a ``requires`` nothing earlier provides);
+        return a warning ``Diagnostic`` for every declared soft preference the order goes against
+        (``Pass.order_preferences``), with the suggested order and the reason.
 
         Positions are the report rows the passes would get (``#0`` is the ``input`` row, the
         ``export-onnx`` row comes before the first ONNX pass), as in run-time errors."""
@@ -142,6 +146,7 @@ class Pipeline(Pass):
         onnx_seen: Pass | None = None
         lowered = stage == "onnx"
         pos = 0
+        steps: list[tuple[int, Pass]] = []
         for p in self.schedule():
             if p.stage == "onnx" and not lowered:
                 lowered = True
@@ -160,6 +165,8 @@ class Pipeline(Pass):
                     fix = how or (f"add one of {', '.join(givers)} before it" if givers else "nothing provides it")
                     raise PipelineError(f"pass '{p.name}' (#{pos}) requires '{need}': {fix}")
             provided.update(p.provides)
+            steps.append((pos, p))
+        return _order_warnings(steps, list(self.passes))
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         """Run as a nested pass (standalone use); records go into the result's stats."""
@@ -171,11 +178,13 @@ class Pipeline(Pass):
         """Run the pipeline on a copy of ``gm``. ``lower`` turns the FX graph into ONNX when the
         first ONNX pass comes (or at the end with ``lower_at_end``). ``reference`` is the original
         model's output on the example inputs (computed from ``ctx.original`` when omitted)."""
-        self.check(ctx)
+        order_warnings = self.check(ctx)
+        _emit_order_warnings(order_warnings, ctx)
         if any(p.stage == "onnx" for p in self.leaves()) and lower is None:
             raise PipelineError("this pipeline has ONNX passes but no lowering: use fxcompress.compile() "
                                 "with an ONNX target, or pass lower=")
         run = _Run(self, ctx, lower, reference)
+        run.pending = list(order_warnings)
         try:
             run.start(gm)
             run.execute(self, prefix="", verify=self.verify, on_error=self.on_error)
@@ -213,6 +222,82 @@ class Repeat(Pass):
         return Pipeline((self,)).run(gm, ctx)
 
 
+def _order_warnings(steps: list[tuple[int, Pass]], top: list[Pass]) -> list[Diagnostic]:
+    """One warning per declared preference the order of ``steps`` ((position, pass) as scheduled)
+    goes against. ``top`` (the pipeline's own items) is reordered into the suggested pipeline when
+    it holds no nested pipeline; otherwise the message says which pass to move where."""
+    found: list[tuple[Pass, Any, list[tuple[int, Pass]]]] = []
+    seen: set[tuple[str, Any, tuple[str, ...]]] = set()
+    for i, (pos, p) in enumerate(steps):
+        for pref in p.order_preferences:
+            if pref.relation == "before":
+                offenders = [(q_pos, q) for q_pos, q in steps[:i] if q is not p and pref.matches(q)]
+            else:
+                offenders = [(q_pos, q) for q_pos, q in steps[i + 1:] if q is not p and pref.matches(q)]
+            key = (str(p), pref, tuple(str(q) for _, q in offenders))
+            if offenders and key not in seen:
+                seen.add(key)
+                found.append(((pos, p), pref, offenders))
+    if not found:
+        return []
+    flat = all(not isinstance(p, (Pipeline, Repeat)) for p in top)
+    suggested = _suggested_order(top, [(p, pref) for (_, p), pref, _ in found]) if flat else None
+    out = []
+    for (pos, p), pref, offenders in found:
+        names = ", ".join(f"'{q}' (#{q_pos})" for q_pos, q in offenders)
+        side = "after" if pref.relation == "before" else "before"
+        move = (f"move it before '{offenders[0][1]}'" if pref.relation == "before"
+                else f"move it after '{offenders[-1][1]}'")
+        if suggested is not None:
+            from .registry import format_pipeline
+
+            move += f"; suggested order: {format_pipeline(suggested)}"
+        out.append(Diagnostic("warning", f"pass order: '{p}' (#{pos}) comes {side} {names}, but it should run "
+                                         f"{pref.relation} {pref.describe()}: {pref.reason} ({move})"))
+    return out
+
+
+def _suggested_order(passes: list[Pass], prefs: list[tuple[Pass, Any]]) -> list[Pass]:
+    """``passes`` reordered as little as possible (stable topological order) so that every preference
+    in ``prefs`` holds, FX passes stay before ONNX passes and no pass moves before what it requires
+    from an earlier pass. When the preferences contradict each other, the first ones win."""
+    n = len(passes)
+    edges: set[tuple[int, int]] = set()
+    for a in range(n):
+        for b in range(a + 1, n):
+            pa, pb = passes[a], passes[b]
+            if (pa.stage == "fx" and pb.stage == "onnx") or set(pa.provides) & set(pb.requires):
+                edges.add((a, b))
+    for p, pref in prefs:
+        i = next(k for k, q in enumerate(passes) if q is p)
+        for j, q in enumerate(passes):
+            if j == i or not pref.matches(q):
+                continue
+            edge = (i, j) if pref.relation == "before" else (j, i)
+            if not _reaches(edges, edge[1], edge[0], n):
+                edges.add(edge)
+    order: list[int] = []
+    remaining = set(range(n))
+    while remaining:
+        ready = [k for k in sorted(remaining) if not any(e[1] == k and e[0] in remaining for e in edges)]
+        order.append(ready[0])
+        remaining.discard(ready[0])
+    return [passes[k] for k in order]
+
+
+def _reaches(edges: set[tuple[int, int]], start: int, goal: int, n: int) -> bool:
+    todo, seen = [start], {start}
+    while todo:
+        k = todo.pop()
+        if k == goal:
+            return True
+        for a, b in edges:
+            if a == k and b not in seen:
+                seen.add(b)
+                todo.append(b)
+    return False
+
+
 def _providers_of(capability: str) -> list[str]:
     from .registry import available
 
@@ -230,6 +315,16 @@ class Outcome:
     onnx_model: "onnx.ModelProto | None"
     report: Report
     snapshots: list[Snapshot]
+
+
+def _emit_order_warnings(diagnostics: list[Diagnostic], ctx: PassContext) -> None:
+    """Show pass-order warnings before any work: as ``PassOrderWarning`` and, when logging is set up
+    (the logger has a handler somewhere), in the log too; without handlers logging would print the
+    same line to stderr a second time."""
+    for d in diagnostics:
+        warnings.warn(d.message, PassOrderWarning, stacklevel=3)
+        if ctx.logger.hasHandlers():
+            ctx.logger.warning("%s", d.message)
 
 
 def _weights_digest(module: torch.nn.Module) -> str:
@@ -272,6 +367,8 @@ class _Run:
         self.text = ""
         self.digest = ""
         self.started = False
+        #: diagnostics for the ``input`` row (pass-order warnings found before the run)
+        self.pending: list[Diagnostic] = []
 
     # -- helpers ------------------------------------------------------------------------------
     def _hook(self, hook: str, *args: Any) -> list[Any]:
@@ -308,9 +405,10 @@ class _Run:
         err = error_metrics(self.reference, outputs).to_dict() if self.reference is not None and not mismatch else None
         row = PassRecord(index=len(self.report), name=name, stage=stage, status=status, changed=changed,
                          weights_changed=weights_changed, seconds=seconds, error=err, **self._stats(graph))
+        found = list(result.diagnostics) if result is not None else self.pending
+        self.pending = []
+        row.diagnostics = [{"severity": d.severity, "message": d.message, "node": d.node} for d in found]
         if result is not None:
-            row.diagnostics = [{"severity": d.severity, "message": d.message, "node": d.node}
-                               for d in result.diagnostics]
             row.stats = dict(result.stats)
         if mismatch:
             row.diagnostics.append({"severity": "warning", "node": None,

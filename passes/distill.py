@@ -304,6 +304,7 @@ class Distill(Pass):
 
     name: ClassVar[str] = "distill"
     requires: ClassVar[tuple[str, ...]] = ("train-data",)
+    trains: ClassVar[bool] = True
 
     epochs: int = 1
     lr: float = 1e-3

@@ -182,6 +182,7 @@ class FineTune(Pass):
 
     name: ClassVar[str] = "fine-tune"
     requires: ClassVar[tuple[str, ...]] = ("train-data",)
+    trains: ClassVar[bool] = True
 
     epochs: int = 1
     lr: float = 1e-3
