@@ -174,10 +174,12 @@ class Pipeline(Pass):
         return PassResult(graph=outcome.graph_module, stats={"report": outcome.report.to_dict()})
 
     def apply(self, gm: GraphModule, ctx: PassContext, *, lower: Lower | None = None,
-              reference: Any = None, lower_at_end: bool = False) -> "Outcome":
+              reference: Any = None, lower_at_end: bool = False, handed_over: bool = False) -> "Outcome":
         """Run the pipeline on a copy of ``gm``. ``lower`` turns the FX graph into ONNX when the
         first ONNX pass comes (or at the end with ``lower_at_end``). ``reference`` is the original
-        model's output on the example inputs (computed from ``ctx.original`` when omitted)."""
+        model's output on the example inputs (computed from ``ctx.original`` when omitted).
+        ``handed_over``: the caller just traced ``gm`` on ``ctx.example_inputs`` (shapes propagated)
+        and gives it away, so it is neither copied nor propagated again (``compile`` does this)."""
         order_warnings = self.check(ctx)
         _emit_order_warnings(order_warnings, ctx)
         if any(p.stage == "onnx" for p in self.leaves()) and lower is None:
@@ -186,7 +188,7 @@ class Pipeline(Pass):
         run = _Run(self, ctx, lower, reference)
         run.pending = list(order_warnings)
         try:
-            run.start(gm)
+            run.start(gm, handed_over)
             run.execute(self, prefix="", verify=self.verify, on_error=self.on_error)
             if lower_at_end and run.model is None:
                 run.lower_now()
@@ -369,6 +371,7 @@ class _Run:
         self.started = False
         #: diagnostics for the ``input`` row (pass-order warnings found before the run)
         self.pending: list[Diagnostic] = []
+        self._stats_cache: tuple[tuple[bool, str, str], dict[str, int]] | None = None
 
     # -- helpers ------------------------------------------------------------------------------
     def _hook(self, hook: str, *args: Any) -> list[Any]:
@@ -389,6 +392,17 @@ class _Run:
         return to_text(graph)
 
     def _stats(self, graph: Any) -> dict[str, int]:
+        """Statistics of the current graph (the one ``self.text``/``self.digest`` describe): a pass
+        that changed neither structure nor weights reuses the previous row's, so an unchanged step
+        costs no second walk over a large graph."""
+        key = (isinstance(graph, GraphModule), self.text, self.digest)
+        if self._stats_cache is not None and self._stats_cache[0] == key:
+            return dict(self._stats_cache[1])
+        stats = self._measure(graph)
+        self._stats_cache = (key, stats)
+        return dict(stats)
+
+    def _measure(self, graph: Any) -> dict[str, int]:
         from .stats import graph_stats, onnx_stats
 
         if isinstance(graph, GraphModule):
@@ -420,9 +434,10 @@ class _Run:
         self.snapshots.append(Snapshot(len(self.snapshots), name, stage, text))
 
     # -- lifecycle ----------------------------------------------------------------------------
-    def start(self, gm: GraphModule) -> None:
-        self.gm = copy_graph_module(gm)
-        propagate_shapes(self.gm, self.ctx.example_inputs)
+    def start(self, gm: GraphModule, handed_over: bool = False) -> None:
+        self.gm = gm if handed_over else copy_graph_module(gm)
+        if not handed_over:
+            propagate_shapes(self.gm, self.ctx.example_inputs)
         if self.reference is None and self.ctx.original is not None:
             with torch.no_grad():
                 self.reference = self.ctx.original(*fresh_inputs(self.ctx.example_inputs))
