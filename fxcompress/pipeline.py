@@ -25,8 +25,8 @@ from torch.fx import GraphModule
 
 from .errors import FxCompressError, PassError, PassOrderWarning, PassVerificationError, PipelineError
 from .instruments import validate_instrument
-from .pass_base import (Diagnostic, Pass, PassContext, PassResult, checks_options_itself, copy_graph_module,
-                        not_in_pipeline_string)
+from .pass_base import (Diagnostic, OrderPreference, Pass, PassContext, PassResult, checks_options_itself,
+                        copy_graph_module, not_in_pipeline_string)
 from .report import PassRecord, Report
 from .verify import (ATOL, RTOL, allclose, error_metrics, first_divergent_node, first_divergent_onnx_node,
                      fresh_inputs, lint, output_mismatch, propagate_shapes)
@@ -228,8 +228,8 @@ def _order_warnings(steps: list[tuple[int, Pass]], top: list[Pass]) -> list[Diag
     """One warning per declared preference the order of ``steps`` ((position, pass) as scheduled)
     goes against. ``top`` (the pipeline's own items) is reordered into the suggested pipeline when
     it holds no nested pipeline; otherwise the message says which pass to move where."""
-    found: list[tuple[Pass, Any, list[tuple[int, Pass]]]] = []
-    seen: set[tuple[str, Any, tuple[str, ...]]] = set()
+    found: list[tuple[tuple[int, Pass], OrderPreference, list[tuple[int, Pass]]]] = []
+    seen: set[tuple[str, OrderPreference, tuple[str, ...]]] = set()
     for i, (pos, p) in enumerate(steps):
         for pref in p.order_preferences:
             if pref.relation == "before":
@@ -259,7 +259,7 @@ def _order_warnings(steps: list[tuple[int, Pass]], top: list[Pass]) -> list[Diag
     return out
 
 
-def _suggested_order(passes: list[Pass], prefs: list[tuple[Pass, Any]]) -> list[Pass]:
+def _suggested_order(passes: list[Pass], prefs: list[tuple[Pass, OrderPreference]]) -> list[Pass]:
     """``passes`` reordered as little as possible (stable topological order) so that every preference
     in ``prefs`` holds, FX passes stay before ONNX passes and no pass moves before what it requires
     from an earlier pass. When the preferences contradict each other, the first ones win."""
@@ -276,7 +276,7 @@ def _suggested_order(passes: list[Pass], prefs: list[tuple[Pass, Any]]) -> list[
             if j == i or not pref.matches(q):
                 continue
             edge = (i, j) if pref.relation == "before" else (j, i)
-            if not _reaches(edges, edge[1], edge[0], n):
+            if not _reaches(edges, edge[1], edge[0]):
                 edges.add(edge)
     order: list[int] = []
     remaining = set(range(n))
@@ -287,7 +287,8 @@ def _suggested_order(passes: list[Pass], prefs: list[tuple[Pass, Any]]) -> list[
     return [passes[k] for k in order]
 
 
-def _reaches(edges: set[tuple[int, int]], start: int, goal: int, n: int) -> bool:
+def _reaches(edges: set[tuple[int, int]], start: int, goal: int) -> bool:
+    """Whether ``goal`` can be reached from ``start`` along ``edges`` (an edge would close a cycle)."""
     todo, seen = [start], {start}
     while todo:
         k = todo.pop()
