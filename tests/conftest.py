@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import copy
 import os
+import tempfile
 from typing import NamedTuple
 
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
+from hypothesis.configuration import set_hypothesis_home_dir
 from torch import Tensor, nn
 
 from fxcompress.digits import DigitsData, DigitsResNet, digits_loaders, train_classifier
@@ -37,6 +39,8 @@ settings.register_profile("fxcompress", derandomize=True, database=None, max_exa
 settings.register_profile("random", derandomize=False, max_examples=HYPOTHESIS_MAX_EXAMPLES, deadline=None,
                           print_blob=True, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get(HYPOTHESIS_PROFILE_ENV, "fxcompress"))
+if settings.default.database is None:   # hypothesis also caches constants on disk: not in the tree either
+    set_hypothesis_home_dir(os.path.join(tempfile.gettempdir(), "fxcompress-hypothesis"))
 
 
 class TrainedDigits(NamedTuple):
