@@ -21,6 +21,7 @@ from torch.fx import GraphModule
 import fxcompress as fxc
 from fxcompress.pass_base import PassContext, PassResult
 from passes import FineTune, FoldBatchNorm, PruneChannels, QuantizeInt8
+from test_pipeline import OnnxNoOp
 
 X = (torch.randn(2, 3, 6, 6),)
 #: a context that satisfies every ``requires`` of the built-in passes
@@ -54,15 +55,6 @@ class Recorder(fxc.Pass):
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         Recorder.runs.append(self.name)
         return PassResult(gm)
-
-
-@dataclass(frozen=True)
-class OnnxNothing(fxc.OnnxPass):
-    name: ClassVar[str] = "test-order-onnx-nothing"
-    exact: ClassVar[bool] = True
-
-    def run(self, graph, ctx):  # type: ignore[no-untyped-def]
-        return PassResult(graph)
 
 
 @dataclass(frozen=True)
@@ -192,7 +184,7 @@ def test_compile_in_the_good_order_warns_nothing() -> None:
 
 
 @pytest.mark.parametrize("passes, error", [
-    ([Recorder(), OnnxNothing(), Late()], "'test-order-late' (#4) works on the FX graph but comes after ONNX pass"),
+    ([Recorder(), OnnxNoOp(), Late()], "'test-order-late' (#4) works on the FX graph but comes after ONNX pass"),
     ([Recorder(), FineTune()], "'fine-tune' (#2) requires 'train-data'"),
 ])
 def test_hard_constraints_are_errors_before_any_pass_runs(passes: list[fxc.Pass], error: str) -> None:
