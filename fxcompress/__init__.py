@@ -11,9 +11,10 @@ from .artifact import Compiled, load
 from .bench import BenchResult, benchmark
 from .compare import Comparison, Tolerance
 from .errors import (ArtifactError, BackendUnavailable, ExportError, FxCompressError, InputError,
-                     PassError, PassVerificationError, PipelineError, TraceError)
+                     PassError, PassOrderWarning, PassVerificationError, PipelineError, TraceError)
 from .instruments import Bisect, DumpGraphs, Evaluate, NumericCheck, PassTiming, PrintAfter, ProgressBar
-from .pass_base import Diagnostic, OnnxPass, Pass, PassContext, PassResult
+from .pass_base import (Diagnostic, OnnxPass, OrderPreference, Pass, PassContext, PassResult, prefer_after,
+                        prefer_before)
 from .pipeline import Pipeline, Repeat, Snapshot
 from .registry import available as available_passes
 from .registry import parse_pipeline, register
@@ -26,7 +27,8 @@ __all__ = [
     "ArtifactError", "available_passes", "BackendUnavailable", "benchmark", "BenchResult", "Bisect",
     "Comparison", "compile", "Compiled", "Diagnostic", "DumpGraphs", "Evaluate", "ExportError",
     "FxCompressError", "graph_stats", "GraphStats", "InputError", "LayerStats", "load", "NumericCheck",
-    "onnx_stats", "OnnxPass", "parse_pipeline", "Pass", "PassContext", "PassError", "PassRecord",
+    "onnx_stats", "OnnxPass", "OrderPreference", "parse_pipeline", "Pass", "PassContext", "PassError",
+    "PassOrderWarning", "PassRecord", "prefer_after", "prefer_before",
     "PassResult", "PassTiming", "PassVerificationError", "Pipeline", "PipelineError", "PrintAfter",
     "ProgressBar", "register", "Repeat", "Report", "Snapshot", "Tolerance", "TraceError", "__version__",
 ]

@@ -133,7 +133,8 @@ def compile(
 
         return export_onnx(graph_module, context.example_inputs, dynamic_axes=dynamic_axes, opset=opset)
 
-    outcome = pipeline.apply(gm, ctx, lower=None if target == "fx" else lower, lower_at_end=target != "fx")
+    outcome = pipeline.apply(gm, ctx, lower=None if target == "fx" else lower, lower_at_end=target != "fx",
+                             handed_over=True)
     report = outcome.report
     report.meta.update({
         "target": target, "pipeline": str(pipeline), "precision": precision,

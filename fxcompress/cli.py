@@ -5,18 +5,20 @@ Errors print one line and exit non-zero; ``--debug`` shows the traceback instead
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import re
 import sys
+import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import typer
 from rich.console import Console
 
 from .cli_data import CLI_CAPABILITIES, CliError, check_pipeline_data, compile_data
-from .errors import FxCompressError
+from .errors import FxCompressError, PassOrderWarning
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compress PyTorch models through torch.fx passes, lowered to ONNX Runtime and TensorRT.")
@@ -155,8 +157,9 @@ def compile_cmd(
     calib, train, notes = compile_data(module, example, calibration, train_data, train_targets, batch)
     for note in notes:
         console.print(note, markup=False, highlight=False)
-    compiled = fx_compile(module, example, passes, target=target, precision=precision, fallback=fallback,
-                          calibration=calib, train_data=train, frontend=frontend)
+    with _order_warnings_to_stderr():
+        compiled = fx_compile(module, example, passes, target=target, precision=precision, fallback=fallback,
+                              calibration=calib, train_data=train, frontend=frontend)
     compiled.source = {"factory": model, "input_shape": input_shape}
     compiled.save(out)
     console.print(compiled.report.table())
@@ -167,6 +170,24 @@ def compile_cmd(
         write_html(compiled.report, report_html, snapshots=compiled.snapshots)
         console.print(f"wrote {report_html}", markup=False)
     console.print(f"wrote {out}/", markup=False)
+
+
+@contextlib.contextmanager
+def _order_warnings_to_stderr() -> Iterator[None]:
+    """Print pass-order warnings to stderr as they are found (before any pass runs), as
+    ``warning: ...`` lines; other warnings keep Python's own display."""
+    shown = warnings.showwarning
+
+    def show(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        if issubclass(category, PassOrderWarning):
+            Console(stderr=True, soft_wrap=True).print(f"warning: {message}", markup=False, highlight=False)
+        else:
+            shown(message, category, *args, **kwargs)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", PassOrderWarning)
+        warnings.showwarning = show
+        yield
 
 
 def _check_tensorrt(model: Any, shapes: list[tuple[int, ...]] | None) -> list[Any] | None:

@@ -50,3 +50,8 @@ class InputError(FxCompressError, ValueError):
 
 class OpaqueModuleWarning(UserWarning):
     """Opaque modules hold a large share of the parameters: passes cannot compress them."""
+
+
+class PassOrderWarning(UserWarning):
+    """The pipeline's order goes against a pass's declared preference (``Pass.order_preferences``):
+    it runs as given; the message names the suggested order and the reason."""

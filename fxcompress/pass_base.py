@@ -8,6 +8,7 @@ is decided by the pipeline (canonical text before/after), never self-reported.
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import functools
@@ -128,6 +129,45 @@ Stage = Literal["fx", "onnx"]
 
 
 @dataclass(frozen=True)
+class OrderPreference:
+    """A soft ordering rule a pass declares on its class (``order_preferences``): the pass should
+    run ``relation`` (``"before"`` or ``"after"``) every pass that ``others`` names. ``others`` holds
+    pass names, or ``"trait:<attribute>"`` for every pass whose attribute is true (``"trait:trains"``).
+    A pipeline that goes against it still runs; the pass manager warns before any work starts,
+    with the suggested order and ``reason``."""
+
+    relation: Literal["before", "after"]
+    others: tuple[str, ...]
+    reason: str
+
+    def __post_init__(self) -> None:
+        if self.relation not in ("before", "after"):
+            raise ValueError(f"OrderPreference.relation must be 'before' or 'after'; got {self.relation!r}")
+        if isinstance(self.others, str):
+            object.__setattr__(self, "others", (self.others,))
+
+    def matches(self, p: "Pass") -> bool:
+        """Whether pass ``p`` is one of ``others``."""
+        return any(bool(getattr(p, o[len("trait:"):], False)) if o.startswith("trait:") else p.name == o
+                   for o in self.others)
+
+    def describe(self) -> str:
+        """``others`` as a reader says it: ``'quantize-int8'``, ``any pass that trains``."""
+        words = [f"any pass that {o[len('trait:'):]}" if o.startswith("trait:") else f"'{o}'" for o in self.others]
+        return " or ".join(words)
+
+
+def prefer_before(*others: str, reason: str) -> OrderPreference:
+    """The declaring pass should run before every pass in ``others`` (names or ``trait:<attr>``)."""
+    return OrderPreference("before", others, reason)
+
+
+def prefer_after(*others: str, reason: str) -> OrderPreference:
+    """The declaring pass should run after every pass in ``others`` (names or ``trait:<attr>``)."""
+    return OrderPreference("after", others, reason)
+
+
+@dataclass(frozen=True)
 class Pass:
     """Base of every FX pass. Subclasses are frozen dataclasses whose fields are options.
 
@@ -137,6 +177,11 @@ class Pass:
       ``requires``  capabilities an earlier step must provide (e.g. ``"calibration-data"``)
       ``provides``  capabilities this pass provides to later passes
       ``preserves`` cached analyses still valid after the pass (default: none)
+      ``trains``    True if the pass trains the graph's weights (an instance may decide, e.g. QAT)
+      ``order_preferences``  soft ordering rules (``prefer_before``/``prefer_after``), each with its
+                    reason: the pipeline warns before any work starts when the order goes against one
+
+    Hard constraints (an FX pass after an ONNX pass, an unmet ``requires``) are errors.
 
     Options are type-checked when the pass is constructed, exactly as in a pipeline string
     (``PruneChannels(ratio="x")`` raises ``PipelineError``: ``... expects a number``), before a
@@ -149,6 +194,8 @@ class Pass:
     requires: ClassVar[tuple[str, ...]] = ()
     provides: ClassVar[tuple[str, ...]] = ()
     preserves: ClassVar[tuple[str, ...]] = ()
+    trains: ClassVar[bool] = False
+    order_preferences: ClassVar[tuple[OrderPreference, ...]] = ()
 
     def __post_init__(self) -> None:
         _check_options(self)
@@ -227,7 +274,56 @@ def not_in_pipeline_string(default: Any = None) -> Any:
 
 
 def copy_graph_module(gm: "GraphModule") -> "GraphModule":
-    """A deep copy that keeps node meta (shapes) and the module-level meta dict."""
-    new = copy.deepcopy(gm)
+    """A deep copy that keeps node meta (shapes) and the module-level meta dict.
+
+    The submodules are cloned first (``_clone_module``) into the memo ``copy.deepcopy`` then uses:
+    the same result as deep-copying them, without reconstructing every module's empty hook
+    dictionaries through the generic protocol (most of a large graph's copy time)."""
+    memo: dict[int, Any] = {}
+    for child in gm.children():
+        _clone_module(child, memo)
+    new = copy.deepcopy(gm, memo)
     new.meta = copy.deepcopy(getattr(gm, "meta", {}))
+    return new
+
+
+_ATOMIC = (type(None), bool, int, float, complex, str, bytes, type, torch.dtype, torch.device)
+_CHILD_DICTS = ("_parameters", "_buffers", "_modules")
+
+
+def _plain_module_type(cls: type) -> bool:
+    """Whether ``copy.deepcopy`` copies ``cls`` by the default protocol: ``__getstate__()`` (a dict),
+    deep-copied, into ``__setstate__`` of a new instance (no ``__deepcopy__``/``__reduce__`` of its own)."""
+    return (getattr(cls, "__deepcopy__", None) is None and cls.__reduce_ex__ is object.__reduce_ex__
+            and cls.__reduce__ is object.__reduce__ and not issubclass(cls, (list, dict))
+            and not any("__slots__" in vars(k) for k in cls.__mro__))
+
+
+def _clone_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
+    """``copy.deepcopy(module, memo)``, faster for modules that use ``nn.Module``'s own copy protocol:
+    tensors and unknown attributes still go through ``copy.deepcopy`` (shared tensors stay shared),
+    empty containers are made anew. Other module types are deep-copied as they define."""
+    if id(module) in memo:
+        return memo[id(module)]
+    cls = type(module)
+    if not _plain_module_type(cls):
+        return copy.deepcopy(module, memo)
+    original = module.__getstate__()
+    if type(original) is not dict:
+        return copy.deepcopy(module, memo)
+    new = cls.__new__(cls)
+    memo[id(module)] = new
+    state: dict[str, Any] = {}
+    for key, value in original.items():
+        if key in _CHILD_DICTS and type(value) in (dict, collections.OrderedDict):
+            items = ((k, _clone_module(v, memo) if isinstance(v, nn.Module) else copy.deepcopy(v, memo))
+                     for k, v in value.items())
+            state[key] = type(value)(items)
+        elif isinstance(value, _ATOMIC):
+            state[key] = value
+        elif type(value) in (dict, collections.OrderedDict, set, list) and not value:
+            state[key] = type(value)()
+        else:
+            state[key] = copy.deepcopy(value, memo)
+    new.__setstate__(state)
     return new

@@ -16,16 +16,17 @@ from __future__ import annotations
 import copy
 import hashlib
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Literal, Sequence
 
 import torch
 from torch.fx import GraphModule
 
-from .errors import FxCompressError, PassError, PassVerificationError, PipelineError
+from .errors import FxCompressError, PassError, PassOrderWarning, PassVerificationError, PipelineError
 from .instruments import validate_instrument
-from .pass_base import (Diagnostic, Pass, PassContext, PassResult, checks_options_itself, copy_graph_module,
-                        not_in_pipeline_string)
+from .pass_base import (Diagnostic, OrderPreference, Pass, PassContext, PassResult, checks_options_itself,
+                        copy_graph_module, not_in_pipeline_string)
 from .report import PassRecord, Report
 from .verify import (check_exact, error_metrics, first_divergent_node, first_divergent_onnx_node, fresh_inputs,
                      lint, output_mismatch, propagate_shapes)
@@ -131,8 +132,11 @@ class Pipeline(Pass):
             else:
                 yield p
 
-    def check(self, ctx: PassContext, stage: str = "fx") -> None:
-        """Reject a pass order that breaks a declared constraint, before any pass runs.
+    def check(self, ctx: PassContext, stage: str = "fx") -> list[Diagnostic]:
+        """Check the pass order before any pass runs: raise ``PipelineError`` on an order that breaks
+        a hard constraint (an FX pass after an ONNX pass, a ``requires`` nothing earlier provides);
+        return a warning ``Diagnostic`` for every declared soft preference the order goes against
+        (``Pass.order_preferences``), with the suggested order and the reason.
 
         Positions are the report rows the passes would get (``#0`` is the ``input`` row, the
         ``export-onnx`` row comes before the first ONNX pass), as in run-time errors."""
@@ -142,6 +146,7 @@ class Pipeline(Pass):
         onnx_seen: Pass | None = None
         lowered = stage == "onnx"
         pos = 0
+        steps: list[tuple[int, Pass]] = []
         for p in self.schedule():
             if p.stage == "onnx" and not lowered:
                 lowered = True
@@ -160,6 +165,8 @@ class Pipeline(Pass):
                     fix = how or (f"add one of {', '.join(givers)} before it" if givers else "nothing provides it")
                     raise PipelineError(f"pass '{p.name}' (#{pos}) requires '{need}': {fix}")
             provided.update(p.provides)
+            steps.append((pos, p))
+        return _order_warnings(steps, list(self.passes))
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         """Run as a nested pass (standalone use); records go into the result's stats."""
@@ -167,17 +174,21 @@ class Pipeline(Pass):
         return PassResult(graph=outcome.graph_module, stats={"report": outcome.report.to_dict()})
 
     def apply(self, gm: GraphModule, ctx: PassContext, *, lower: Lower | None = None,
-              reference: Any = None, lower_at_end: bool = False) -> "Outcome":
+              reference: Any = None, lower_at_end: bool = False, handed_over: bool = False) -> "Outcome":
         """Run the pipeline on a copy of ``gm``. ``lower`` turns the FX graph into ONNX when the
         first ONNX pass comes (or at the end with ``lower_at_end``). ``reference`` is the original
-        model's output on the example inputs (computed from ``ctx.original`` when omitted)."""
-        self.check(ctx)
+        model's output on the example inputs (computed from ``ctx.original`` when omitted).
+        ``handed_over``: the caller just traced ``gm`` on ``ctx.example_inputs`` (shapes propagated)
+        and gives it away, so it is neither copied nor propagated again (``compile`` does this)."""
+        order_warnings = self.check(ctx)
+        _emit_order_warnings(order_warnings, ctx)
         if any(p.stage == "onnx" for p in self.leaves()) and lower is None:
             raise PipelineError("this pipeline has ONNX passes but no lowering: use fxcompress.compile() "
                                 "with an ONNX target, or pass lower=")
         run = _Run(self, ctx, lower, reference)
+        run.pending = list(order_warnings)
         try:
-            run.start(gm)
+            run.start(gm, handed_over)
             run.execute(self, prefix="", verify=self.verify, on_error=self.on_error)
             if lower_at_end and run.model is None:
                 run.lower_now()
@@ -213,6 +224,83 @@ class Repeat(Pass):
         return Pipeline((self,)).run(gm, ctx)
 
 
+def _order_warnings(steps: list[tuple[int, Pass]], top: list[Pass]) -> list[Diagnostic]:
+    """One warning per declared preference the order of ``steps`` ((position, pass) as scheduled)
+    goes against. ``top`` (the pipeline's own items) is reordered into the suggested pipeline when
+    it holds no nested pipeline; otherwise the message says which pass to move where."""
+    found: list[tuple[tuple[int, Pass], OrderPreference, list[tuple[int, Pass]]]] = []
+    seen: set[tuple[str, OrderPreference, tuple[str, ...]]] = set()
+    for i, (pos, p) in enumerate(steps):
+        for pref in p.order_preferences:
+            if pref.relation == "before":
+                offenders = [(q_pos, q) for q_pos, q in steps[:i] if q is not p and pref.matches(q)]
+            else:
+                offenders = [(q_pos, q) for q_pos, q in steps[i + 1:] if q is not p and pref.matches(q)]
+            key = (str(p), pref, tuple(str(q) for _, q in offenders))
+            if offenders and key not in seen:
+                seen.add(key)
+                found.append(((pos, p), pref, offenders))
+    if not found:
+        return []
+    flat = all(not isinstance(p, (Pipeline, Repeat)) for p in top)
+    suggested = _suggested_order(top, [(p, pref) for (_, p), pref, _ in found]) if flat else None
+    out = []
+    for (pos, p), pref, offenders in found:
+        names = ", ".join(f"'{q}' (#{q_pos})" for q_pos, q in offenders)
+        side = "after" if pref.relation == "before" else "before"
+        move = (f"move it before '{offenders[0][1]}'" if pref.relation == "before"
+                else f"move it after '{offenders[-1][1]}'")
+        if suggested is not None:
+            from .registry import format_pipeline
+
+            move += f"; suggested order: {format_pipeline(suggested)}"
+        out.append(Diagnostic("warning", f"pass order: '{p}' (#{pos}) comes {side} {names}, but it should run "
+                                         f"{pref.relation} {pref.describe()}: {pref.reason} ({move})"))
+    return out
+
+
+def _suggested_order(passes: list[Pass], prefs: list[tuple[Pass, OrderPreference]]) -> list[Pass]:
+    """``passes`` reordered as little as possible (stable topological order) so that every preference
+    in ``prefs`` holds, FX passes stay before ONNX passes and no pass moves before what it requires
+    from an earlier pass. When the preferences contradict each other, the first ones win."""
+    n = len(passes)
+    edges: set[tuple[int, int]] = set()
+    for a in range(n):
+        for b in range(a + 1, n):
+            pa, pb = passes[a], passes[b]
+            if (pa.stage == "fx" and pb.stage == "onnx") or set(pa.provides) & set(pb.requires):
+                edges.add((a, b))
+    for p, pref in prefs:
+        i = next(k for k, q in enumerate(passes) if q is p)
+        for j, q in enumerate(passes):
+            if j == i or not pref.matches(q):
+                continue
+            edge = (i, j) if pref.relation == "before" else (j, i)
+            if not _reaches(edges, edge[1], edge[0]):
+                edges.add(edge)
+    order: list[int] = []
+    remaining = set(range(n))
+    while remaining:
+        ready = [k for k in sorted(remaining) if not any(e[1] == k and e[0] in remaining for e in edges)]
+        order.append(ready[0])
+        remaining.discard(ready[0])
+    return [passes[k] for k in order]
+
+
+def _reaches(edges: set[tuple[int, int]], start: int, goal: int) -> bool:
+    """Whether ``goal`` can be reached from ``start`` along ``edges`` (an edge would close a cycle)."""
+    todo, seen = [start], {start}
+    while todo:
+        k = todo.pop()
+        if k == goal:
+            return True
+        for a, b in edges:
+            if a == k and b not in seen:
+                seen.add(b)
+                todo.append(b)
+    return False
+
+
 def _providers_of(capability: str) -> list[str]:
     from .registry import available
 
@@ -230,6 +318,16 @@ class Outcome:
     onnx_model: "onnx.ModelProto | None"
     report: Report
     snapshots: list[Snapshot]
+
+
+def _emit_order_warnings(diagnostics: list[Diagnostic], ctx: PassContext) -> None:
+    """Show pass-order warnings before any work: as ``PassOrderWarning`` and, when logging is set up
+    (the logger has a handler somewhere), in the log too; without handlers logging would print the
+    same line to stderr a second time."""
+    for d in diagnostics:
+        warnings.warn(d.message, PassOrderWarning, stacklevel=3)
+        if ctx.logger.hasHandlers():
+            ctx.logger.warning("%s", d.message)
 
 
 def _weights_digest(module: torch.nn.Module) -> str:
@@ -272,6 +370,9 @@ class _Run:
         self.text = ""
         self.digest = ""
         self.started = False
+        #: diagnostics for the ``input`` row (pass-order warnings found before the run)
+        self.pending: list[Diagnostic] = []
+        self._stats_cache: tuple[tuple[bool, str, str], dict[str, int]] | None = None
 
     # -- helpers ------------------------------------------------------------------------------
     def _hook(self, hook: str, *args: Any) -> list[Any]:
@@ -292,6 +393,17 @@ class _Run:
         return to_text(graph)
 
     def _stats(self, graph: Any) -> dict[str, int]:
+        """Statistics of the current graph (the one ``self.text``/``self.digest`` describe): a pass
+        that changed neither structure nor weights reuses the previous row's, so an unchanged step
+        costs no second walk over a large graph."""
+        key = (isinstance(graph, GraphModule), self.text, self.digest)
+        if self._stats_cache is not None and self._stats_cache[0] == key:
+            return dict(self._stats_cache[1])
+        stats = self._measure(graph)
+        self._stats_cache = (key, stats)
+        return dict(stats)
+
+    def _measure(self, graph: Any) -> dict[str, int]:
         from .stats import graph_stats, onnx_stats
 
         if isinstance(graph, GraphModule):
@@ -308,9 +420,10 @@ class _Run:
         err = error_metrics(self.reference, outputs).to_dict() if self.reference is not None and not mismatch else None
         row = PassRecord(index=len(self.report), name=name, stage=stage, status=status, changed=changed,
                          weights_changed=weights_changed, seconds=seconds, error=err, **self._stats(graph))
+        found = list(result.diagnostics) if result is not None else self.pending
+        self.pending = []
+        row.diagnostics = [{"severity": d.severity, "message": d.message, "node": d.node} for d in found]
         if result is not None:
-            row.diagnostics = [{"severity": d.severity, "message": d.message, "node": d.node}
-                               for d in result.diagnostics]
             row.stats = dict(result.stats)
         if mismatch:
             row.diagnostics.append({"severity": "warning", "node": None,
@@ -322,9 +435,10 @@ class _Run:
         self.snapshots.append(Snapshot(len(self.snapshots), name, stage, text))
 
     # -- lifecycle ----------------------------------------------------------------------------
-    def start(self, gm: GraphModule) -> None:
-        self.gm = copy_graph_module(gm)
-        propagate_shapes(self.gm, self.ctx.example_inputs)
+    def start(self, gm: GraphModule, handed_over: bool = False) -> None:
+        self.gm = gm if handed_over else copy_graph_module(gm)
+        if not handed_over:
+            propagate_shapes(self.gm, self.ctx.example_inputs)
         if self.reference is None and self.ctx.original is not None:
             with torch.no_grad():
                 self.reference = self.ctx.original(*fresh_inputs(self.ctx.example_inputs))

@@ -434,11 +434,13 @@ def plot_sensitivity(figs: _Figures, record: PassRecord, metric: str, rows: list
 
 _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;margin:24px;
-color:#1d1d1f;background:#fff;max-width:1500px}
+color:#1d1d1f;background:#fff;max-width:1500px}@media (max-width:1400px){body{margin:16px}}
 h1{font-size:1.6em;margin-bottom:.2em}h2{font-size:1.25em;margin-top:1.6em;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;font-size:13px;margin:.5em 0}
 th,td{border:1px solid #ddd;padding:3px 7px;vertical-align:top}th{background:#f3f3f5;text-align:left}
 td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+table.passes{font-size:12px}table.passes th,table.passes td{padding:2px 3px}table.passes th{font-size:11px}
+table.passes td code{overflow-wrap:anywhere;display:inline-block;min-width:10em}table.passes .badge{font-size:11px}
 tr.status-rolled-back td{background:#fde2e1}tr.status-not-run td{color:#888;background:#f7f7f7}
 tr.status-unchanged td{color:#555}
 .badge{display:inline-block;padding:0 6px;border-radius:8px;font-size:12px;background:#e6f4ea}

@@ -309,6 +309,7 @@ class Distill(Pass):
 
     name: ClassVar[str] = "distill"
     requires: ClassVar[tuple[str, ...]] = ("train-data",)
+    trains: ClassVar[bool] = True
 
     epochs: int = 3
     lr: float = 1e-2

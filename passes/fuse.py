@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from fxcompress.pass_base import Pass, PassContext, PassResult
+from fxcompress.pass_base import Pass, PassContext, PassResult, prefer_after
 
 from ._fx_utils import (call_arg, delete_submodules_if_unused, delete_unused_attributes, get_attr_value,
                         get_module, meta_shape, replace_call_module)
@@ -138,6 +138,10 @@ class FoldBatchNorm(Pass):
 
     name: ClassVar[str] = "fold-batchnorm"
     exact: ClassVar[bool] = True
+    order_preferences: ClassVar[tuple] = (prefer_after(
+        "trait:trains",
+        reason="training after BatchNorm is folded away barely recovers accuracy (the folded layers "
+               "train without normalization); fold BatchNorm once training is done"),)
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         result = PassResult(graph=gm)

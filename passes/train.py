@@ -184,6 +184,7 @@ class FineTune(Pass):
 
     name: ClassVar[str] = "fine-tune"
     requires: ClassVar[tuple[str, ...]] = ("train-data",)
+    trains: ClassVar[bool] = True
 
     epochs: int = 3
     lr: float = 1e-2

@@ -1,15 +1,26 @@
 """Shared fixtures: the model zoo and a digits classifier trained once per session.
 
 The golden-graph plugin is not registered here: it comes from the ``pytest11`` entry point.
+
+Hypothesis runs under the ``fxcompress`` profile by default: derandomized (the same examples on
+every machine and run, so random draws never decide whether CI passes), no example database
+written into the tree, no deadline and no too-slow health check (both time the machine, and shared CI
+machines are noisy). ``FXCOMPRESS_HYPOTHESIS=random``
+selects the ``random`` profile for bug hunting: fresh examples each run, failures kept in
+``.hypothesis/`` and replayed.
 """
 
 from __future__ import annotations
 
 import copy
+import os
+import tempfile
 from typing import NamedTuple
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
+from hypothesis.configuration import set_hypothesis_home_dir
 from torch import Tensor, nn
 
 from fxcompress.digits import DigitsData, DigitsResNet, digits_loaders, train_classifier
@@ -18,6 +29,18 @@ from zoo import ZOO, ZOO_NAMES
 DIGITS_WIDTH = 16
 DIGITS_EPOCHS = 6
 DIGITS_SEED = 0
+
+#: examples per property test unless the test states its own ``max_examples``
+HYPOTHESIS_MAX_EXAMPLES = 25
+HYPOTHESIS_PROFILE_ENV = "FXCOMPRESS_HYPOTHESIS"
+
+settings.register_profile("fxcompress", derandomize=True, database=None, max_examples=HYPOTHESIS_MAX_EXAMPLES,
+                          deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("random", derandomize=False, max_examples=HYPOTHESIS_MAX_EXAMPLES, deadline=None,
+                          print_blob=True, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get(HYPOTHESIS_PROFILE_ENV, "fxcompress"))
+if settings.default.database is None:   # hypothesis also caches constants on disk: not in the tree either
+    set_hypothesis_home_dir(os.path.join(tempfile.gettempdir(), "fxcompress-hypothesis"))
 
 
 class TrainedDigits(NamedTuple):

@@ -343,7 +343,7 @@ def test_compile_pipeline_string_with_distill() -> None:
     model = DigitsResNet(width=4).eval()
     x = torch.rand(2, 1, 8, 8)
     before = copy.deepcopy(model.state_dict())
-    compiled = fxc.compile(model, (x,), passes="fold-batchnorm,distill{epochs=1,max-batches=3}",
+    compiled = fxc.compile(model, (x,), passes="distill{epochs=1,max-batches=3},fold-batchnorm",
                            train_data=tiny_digits_loader(), target="fx", progress=False)
     assert isinstance(compiled.graph_module, GraphModule)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # user's model untouched

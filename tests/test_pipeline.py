@@ -481,3 +481,44 @@ def test_exact_pass_keeping_nan_outputs_is_not_rolled_back() -> None:
     c = fxc.compile(LogNet(), x, [NoOp(), AddZeroToOutput()], target="fx")
     assert [r.status for r in c.report] == ["ok", "unchanged", "ok"]
     assert torch.isnan(c.graph_module(*x)[0, 0])
+
+
+class Tied(nn.Module):
+    """Two linears sharing one weight, an LSTM (its own copy protocol) and a plain tensor attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+        self.b.weight = self.a.weight
+        self.lstm = nn.LSTM(4, 4, batch_first=True)
+        self.scale = torch.tensor(2.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, _ = self.lstm(self.b(self.a(x)))
+        return y * self.scale
+
+
+def test_copy_graph_module_is_a_deep_copy() -> None:
+    """The pass manager's copy (rollback depends on it): same text and weights, nothing shared with
+    the source, tied parameters still tied, a module with its own copy protocol copied its way."""
+    import copy
+
+    from fxcompress.graph_text import to_text
+    from fxcompress.pass_base import copy_graph_module
+    from fxcompress.pipeline import _weights_digest
+
+    x = (torch.randn(2, 3, 4),)
+    gm = trace(Tied(), x)
+    new = copy_graph_module(gm)
+    assert to_text(new) == to_text(gm) == to_text(copy.deepcopy(gm))
+    assert _weights_digest(new) == _weights_digest(gm)
+    source = {id(t) for t in gm.state_dict(keep_vars=True).values()}
+    assert not source & {id(t) for t in new.state_dict(keep_vars=True).values()}
+    assert new.get_submodule("a").weight is new.get_submodule("b").weight
+    assert new.get_submodule("lstm") is not gm.get_submodule("lstm")
+    with torch.no_grad():
+        new.get_submodule("a").weight.add_(1.0)
+        torch.testing.assert_close(new(*x), copy_graph_module(new)(*x), rtol=0, atol=0)
+        assert not torch.equal(new(*x), gm(*x))

@@ -384,7 +384,9 @@ def test_norm_over_channels_blocks_the_group_with_a_reason(build, layer: str, ch
 
 
 def test_zero_channel_exact_through_the_pipeline() -> None:
-    """The pipeline's report measures the error against the original model: it is zero."""
+    """The pipeline's report measures the error against the original model: zero up to float32
+    summation order (a conv with fewer input channels may sum in another order on another CPU:
+    7.45e-09 seen on AVX-512 VNNI)."""
     torch.manual_seed(0)
     model = ZeroChannelNet(bn=False).eval()
     with torch.no_grad():
@@ -401,7 +403,8 @@ def test_zero_channel_exact_through_the_pipeline() -> None:
     record = outcome.report[-1]
     assert record.stats["layers"]["conv2"]["kept"] == [0, 1, 3, 4, 5]
     assert not PruneChannels(ratio=0.2).exact  # so the recorded error is what proves exactness
-    assert record.status == "ok" and record.error["max_abs"] == 0.0 and record.error["cosine"] == 1.0
+    assert record.status == "ok"
+    assert record.error["max_abs"] <= 1e-6 and record.error["cosine"] == pytest.approx(1.0, abs=1e-9)
 
 
 def test_ratio_zero_is_declared_exact_and_the_pipeline_verifies_it() -> None:
@@ -413,7 +416,7 @@ def test_ratio_zero_is_declared_exact_and_the_pipeline_verifies_it() -> None:
     model, inputs = ZOO["resnet_basic"]()
     gm = trace(model, inputs)
     outcome = Pipeline((PruneChannels(ratio=0.0),)).apply(gm, PassContext(inputs, original=model))
-    assert outcome.report[-1].error["max_abs"] == 0.0
+    assert outcome.report[-1].error["max_abs"] == 0.0  # nothing removed: the same kernels on the same shapes
 
     @dataclasses.dataclass(frozen=True)
     class Drifting(PruneChannels):

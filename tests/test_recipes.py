@@ -27,6 +27,9 @@ TRAINING = ("prune50-int8", "distill-prune-int8", "sparse24-int8")
 BATCHES = 3
 #: lowest cosine of the ORT output vs the original model, for the recipes that do not train
 MIN_COSINE = {"int8": 0.99, "fp16": 0.999}
+#: top-1 must agree wherever the original's top-2 logit margin exceeds this fraction of its logit range;
+#: closer calls are decided by the CPU's INT8 kernels (with or without VNNI), not by the recipe
+TOP1_MARGIN = 0.05
 #: the compiled ONNX model's weight bytes as a fraction of the traced FP32 graph's, at most
 MAX_BYTES_FRACTION = {"int8": 0.5, "fp16": 0.6}
 #: lowest cosine of the ORT output vs the compiled FX graph it was lowered from, for every recipe
@@ -58,6 +61,19 @@ def one_thread() -> Any:
 
 def pass_names(pipeline: str) -> list[str]:
     return [type(p).name for p in fxc.Pipeline.parse(pipeline).passes]
+
+
+def unclear_disagreements(expected: Tensor, got: Tensor) -> list[int]:
+    """Rows of 2-D logits whose top-1 differs although the expected top-2 margin is clear
+    (``TOP1_MARGIN`` of the row's range); empty for other outputs."""
+    if expected.ndim != 2 or expected.shape[1] < 2:
+        return []
+    top2 = expected.topk(2, dim=1).values
+    margin = top2[:, 0] - top2[:, 1]
+    span = expected.max(1).values - expected.min(1).values
+    clear = margin > TOP1_MARGIN * span
+    differ = expected.argmax(1) != got.argmax(1)
+    return (clear & differ).nonzero().flatten().tolist()
 
 
 def compile_recipe(recipe: str, model: nn.Module, inputs: tuple[Tensor, ...]) -> fxc.Compiled:
@@ -128,8 +144,7 @@ def test_recipe_compiles_the_zoo_to_onnxruntime(recipe: str, zoo_case: Any) -> N
     if recipe in MIN_COSINE:
         metrics = error_metrics(expected, got)
         assert metrics.cosine > MIN_COSINE[recipe], (name, metrics)
-        if metrics.top1 is not None:
-            assert metrics.top1 == 1.0, (name, metrics)
+        assert unclear_disagreements(expected, got) == [], (name, metrics)
         # opaque leaves and ops no pass compresses (the functional LSTM nn.LSTM exports to) keep float weights
         bound = 1.0 if compiled.report.meta.get("opaque_modules") or name == "leaf_mha_lstm" \
             else MAX_BYTES_FRACTION[recipe]

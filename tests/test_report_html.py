@@ -406,6 +406,32 @@ def test_sensitivity_table_ranks_worst_first() -> None:
 
 # ------------------------------------------------------------------ headless browser
 
+VIEWPORT = (1280, 2000)
+
+#: appended to a copy of the report: on ``load`` it measures what the reader sees and writes it into
+#: the DOM, which ``--dump-dom`` then prints
+_MEASURE = """<script>
+window.addEventListener('load', () => {
+  const box = e => { const r = e.getBoundingClientRect(); return [r.left, r.top, r.right, r.bottom]; };
+  const rows = [...document.querySelectorAll('tr[id^="pass-"]')];
+  const table = rows.length ? rows[0].closest('table') : null;
+  const out = {
+    innerWidth: window.innerWidth, scrollWidth: document.documentElement.scrollWidth,
+    table: table ? box(table) : null,
+    names: rows.map(r => box(r.cells[1])),
+    imgs: [...document.images].map(i => ({loaded: i.complete && i.naturalWidth > 0, box: box(i)})),
+    overflowing: [...document.querySelectorAll('body *')]
+      .filter(e => e.getBoundingClientRect().right > window.innerWidth + 0.5)
+      .map(e => e.tagName + (e.id ? '#' + e.id : '') + (e.className ? '.' + e.className : '')).slice(0, 10),
+  };
+  const pre = document.createElement('pre');
+  pre.id = 'fxc-measure';
+  pre.textContent = JSON.stringify(out);
+  document.body.appendChild(pre);
+});
+</script>"""
+
+
 def _chromium() -> str | None:
     if os.path.exists("/usr/bin/chromium"):
         return "/usr/bin/chromium"
@@ -417,24 +443,52 @@ def _chromium() -> str | None:
 
 
 def test_renders_in_headless_chromium(tmp_path: Path) -> None:
+    """What a reader of the report sees at 1280 px in a real browser: the whole pass table (one row
+    per step, names readable) and every plot loaded, inside the window: no horizontal scrolling."""
     browser = _chromium()
     if browser is None:
-        pytest.skip("chromium not installed")
+        pytest.skip("chromium not installed (.ci/run installs Debian's chromium package where apt-get works)")
     html_path = write_html(_records(), tmp_path / "report.html", snapshots=_snapshots())
-    shot = tmp_path / "shot.png"
+    width, height = VIEWPORT
     common = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+              "--hide-scrollbars", "--force-device-scale-factor=1", f"--window-size={width},{height}",
               f"--user-data-dir={tmp_path / 'profile'}"]
-    subprocess.run([*common, f"--screenshot={shot}", "--window-size=1280,2000", html_path.resolve().as_uri()],
-                   check=True, capture_output=True, cwd=tmp_path)
-    assert shot.exists() and shot.stat().st_size > 20000
-    import matplotlib.image as mpimg
 
-    pixels = mpimg.imread(str(shot))
-    assert pixels.shape[0] >= 1000 and pixels.shape[1] >= 1000
-    flat = pixels.reshape(-1, pixels.shape[-1])[:, :3]
-    assert flat.std(axis=0).max() > 0.05  # text, tables and plots, not one colour
     dom = subprocess.run([*common, "--dump-dom", html_path.resolve().as_uri()], check=True,
                          capture_output=True, text=True, cwd=tmp_path).stdout
     page = Page(dom)
     assert sorted(page.pass_rows()) == list(range(7)) and len(page.imgs) == 6
+
+    probe = tmp_path / "probe.html"
+    probe.write_text(html_path.read_text(encoding="utf-8").replace("</body>", _MEASURE + "</body>"),
+                     encoding="utf-8")
+    dumped = subprocess.run([*common, "--dump-dom", probe.resolve().as_uri()], check=True,
+                            capture_output=True, text=True, cwd=tmp_path).stdout
+    found = re.search(r'<pre id="fxc-measure">(.*?)</pre>', dumped, re.S)
+    assert found, dumped[-2000:]
+    seen = json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+    assert seen["innerWidth"] == width
+    assert seen["scrollWidth"] <= width and seen["overflowing"] == [], seen
+    left, top, right, bottom = seen["table"]
+    assert 0 <= left and right <= width and bottom - top > 7 * 15, seen["table"]
+    assert len(seen["names"]) == 7
+    assert all(r - l >= 100 for l, _, r, _ in seen["names"]), seen["names"]  # pass names are not squeezed
+    assert len(seen["imgs"]) == 6 and all(i["loaded"] for i in seen["imgs"]), seen["imgs"]
+    assert all(0 <= i["box"][0] and i["box"][2] <= width and i["box"][3] - i["box"][1] > 100
+               for i in seen["imgs"]), seen["imgs"]
+
+    shot = tmp_path / "shot.png"
+    subprocess.run([*common, f"--screenshot={shot}", html_path.resolve().as_uri()],
+                   check=True, capture_output=True, cwd=tmp_path)
+    import matplotlib.image as mpimg
+
+    pixels = mpimg.imread(str(shot))[..., :3]
+    assert pixels.shape[:2] == (height, width)
+    assert pixels.reshape(-1, 3).std(axis=0).max() > 0.05  # text, tables and plots, not one colour
+    t_left, t_top, t_right, t_bottom = (round(v) for v in seen["table"])
+    assert pixels[t_top:min(t_bottom, height), t_left:t_right].std() > 0.05  # the table is painted
+    visible = [i["box"] for i in seen["imgs"] if i["box"][3] <= height]
+    assert visible, seen["imgs"]  # at least one plot above the fold
+    for l, t, r, b in visible:
+        assert pixels[round(t):round(b), round(l):round(r)].std() > 0.02, (l, t, r, b)  # a drawn plot

@@ -26,7 +26,6 @@ tracing, calibration and export.
 from __future__ import annotations
 
 import os
-import time
 
 import numpy as np
 import onnx
@@ -74,13 +73,11 @@ def _calibration(inputs: tuple[torch.Tensor, ...], batches: int = 3) -> list[tup
 
 
 def _compile_both(model, inputs):
-    """(fp32, int8) artifacts for TensorRT-RTX, and the seconds each compile took."""
-    t0 = time.perf_counter()
+    """(fp32, int8) artifacts for TensorRT-RTX."""
     fp32 = fxc.compile(model, inputs, target="tensorrt-rtx", progress=False, verify=False)
-    t1 = time.perf_counter()
     int8 = fxc.compile(model, inputs, "fold-batchnorm,quantize-int8", calibration=_calibration(inputs),
                        target="tensorrt-rtx", precision="int8", progress=False, verify=False)
-    return fp32, int8, (t1 - t0, time.perf_counter() - t1)
+    return fp32, int8
 
 
 def _root(model: onnx.ModelProto, name: str) -> tuple[str, onnx.NodeProto | None]:
@@ -143,7 +140,7 @@ def _check_engine_record(compiled, rtx, tmp_path, precision: str) -> dict:
 @pytest.mark.parametrize("name", ZOO_NAMES)
 def test_zoo_builds_fp32_and_int8_engines(name, rtx, tmp_path):
     model, inputs = ZOO[name]()
-    fp32, int8, seconds = _compile_both(model, inputs)
+    fp32, int8 = _compile_both(model, inputs)
     info32 = _check_engine_record(fp32, rtx, tmp_path, "fp32")
     info8 = _check_engine_record(int8, rtx, tmp_path, "int8")
     assert any("INT8 from the graph's Q/DQ" in n for n in info8["notes"])
@@ -159,7 +156,6 @@ def test_zoo_builds_fp32_and_int8_engines(name, rtx, tmp_path):
     float_layers = {fx for fx, kinds in storage.items() if "float" in kinds}
     assert float_layers <= opaque | set(row["float_layers"]), float_layers  # only what the pass left float
     assert _weight_bytes(int8.onnx_model) < _weight_bytes(fp32.onnx_model)
-    assert all(s < 30 for s in seconds), seconds
 
     if not gpu_available():
         with pytest.raises(BackendUnavailable, match="needs an NVIDIA GPU"):
@@ -172,7 +168,7 @@ def test_int8_engine_is_markedly_smaller_above_the_weight_threshold(rtx):
     0.56x), since the weights now outweigh the JIT kernel source the Q/DQ add."""
     model, inputs = _build(lambda: TinyResNet([BasicBlock(96, 96), BasicBlock(96, 192, stride=2)], 96, 192),
                            (2, 3, 16, 16), seed=1)
-    fp32, int8, _ = _compile_both(model, inputs)
+    fp32, int8 = _compile_both(model, inputs)
     layers = len(int8.report.find("quantize-int8")[0].stats["int8_layers"])
     per_layer = _weight_bytes(fp32.onnx_model) / layers
     assert per_layer > MIN_WEIGHT_BYTES_PER_LAYER, per_layer

@@ -18,7 +18,7 @@ import numpy as np
 from torch.fx import GraphModule
 
 from fxcompress.errors import PipelineError
-from fxcompress.pass_base import Pass, PassContext, PassResult
+from fxcompress.pass_base import Pass, PassContext, PassResult, prefer_before
 
 from ._common import as_tuple, check_runs, graph_totals, layer_totals, need_shapes, totals
 from .depgraph import DependencyGraph, dependency_graph
@@ -53,6 +53,14 @@ class PruneChannels(Pass):
     #: the class is not exact; an instance with ratio 0 everywhere is (set in ``__post_init__``),
     #: so the pipeline verifies its outputs numerically
     exact: ClassVar[bool] = False
+    order_preferences: ClassVar[tuple] = (
+        prefer_before("quantize-int8", reason="quantization calibrates scales for the channels it sees, and "
+                                              "channel importance would then rank quantized weights; prune "
+                                              "channels first, then quantize"),
+        prefer_before("prune-nm", "prune-magnitude",
+                      reason="after unstructured pruning, channel importance sees the zeros it left rather "
+                             "than the trained weights; remove channels first"),
+    )
 
     ratio: float = 0.5
     ratios: tuple[tuple[str, float], ...] | dict[str, float] = ()

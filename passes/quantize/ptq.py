@@ -87,6 +87,8 @@ class QuantizeInt8(Pass):
     name: ClassVar[str] = "quantize-int8"
     requires: ClassVar[tuple[str, ...]] = ("calibration-data",)
     provides: ClassVar[tuple[str, ...]] = ("int8",)
+    #: an instance with ``qat`` trains (its learnable fake-quant); set in ``__post_init__``
+    trains: ClassVar[bool] = False
 
     observer: str = "mse"
     percentile: float = 99.99
@@ -111,6 +113,7 @@ class QuantizeInt8(Pass):
                                 f"{self.calibration_batches}")
         if isinstance(self.skip, str):
             object.__setattr__(self, "skip", (self.skip,))
+        object.__setattr__(self, "trains", bool(self.qat))
 
     def resolve(self, target: str) -> tuple[str, QSpec, int]:
         """(scheme, activation grid, weight qmax) for a compile target."""
