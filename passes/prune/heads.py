@@ -24,7 +24,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from fxcompress import ops
-from fxcompress.errors import PipelineError
+from fxcompress.errors import PassError, PipelineError
 from fxcompress.pass_base import Pass, PassContext, PassResult
 
 from ._common import as_tuple, check_runs, graph_totals, need_shapes, totals
@@ -113,28 +113,24 @@ def _size_args(node: Node) -> tuple[list[Any], tuple[int, ...]]:
 
 
 def _broadcast(node: Node, layouts: dict[Node, Layout]) -> Layout:
+    """Elementwise ops with broadcasting: tracked operands must agree on the head layout, and an
+    untracked operand must be size 1 (broadcast) along the heads."""
     out = _shape(node)
     if out is None:
         raise Unsafe(f"{node.name}: no shape")
     result: Layout = _plain(out)
-    for arg in (*node.args, *node.kwargs.values()):
-        if not isinstance(arg, Node) or _shape(arg) is None:
-            continue
-        lay = layouts.get(arg) or _plain(_shape(arg))
-        for i, dim in enumerate(reversed(lay)):
+    operands = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, Node) and _shape(a) is not None]
+    for arg in (a for a in operands if a in layouts):
+        for i, dim in enumerate(reversed(layouts[arg])):
             pos = len(out) - 1 - i
-            size = math.prod(s for _, s in dim)
             if _labels(dim):
                 if _labels(result[pos]) and result[pos] != dim:
-                    raise Unsafe(f"{node.name}: operands disagree on the head layout")
+                    raise Unsafe(f"%{node.name}: operands disagree on the head layout")
                 result[pos] = dim
-            elif size != 1 and _labels(result[pos]) and "H" in _labels(result[pos]):
-                raise Unsafe(f"{node.name}: operand %{arg.name} differs per head")
-    for arg in (*node.args, *node.kwargs.values()):  # untracked operands seen before a tracked one
-        if isinstance(arg, Node) and arg not in layouts and _shape(arg) is not None:
-            for i, size in enumerate(reversed(_shape(arg))):
-                if size != 1 and "H" in _labels(result[len(out) - 1 - i]):
-                    raise Unsafe(f"{node.name}: operand %{arg.name} differs per head")
+    for arg in (a for a in operands if a not in layouts):
+        for i, size in enumerate(reversed(_shape(arg))):
+            if size != 1 and "H" in _labels(result[len(out) - 1 - i]):
+                raise Unsafe(f"%{node.name}: operand %{arg.name} differs per head")
     return result
 
 
@@ -262,9 +258,8 @@ def _cores(gm: GraphModule) -> list[tuple[Node, tuple[Any, Any, Any]]]:
         if kind == "attention" and ops.op_name(node.target) == "scaled_dot_product_attention":
             found.append((node, tuple(node.args[:3])))
         elif kind == "softmax" and node.op != "call_module":
-            mm1 = node.args[0]
-            while isinstance(mm1, Node) and ops.kind(mm1, gm) in ("broadcast", "elementwise", "cast") \
-                    and ops.kind(mm1, gm) != "matmul":
+            mm1 = node.args[0]  # back through scaling and masking to q @ k^T
+            while isinstance(mm1, Node) and ops.kind(mm1, gm) in ("broadcast", "elementwise", "cast"):
                 mm1 = mm1.args[0]
             users = [u for u in node.users if ops.kind(u, gm) == "matmul"]
             seen = node
@@ -275,8 +270,7 @@ def _cores(gm: GraphModule) -> list[tuple[Node, tuple[Any, Any, Any]]]:
                 users = [u for u in seen.users if ops.kind(u, gm) == "matmul"]
             if isinstance(mm1, Node) and ops.kind(mm1, gm) == "matmul" and len(users) == 1 \
                     and len(mm1.args) >= 2 and len(users[0].args) >= 2:
-                kt = mm1.args[1]
-                found.append((users[0], (mm1.args[0], kt, users[0].args[1])))
+                found.append((users[0], (mm1.args[0], mm1.args[1], users[0].args[1])))
     return found
 
 
@@ -508,8 +502,8 @@ class PruneHeads(Pass):
                               (ctx.train_data, "train_data") if ctx.train_data is not None else
                               ([ctx.example_inputs], "example_inputs"))
             if self.importance == "taylor" and argument == "example_inputs":
-                raise PipelineError("prune-heads: importance='taylor' needs data: pass train_data= or calibration= "
-                                    "to fxcompress.compile(), or choose importance='norm'")
+                raise PassError("prune-heads: importance='taylor' needs data: pass train_data= or calibration= "
+                                "to fxcompress.compile(), or choose importance='norm'", pass_name=self.name)
             scores = head_scores(gm, blocks, self.importance, data, argument=argument, pass_name=self.name,
                                  batches=self.batches)
             for block in blocks:
