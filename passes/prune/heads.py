@@ -143,11 +143,9 @@ def _matmul(a: Layout, b: Layout, where: str) -> Layout:
     for i in range(max(len(a), len(b)) - 2, 0, -1):
         da = a[-2 - i] if i <= len(a) - 2 else ((None, 1),)
         db = b[-2 - i] if i <= len(b) - 2 else ((None, 1),)
-        if _labels(da) and _labels(db) and da != db:
-            raise Unsafe(f"{where}: matmul operands disagree on the head layout")
-        if (_labels(da) and math.prod(s for _, s in db) not in (1, math.prod(s for _, s in da))) or \
-                (_labels(db) and math.prod(s for _, s in da) not in (1, math.prod(s for _, s in db))):
-            raise Unsafe(f"{where}: matmul operands disagree on the head layout")
+        for mine, other in ((da, db), (db, da)):
+            if _labels(mine) and other != mine and math.prod(s for _, s in other) != 1:
+                raise Unsafe(f"{where}: matmul operand differs per head or disagrees on the head layout")
         batch.append(da if _labels(da) or math.prod(s for _, s in da) != 1 else db)
     return [*batch, a[-2], b[-1]]
 
@@ -173,6 +171,10 @@ def _step(node: Node, layouts: dict[Node, Layout], root: nn.Module, block_sizes:
     where = f"%{node.name}"
     if kind == "shape":
         return None
+    if lay is not None and name == "cumsum" and "H" in _labels(lay[_norm_dim(_dim_arg(node, 1, "dim"), len(lay))]):
+        raise Unsafe(f"{where}: cumsum over the heads dimension")
+    if lay is not None and name in ("tril", "triu") and any("H" in _labels(d) for d in lay[-2:]):
+        raise Unsafe(f"{where}: {name} over the heads dimension")
     if kind in ("elementwise", "broadcast", "activation", "dropout", "cast") and node.op != "call_module" \
             or (node.op == "call_module" and kind in ("activation", "dropout", "elementwise")):
         return _broadcast(node, layouts)
