@@ -15,11 +15,14 @@ from torch import Tensor, nn
 import fxcompress as fxc
 from fxcompress.errors import PipelineError
 from fxcompress.registry import format_pipeline, parse_pipeline
+from fxcompress.trace import trace
+from fxcompress.verify import propagate_shapes
 from passes import PruneHeads
+from passes.prune.heads import find_blocks
 from zoo import ZOO
 
 transformers = pytest.importorskip("transformers")
-from test_frontends import bert, vit  # noqa: E402  (needs transformers)
+from test_frontends import bert, distilbert, vit  # noqa: E402  (needs transformers)
 
 #: FX graph vs ONNX Runtime (fp32, different kernels)
 ATOL_ORT = 1e-4
@@ -218,3 +221,16 @@ def test_issue_pipeline_on_bert_runs_in_onnxruntime() -> None:
     got = _first(compiled(*inputs))
     assert got.shape == expected.shape
     assert torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0) > 0.95
+
+
+def test_distilbert_blocks_are_found_with_their_projections() -> None:
+    model, inputs = distilbert()
+    gm = trace(model, inputs)
+    propagate_shapes(gm, inputs)
+    blocks, skipped = find_blocks(gm)
+    assert skipped == {}
+    att = "transformer.layer.{}.attention."
+    assert [(b.name, list(b.sources), b.outputs, b.heads, b.head_dim) for b in blocks] == [
+        (att.format(i)[:-1], [att.format(i) + p for p in ("q_lin", "k_lin", "v_lin")], [att.format(i) + "out_lin"],
+         HEADS, HEAD_DIM) for i in range(LAYERS)]
+    assert all(b.sizes == [] for b in blocks)  # its reshapes count heads with -1: nothing to rewrite
