@@ -1,0 +1,177 @@
+"""Transformer benchmark: a MiniLM-shaped BERT (hidden 384, 6 layers, 12 heads, intermediate 1536,
+random weights, seq 128) through fxcompress vs ONNX Runtime's own quantizers on the same FP32 export.
+
+Variants: FP32 export (``fxcompress.compile`` with no passes), ``quantize-dynamic``,
+``onnxruntime.quantization.quantize_dynamic`` on the FP32 export, ``quantize-int8`` (static, 8
+calibration batches), ``onnxruntime.quantization.quantize_static`` (QDQ, per-channel, the same
+batches), and ``prune-heads{ratio=0.5},quantize-dynamic``. Latencies are timed in turns at batch 1
+and 8 (one thread), so load on a shared machine hits all variants alike: read ratios within a
+run, not absolute numbers across runs. Every figure is printed with the issue's target and
+whether it is met.
+
+    python bench/transformers.py [--quick] [--threads 1] [--iters 20] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+import fxcompress as fxc
+from fxcompress.backends.onnxruntime import OrtRunner
+from fxcompress.bench import interleaved
+
+# this file's name shadows the `transformers` package when run as a script: drop its own directory
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+FULL = {"hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12, "intermediate_size": 1536, "seq": 128,
+        "vocab": 30522}
+QUICK = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 256, "seq": 32,
+         "vocab": 1000}
+#: the issue's targets: (figure, bound, "<=" or ">=")
+TARGETS = {
+    "quantize-dynamic file / FP32": 0.3,
+    "quantize-dynamic latency / quantize_dynamic": 1.0,
+    "quantize-int8 latency / quantize_static": 1.0,
+    "prune-heads 0.5 + INT8 latency / quantize_dynamic": 0.6,
+}
+MIN_COSINE = 0.99
+
+
+def make_model(shape: dict[str, int]) -> torch.nn.Module:
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(vocab_size=shape["vocab"], hidden_size=shape["hidden_size"], num_hidden_layers=shape["num_hidden_layers"],
+                     num_attention_heads=shape["num_attention_heads"], intermediate_size=shape["intermediate_size"],
+                     max_position_embeddings=512)
+    torch.manual_seed(0)
+    return BertModel(cfg).eval()
+
+
+def batch(size: int, shape: dict[str, int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    seq = shape["seq"]
+    return torch.randint(1, shape["vocab"], (size, seq), generator=g), torch.ones(size, seq, dtype=torch.long)
+
+
+class _Reader:
+    """ORT calibration reader over (input_ids, attention_mask) batches."""
+
+    def __init__(self, names: list[str], batches: list[tuple[torch.Tensor, ...]]) -> None:
+        self.feeds = iter([{n: t.numpy() for n, t in zip(names, b)} for b in batches])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self.feeds, None)
+
+
+def ort_quantize(fp32: onnx.ModelProto, calibration: list[tuple[torch.Tensor, ...]] | None) -> onnx.ModelProto:
+    """``onnxruntime.quantization.quantize_dynamic`` (calibration None) or ``quantize_static`` (QDQ,
+    U8 activations, S8 per-channel weights, MinMax) on ``fp32``, after ORT's pre-processing."""
+    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, quantize_dynamic,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, pre, dst = (Path(tmp) / n for n in ("fp32.onnx", "pre.onnx", "int8.onnx"))
+        onnx.save(fp32, src)
+        quant_pre_process(str(src), str(pre))
+        if calibration is None:
+            quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QInt8)
+        else:
+            names = [i.name for i in fp32.graph.input]
+            quantize_static(str(pre), str(dst), _Reader(names, calibration), quant_format=QuantFormat.QDQ,
+                            per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=CalibrationMethod.MinMax)
+        return onnx.load(str(dst))
+
+
+def ours(model: torch.nn.Module, x: tuple[torch.Tensor, ...], passes: str, calibration: Any = None,
+         frontend: str = "auto") -> tuple[onnx.ModelProto, float]:
+    """The ONNX model ``fxcompress.compile`` ships for ``passes``, and the compile time in seconds."""
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled = fxc.compile(model, x, passes, calibration=calibration, target="onnx", frontend=frontend,
+                               progress=False)
+    return compiled.onnx_model, time.perf_counter() - t0
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
+
+
+def _verdict(value: float, bound: float, op: str = "<=") -> str:
+    met = value <= bound if op == "<=" else value >= bound
+    return f"{value:.3f} (target {op} {bound}: {'met' if met else 'NOT met'})"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a small BERT (hidden 64, 2 layers, vocab 1000, seq 32): a smoke run")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--calibration-batches", type=int, default=8)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    shape = QUICK if args.quick else FULL
+    model = make_model(shape)
+    x1, x8 = batch(1, shape, 0), batch(8, shape, 1)
+    calib = [batch(8, shape, 100 + i) for i in range(args.calibration_batches)]
+    print(f"BERT {shape} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), "
+          f"{platform.processor() or platform.machine()}, {args.threads} thread(s), torch {torch.__version__}")
+
+    times: dict[str, float] = {}
+    ours(model, x1, "", frontend="export")  # warm-up: first-call imports and caches are no front end's cost
+    fp32, times["FP32 export (export)"] = ours(model, x1, "", frontend="export")
+    _, times["FP32 export (auto)"] = ours(model, x1, "", frontend="auto")
+    protos: dict[str, onnx.ModelProto] = {"FP32": fp32}
+    protos["ours quantize-dynamic"], times["quantize-dynamic"] = ours(model, x1, "quantize-dynamic")
+    protos["ORT quantize_dynamic"] = ort_quantize(fp32, None)
+    protos["ours quantize-int8"], times["quantize-int8"] = ours(model, x1, "quantize-int8", calibration=calib)
+    protos["ORT quantize_static"] = ort_quantize(fp32, calib)
+    protos["ours prune-heads 0.5 + quantize-dynamic"], times["prune-heads+quantize-dynamic"] = ours(
+        model, x1, "prune-heads{ratio=0.5},quantize-dynamic", calibration=calib)
+
+    runners = {name: OrtRunner(p, threads=args.threads) for name, p in protos.items()}
+    with torch.no_grad():
+        reference = model(*x8).last_hidden_state
+    lat = {b: interleaved(runners, x, iters=args.iters, rounds=args.rounds) for b, x in ((1, x1), (8, x8))}
+    size = {name: p.ByteSize() for name, p in protos.items()}
+    cos = {name: cosine(r(*x8)[0], reference) for name, r in runners.items()}
+
+    base = "ORT quantize_dynamic"
+    print(f"\n{'variant':42s} {'MB':>7s} {'x FP32':>7s} {'b=1 ms':>8s} {'b=8 ms':>8s} "
+          f"{'b=1 x qd':>9s} {'b=8 x qd':>9s} {'cosine':>8s}")
+    for name in protos:
+        print(f"{name:42s} {size[name] / 2**20:7.2f} {size[name] / size['FP32']:7.3f} {lat[1][name]:8.3f} "
+              f"{lat[8][name]:8.3f} {lat[1][name] / lat[1][base]:9.3f} {lat[8][name] / lat[8][base]:9.3f} "
+              f"{cos[name]:8.5f}")
+    print("\ncompile time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in times.items()))
+
+    print("\ntargets:")
+    qd, st, pr = "ours quantize-dynamic", "ours quantize-int8", "ours prune-heads 0.5 + quantize-dynamic"
+    print(f"  quantize-dynamic file / FP32: {_verdict(size[qd] / size['FP32'], TARGETS['quantize-dynamic file / FP32'])}")
+    for b in (1, 8):
+        print(f"  b={b} quantize-dynamic latency / quantize_dynamic: "
+              f"{_verdict(lat[b][qd] / lat[b][base], TARGETS['quantize-dynamic latency / quantize_dynamic'])}")
+        print(f"  b={b} quantize-int8 latency / quantize_static: "
+              f"{_verdict(lat[b][st] / lat[b]['ORT quantize_static'], TARGETS['quantize-int8 latency / quantize_static'])}")
+        print(f"  b={b} prune-heads 0.5 + INT8 latency / quantize_dynamic: "
+              f"{_verdict(lat[b][pr] / lat[b][base], TARGETS['prune-heads 0.5 + INT8 latency / quantize_dynamic'])}")
+    for name in (qd, base, st, "ORT quantize_static"):
+        print(f"  cosine vs FP32 eager, {name}: {_verdict(cos[name], MIN_COSINE, '>=')}")
+
+
+if __name__ == "__main__":
+    main()
