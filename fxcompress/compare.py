@@ -805,6 +805,13 @@ def load_inputs(path: str | Path, specs: Sequence[Mapping[str, Any]]) -> tuple[t
     if not file.is_file():
         raise InputError(f"inputs file {file} does not exist; save the input with numpy.save (.npy) or, for "
                          f"several inputs ({', '.join(names)}), numpy.savez (.npz)")
+    with file.open("rb") as f:
+        head = f.read(6)
+    if head != b"\x93NUMPY" and not head.startswith(b"PK"):
+        kind = "text" if head and all(32 <= c < 127 or c in b"\t\r\n" for c in head) else "data"
+        raise InputError(f"inputs file {file} is not a numpy .npy/.npz file: it starts with {head!r} ({kind}, not "
+                         f"numpy's header); save the arrays with numpy.save (.npy) or numpy.savez (.npz), e.g. "
+                         f"numpy.save('x.npy', numpy.loadtxt('{file.name}', ndmin=2)) for a text table")
     try:
         loaded = np.load(file, allow_pickle=False)
     except Exception as exc:  # noqa: BLE001 - any decode failure is the same user error
