@@ -809,7 +809,7 @@ def load_inputs(path: str | Path, specs: Sequence[Mapping[str, Any]]) -> tuple[t
         head = f.read(6)
     if head != b"\x93NUMPY" and not head.startswith(b"PK"):
         kind = "text" if head and all(32 <= c < 127 or c in b"\t\r\n" for c in head) else "data"
-        raise InputError(f"inputs file {file} is not a numpy .npy/.npz file: it starts with {head!r} ({kind}, not "
+        raise InputError(f"inputs file {file} is not a .npy/.npz numpy file: it starts with {head!r} ({kind}, not "
                          f"numpy's header); save the arrays with numpy.save (.npy) or numpy.savez (.npz), e.g. "
                          f"numpy.save('x.npy', numpy.loadtxt('{file.name}', ndmin=2)) for a text table")
     try:
