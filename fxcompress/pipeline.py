@@ -418,6 +418,7 @@ class _Run:
         if changed or weights_changed:
             keep = result.preserved if result.preserved is not None else p.preserves
             self.ctx.invalidate(keep)
+        previous = current
         if p.stage == "fx":
             self.gm = new
         else:
@@ -427,6 +428,11 @@ class _Run:
         row = self._record(label, p.stage, new, outputs, seconds=seconds, changed=changed,
                            weights_changed=weights_changed, result=result,
                            status="ok" if (changed or weights_changed) else "unchanged")
+        if p.stage == "fx" and not isinstance(p, Pipeline):
+            from .stats import untied_warnings
+
+            row.diagnostics += [{"severity": "warning", "message": m, "node": None}
+                                for m in untied_warnings(previous, new)]
         self._hook("after_pass", p, new, row, self.ctx)
 
     def _attempt(self, p: Pass, label: str, position: int, verify: bool
