@@ -15,7 +15,7 @@ from typing import Any, Optional
 import typer
 from rich.console import Console
 
-from .cli_data import CLI_CAPABILITIES, CliError, check_pipeline_data, compile_data
+from .cli_data import CLI_CAPABILITIES, CliError, check_data_files, check_pipeline_data, compile_data
 from .errors import FxCompressError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -79,6 +79,7 @@ def load_factory(spec: str) -> Any:
 def _model_and_inputs(spec: str, input_shape: Optional[str]) -> tuple[Any, tuple[Any, ...]]:
     import torch
 
+    shapes = parse_shapes(input_shape) if input_shape else None
     made = load_factory(spec)
     example = None
     if isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], torch.nn.Module):
@@ -86,8 +87,8 @@ def _model_and_inputs(spec: str, input_shape: Optional[str]) -> tuple[Any, tuple
     if not isinstance(made, torch.nn.Module):
         raise CliError(f"model {spec!r}: the factory returned {type(made).__name__}, not a torch.nn.Module "
                        "(or a (model, example_inputs) pair)")
-    if input_shape:
-        example = tuple(torch.randn(*s) for s in parse_shapes(input_shape))
+    if shapes:
+        example = tuple(torch.randn(*s) for s in shapes)
     if example is None:
         raise CliError(f"model {spec!r}: give --input-shape (e.g. 1x3x224x224) or return (model, example_inputs)")
     return made, example if isinstance(example, tuple) else (example,)
@@ -162,6 +163,7 @@ def compile_cmd(
     from .api import compile as fx_compile
 
     check_out(out, overwrite)
+    check_data_files(calibration=calibration, train_data=train_data, train_targets=train_targets)
     check_pipeline_data(passes, calibration=calibration is not None or train_data is not None,
                         train_data=train_data is not None, train_targets=train_targets is not None)
     module, example = _model_and_inputs(model, input_shape)
