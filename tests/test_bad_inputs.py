@@ -21,6 +21,7 @@ from torch import nn
 import fxcompress as fxc
 from fxcompress.artifact import write_manifest
 from fxcompress.report import Report
+from test_cli import cli_main
 
 
 class Net(nn.Module):
@@ -44,24 +45,6 @@ def compiled() -> fxc.Compiled:
 
 def _files(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], cwd: Path,
-        *args: str) -> tuple[int, str, str]:
-    """``fxcompress ARGS`` in-process: (exit status, stdout, stderr)."""
-    from fxcompress import cli as cli_module
-
-    monkeypatch.chdir(cwd)
-    monkeypatch.setattr(sys, "argv", ["fxcompress", *args])
-    monkeypatch.setitem(cli_module._state, "debug", False)
-    capsys.readouterr()
-    try:
-        cli_module.main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 # ------------------------------------------------------------------------ 1. no code execution
@@ -92,7 +75,7 @@ def evil(tmp_path: Path, compiled: fxc.Compiled) -> Path:
 def test_compare_without_original_never_imports_the_manifests_factory(
         evil: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.warns(UserWarning, match=r"ignoring evil_mod\.py: not part of the artifact"):
-        code, out, err = cli(monkeypatch, capsys, evil, "compare", "art", "--inputs", "x.npy")
+        code, out, err = cli_main(evil, monkeypatch, capsys, "compare", "art", "--inputs", "x.npy")
     assert code == 0, err
     assert not (evil / "RAN").exists() and not (evil / "art" / "RAN").exists()
     assert "evil_mod" not in sys.modules
@@ -103,7 +86,7 @@ def test_compare_without_original_never_imports_the_manifests_factory(
 def test_bench_compare_eager_needs_original(evil: Path, monkeypatch: pytest.MonkeyPatch,
                                            capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.warns(UserWarning, match=r"ignoring evil_mod\.py"):
-        code, _, err = cli(monkeypatch, capsys, evil, "bench", "art", "--compare-eager", "--iters", "2")
+        code, _, err = cli_main(evil, monkeypatch, capsys, "bench", "art", "--compare-eager", "--iters", "2")
     assert code == 2 and not (evil / "RAN").exists() and not (evil / "art" / "RAN").exists()
     assert err.strip().splitlines() == [
         "error: --compare-eager needs the source model: give --original module:factory (the artifact records "
@@ -170,7 +153,7 @@ def test_malformed_manifest_is_one_artifact_error_naming_the_file(
     with pytest.raises(fxc.ArtifactError, match=message) as info:
         fxc.load(art)
     assert str(art / "manifest.json") in str(info.value)
-    code, out, err = cli(monkeypatch, capsys, tmp_path, "inspect", "art")
+    code, out, err = cli_main(tmp_path, monkeypatch, capsys, "inspect", "art")
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "manifest.json" in lines[0], err
     assert "Traceback" not in err and out == ""
@@ -330,7 +313,7 @@ def test_cli_bad_inputs_are_one_line_before_any_work(work: Path, args: tuple[str
                                                      monkeypatch: pytest.MonkeyPatch,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     (work / "FACTORY_RAN").unlink(missing_ok=True)
-    code, _, err = cli(monkeypatch, capsys, work, *args)
+    code, _, err = cli_main(work, monkeypatch, capsys, *args)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
     assert "Traceback" not in err and "pickle" not in err
