@@ -204,16 +204,21 @@ class Compiled:
         artifact (or holds unlisted files named like an artifact's) is refused unless
         ``overwrite=True``, which replaces the files named like an artifact's and keeps the rest."""
         out = Path(directory)
+        target = out.resolve()
+        kept = check_save_target(target, overwrite)
         model = self.onnx_model
         if model is None:
             if self.lower is None or self.graph_module is None:
                 raise ArtifactError("nothing to save: this Compiled has neither an ONNX model nor a graph to export")
             model = self.lower(self.graph_module)
-        target = out.resolve()
-        kept = _kept_files(target, overwrite)
-        target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:12]}.fxc-tmp"
-        tmp.mkdir()
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp.mkdir()
+        except OSError as exc:
+            raise ArtifactError(f"cannot write the artifact {out}: {exc.strerror} in {target.parent} (save "
+                                "writes a temporary directory beside the target); choose a writable directory") \
+                from exc
         try:
             self._write(tmp, model)
             for rel in kept:
@@ -300,7 +305,8 @@ _SNAPSHOT_KEYS = {"index": int, "name": str, "stage": str, "file": str}
 _MANIFEST_KEYS: dict[str, tuple[type, ...]] = {
     "target": (str,), "backend": (str,), "load_backend": (str,), "pipeline": (str,),
     "pipeline_full": (str, type(None)), "inputs": (list,), "outputs": (list,), "engine": (dict, type(None)),
-    "source": (dict, type(None)), "snapshots": (list,), "files": (dict,), "versions": (dict,), "digest": (str,),
+    "source": (dict, type(None)), "snapshots": (list,), "files": (dict,), "versions": (dict,),
+    "digest": (str,),
 }
 _JSON_NAMES = {str: "a string", int: "an integer", list: "a list", dict: "an object", type(None): "null",
                float: "a number", bool: "a boolean"}
@@ -311,8 +317,8 @@ def _json_kind(value: Any) -> str:
 
 
 def _malformed(path: Path, what: str) -> ArtifactError:
-    return ArtifactError(f"{path}: malformed manifest: {what}; it was not written by Compiled.save (re-save the "
-                         "artifact, or recompile the model)")
+    return ArtifactError(f"{path}: malformed manifest: {what}; it was not written by Compiled.save (re-save "
+                         "the artifact, or recompile the model)")
 
 
 def _check_entries(path: Path, key: str, items: list[Any], fields: dict[str, type]) -> None:
@@ -347,8 +353,9 @@ def parse_manifest(data: bytes, path: Path) -> dict[str, Any]:
     if "digest" not in manifest:
         raise _malformed(path, "'digest' is missing")
     if manifest["digest"] != manifest_digest(manifest):
-        raise ArtifactError(f"{path} was modified after saving: its digest does not match its content; re-save the "
-                            "artifact (a tool that edits a manifest rewrites it with fxcompress.artifact.write_manifest)")
+        raise ArtifactError(f"{path} was modified after saving: its digest does not match its content; re-save "
+                            "the artifact (a tool that edits a manifest rewrites it with "
+                            "fxcompress.artifact.write_manifest)")
     if not manifest.get("files"):
         raise ArtifactError(f"{path}: the manifest lists no files (its 'files' map is missing or empty), so "
                             "nothing can be verified; re-save the artifact")
@@ -463,8 +470,9 @@ def _read_checked(d: _Dir) -> tuple[dict[str, Any], dict[str, bytes]]:
     for rel in sorted(present - set(files) - {MANIFEST}):
         if _artifact_kind(rel):
             what = "engine" if rel == ENGINE else "file"
-            raise ArtifactError(f"{root / rel} is not listed in the manifest, so its sha256 cannot be checked; "
-                                f"refusing to load an unverified {what} (delete it, or re-save the artifact)")
+            raise ArtifactError(f"{root / rel} is not listed in the manifest, so its sha256 cannot be "
+                                f"checked; refusing to load an unverified {what} (delete it, or re-save the "
+                                "artifact)")
         ignored.append(rel)
     contents: dict[str, bytes] = {}
     for rel, digest in files.items():
@@ -474,12 +482,12 @@ def _read_checked(d: _Dir) -> tuple[dict[str, Any], dict[str, bytes]]:
             raise ArtifactError(f"{root / rel} is listed in the manifest but missing") from None
         actual = hashlib.sha256(contents[rel]).hexdigest()
         if actual != digest:
-            raise ArtifactError(f"{root / rel} was modified after saving: sha256 {actual[:12]}... does not match the "
-                                f"manifest's {digest[:12]}...; re-save the artifact")
+            raise ArtifactError(f"{root / rel} was modified after saving: sha256 {actual[:12]}... does not "
+                                f"match the manifest's {digest[:12]}...; re-save the artifact")
     if ignored:
         shown = ", ".join(ignored[:5]) + (f" and {len(ignored) - 5} more" if len(ignored) > 5 else "")
-        warnings.warn(f"{root}: ignoring {shown}: not part of the artifact (its manifest does not list them); "
-                      "nothing in an artifact directory is imported or run", stacklevel=4)
+        warnings.warn(f"{root}: ignoring {shown}: not part of the artifact (its manifest does not list "
+                      "them); nothing in an artifact directory is imported or run", stacklevel=4)
     return manifest, contents
 
 
@@ -501,29 +509,31 @@ def _listed(d: _Dir) -> tuple[set[str] | None, str, list[str]]:
     return set(manifest["files"]) | {MANIFEST}, "", present
 
 
-def _kept_files(target: Path, overwrite: bool) -> list[str]:
-    """The files of ``target`` a save keeps (carried into the new artifact): those a previous
-    manifest did not list. Refuses what save must not silently replace (see ``Compiled.save``)."""
+def check_save_target(target: Path, overwrite: bool = False) -> list[str]:
+    """What ``Compiled.save`` checks before writing anything: raises ``ArtifactError`` where it
+    would refuse ``target``; else the files it keeps there (carried into the new artifact), those a
+    previous manifest did not list."""
     if not target.exists():
         return []
     if not target.is_dir():
-        raise ArtifactError(f"{target} is a file, not a directory; give save() a directory path for the artifact "
-                            "(the file is left as it is)")
+        raise ArtifactError(f"{target} is a file, not a directory; give save() a directory path for the "
+                            "artifact (the file is left as it is)")
     listed, why, present = _consistent(target, _listed)
     if not present:
         return []
     if listed is None:
         if not overwrite:
-            raise ArtifactError(f"{target} is not empty and is not an fxcompress artifact ({why}); saving there would "
-                                "replace or mix with its files: give a new or empty directory, or pass "
+            raise ArtifactError(f"{target} is not empty and is not an fxcompress artifact ({why}); saving there "
+                                "would replace or mix with its files: give a new or empty directory, or pass "
                                 "overwrite=True (files named like an artifact's - model.onnx, model.engine, "
-                                "report.json, manifest.json, graphs/*.fxg - are then replaced, the others kept)")
+                                "report.json, manifest.json, graphs/*.fxg - are then replaced, the others "
+                                "kept)")
         return [rel for rel in present if not _artifact_kind(rel)]
     unlisted = sorted(rel for rel in present if rel not in listed)
     clash = [rel for rel in unlisted if _artifact_kind(rel)]
     if clash and not overwrite:
-        raise ArtifactError(f"{target / clash[0]} is not listed in the artifact's manifest; save only removes files "
-                            "a previous manifest listed: move it away, or pass overwrite=True to replace it")
+        raise ArtifactError(f"{target / clash[0]} is not listed in the artifact's manifest; save only removes "
+                            "files a previous manifest listed: move it away, or pass overwrite=True to replace it")
     return [rel for rel in unlisted if not _artifact_kind(rel)]
 
 

@@ -35,9 +35,10 @@ def parse_shapes(text: str) -> list[tuple[int, ...]]:
     """``"1x3x224x224"`` or ``"1x3x8x8,1x10"`` (several inputs) -> shapes."""
     parts = text.split(",")
     if len(parts) > 1 and all(p.strip().isdigit() for p in parts):
-        raise CliError(f"--input-shape {text!r} reads as {len(parts)} inputs of one dimension each; for one input "
-                       f"of shape ({', '.join(p.strip() for p in parts)}) write {'x'.join(p.strip() for p in parts)} "
-                       "('x' between dimensions, ',' only between inputs)")
+        dims = [p.strip() for p in parts]
+        raise CliError(f"--input-shape {text!r} reads as {len(parts)} inputs of one dimension each; for one "
+                       f"input of shape ({', '.join(dims)}) write {'x'.join(dims)} ('x' between dimensions, ',' "
+                       "only between inputs)")
     shapes = []
     for part in parts:
         try:
@@ -101,6 +102,8 @@ _API_TO_CLI = (
     ("pass train_data= or calibration= to fxcompress.compile()", "give --train-data or --calibration"),
     ("save one with Compiled.save(dir)", "make one with `fxcompress compile ... --out DIR`"),
     ("pass target='tensorrt-rtx' or 'tensorrt'", "give --target tensorrt-rtx or --target tensorrt"),
+    ("pass overwrite=True", "give --overwrite"),
+    ("give save() a directory path", "give --out a directory path"),
 )
 #: compile()'s keyword arguments that are also compile's flags: ``target='x'`` -> ``--target x``
 _KEYWORD_FLAG = re.compile(r"\b(target|fallback|precision)='([\w-]+)'")
@@ -139,9 +142,9 @@ def compile_cmd(
         None, "--train-targets", help=".npy with one target per --train-data sample (class indices or floats)."),
     batch: int = typer.Option(32, "--batch", help="Batch size for --calibration and --train-data."),
     out: Path = typer.Option(Path("out"), "--out", help="Artifact directory to write."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Write --out even if it is a non-empty directory that "
-                                                              "is not an artifact (files named like an artifact's "
-                                                              "are replaced, others kept)."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Write --out even if it is a non-empty directory that is not an artifact (files "
+                                   "named like an artifact's are replaced, others kept)."),
     report_html: Optional[Path] = typer.Option(None, "--report-html", help="Also write an HTML report here."),
 ) -> None:
     """Compile a model and save the artifact (model.onnx, manifest.json, report.json, graphs/)."""
@@ -189,24 +192,24 @@ def check_out(out: Path, overwrite: bool) -> None:
     ``Compiled.save`` makes, and a writable parent), in ``--out``'s terms."""
     import tempfile
 
-    from .artifact import _kept_files
+    from .artifact import check_save_target
     from .errors import ArtifactError
 
     try:
-        _kept_files(out.resolve(), overwrite)
+        check_save_target(out.resolve(), overwrite)
     except ArtifactError as exc:
-        why = str(exc).replace("pass overwrite=True", "give --overwrite").replace("give save() a", "give --out a")
-        raise CliError(f"--out {out}: {why}") from None
+        raise CliError(f"--out {out}: {cli_hints(str(exc))}") from None
     parent = out.resolve().parent
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
-        raise CliError(f"--out {out}: {parent} is a file, so no directory can be made under it; give another --out")
+        raise CliError(f"--out {out}: {parent} is a file, so no directory can be made under it; give another "
+                       "--out")
     try:
         tempfile.TemporaryDirectory(dir=parent).cleanup()
     except OSError as exc:
-        raise CliError(f"--out {out}: cannot write in {parent} ({exc.strerror}); give a writable --out directory") \
-            from None
+        raise CliError(f"--out {out}: cannot write in {parent} ({exc.strerror}); give a writable --out "
+                       "directory") from None
 
 
 def _check_tensorrt(model: Any, shapes: list[tuple[int, ...]] | None) -> list[Any] | None:
@@ -362,10 +365,11 @@ BENCH_BACKENDS = ("onnxruntime", "tensorrt", "tensorrt-rtx")
 @app.command()
 def bench(
     path: Path = typer.Argument(..., help="An artifact directory."),
-    compare_eager: bool = typer.Option(False, "--compare-eager",
-                                       help="Also run the source model (give it with --original module:factory)."),
-    original: Optional[str] = typer.Option(None, "--original", help="module:factory of the source model, for "
-                                                                    "--compare-eager (never taken from the artifact)."),
+    compare_eager: bool = typer.Option(
+        False, "--compare-eager", help="Also run the source model (give it with --original module:factory)."),
+    original: Optional[str] = typer.Option(
+        None, "--original", help="module:factory of the source model, for --compare-eager (never taken from the "
+                                 "artifact)."),
     batch: Optional[int] = typer.Option(None, "--batch", help="Batch size (default: the compiled input's)."),
     iters: int = typer.Option(100, "--iters"),
     warmup: int = typer.Option(10, "--warmup"),
@@ -386,11 +390,12 @@ def bench(
     if backend is not None and backend not in BENCH_BACKENDS:
         raise CliError(f"--backend {backend!r}: choose one of {', '.join(BENCH_BACKENDS)}")
     if batch is not None and batch < 1:
-        raise CliError(f"--batch {batch}: the batch size must be a positive integer (default: the compiled input's)")
+        raise CliError(f"--batch {batch}: the batch size must be a positive integer (default: the compiled "
+                       "input's)")
     compiled = load(path, backend=backend)
     if compare_eager and not original:
-        raise CliError(f"--compare-eager needs the source model: give --original module:factory{_recorded(compiled)} "
-                       "(an artifact never makes fxcompress import or run code it names)")
+        raise CliError(f"--compare-eager needs the source model: give --original module:factory"
+                       f"{_recorded(compiled)} (an artifact never makes fxcompress import or run code it names)")
     shapes = [list(s["shape"]) for s in compiled.inputs]
     if batch:
         shapes = [[batch, *s[1:]] for s in shapes]
@@ -432,8 +437,8 @@ def artifact_precision(compiled: Any) -> str:
 def compare_cmd(
     path: Path = typer.Argument(..., help="An artifact directory."),
     inputs: Path = typer.Option(..., "--inputs", help=".npy (one input) or .npz (several, keyed by input name)."),
-    original: Optional[str] = typer.Option(None, "--original",
-                                           help="module:factory of the source model (never taken from the artifact)."),
+    original: Optional[str] = typer.Option(
+        None, "--original", help="module:factory of the source model (never taken from the artifact)."),
     tolerance: Optional[str] = typer.Option(None, "--tolerance",
                                             help='Drift limits, e.g. "cosine=0.999,abs=1e-3" (abs: x max(1,|ref|max)).'),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the comparison as JSON here."),

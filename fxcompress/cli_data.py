@@ -119,8 +119,8 @@ def check_data_files(**files: Optional[Path]) -> None:
             continue
         flag = "--" + name.replace("_", "-")
         if not path.is_file():
-            raise CliError(f"{flag}: inputs file {path} does not exist; save the samples with numpy.save (.npy) or "
-                           "numpy.savez (.npz)")
+            raise CliError(f"{flag}: inputs file {path} does not exist; save the samples with numpy.save (.npy) "
+                           "or numpy.savez (.npz)")
         problem = not_numpy(path)
         if problem:
             raise CliError(f"{flag}: {problem}")

@@ -937,6 +937,6 @@ def untied_warnings(before: nn.Module, after: nn.Module) -> list[str]:
         gone = [n for n in names if n not in params]
         out.append(f"tied weights {', '.join(names)} are no longer one tensor after this pass"
                    + (f" ({', '.join(gone)} replaced or removed)" if gone else "")
-                   + "; the model now stores them separately. To keep them tied, leave these layers out of the "
-                     "pass (its exclude=/skip=/keep-fp32= option)")
+                   + "; the model now stores them separately. To keep them tied, leave these layers out of "
+                     "the pass (its exclude=/skip=/keep-fp32= option)")
     return out

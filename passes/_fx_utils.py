@@ -293,5 +293,5 @@ def unmatched_patterns(option: str, patterns: Sequence[str], names: Iterable[str
         return None
     layers = list(layers) if layers is not None else names
     shown = ", ".join(layers[:6]) + (f" ... ({len(layers)} in all)" if len(layers) > 6 else "")
-    return (f"{option}= pattern(s) {', '.join(repr(p) for p in missing)} match no layer, so {consequence}; check "
-            f"the spelling against the layers here: {shown}")
+    return (f"{option}= pattern(s) {', '.join(repr(p) for p in missing)} match no layer, so {consequence}; "
+            f"check the spelling against the layers here: {shown}")

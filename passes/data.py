@@ -185,8 +185,8 @@ def claim_data(data: Any, *, argument: str, pass_name: str) -> None:
     except TypeError:  # not weak-referenceable: nothing recorded
         return
     if first != pass_name:
-        raise PassError(f"pass '{pass_name}': {argument}= is a one-shot iterator (e.g. a generator) that pass "
-                        f"'{first}' already consumed, so at most its remainder is left for this pass; "
+        raise PassError(f"pass '{pass_name}': {argument}= is a one-shot iterator (e.g. a generator) that "
+                        f"pass '{first}' already consumed, so at most its remainder is left for this pass; "
                         + _ONE_SHOT_FIX, pass_name=pass_name)
 
 

@@ -79,8 +79,9 @@ def test_compare_without_original_never_imports_the_manifests_factory(
     assert code == 0, err
     assert not (evil / "RAN").exists() and not (evil / "art" / "RAN").exists()
     assert "evil_mod" not in sys.modules
-    assert ("FX and original columns omitted: give the source model with --original module:factory (the artifact "
-            "records 'evil_mod:boom'); an artifact never makes fxcompress import or run code it names") in " ".join(out.split())
+    note = ("FX and original columns omitted: give the source model with --original module:factory (the "
+            "artifact records 'evil_mod:boom'); an artifact never makes fxcompress import or run code it names")
+    assert note in " ".join(out.split())
 
 
 def test_bench_compare_eager_needs_original(evil: Path, monkeypatch: pytest.MonkeyPatch,
@@ -98,16 +99,16 @@ def test_manifest_edited_without_its_digest_is_refused(tmp_path: Path, compiled:
     manifest = json.loads((art / "manifest.json").read_text())
     manifest["pipeline"] = "prune-magnitude"
     (art / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(fxc.ArtifactError, match=r"manifest.json was modified after saving: its digest does not "
-                                                r"match its content; re-save the artifact"):
+    with pytest.raises(fxc.ArtifactError, match=r"manifest.json was modified after saving: its digest does "
+                                                r"not match its content; re-save the artifact"):
         fxc.load(art)
 
 
 def test_unlisted_file_named_like_the_artifacts_is_refused(tmp_path: Path, compiled: fxc.Compiled) -> None:
     art = compiled.save(tmp_path / "art")
     (art / "graphs" / "99_extra.fxg").write_text("# fxg 1 fx\n")
-    with pytest.raises(fxc.ArtifactError, match=r"graphs/99_extra\.fxg is not listed in the manifest, so its sha256 "
-                                                r"cannot be checked; refusing to load an unverified file"):
+    with pytest.raises(fxc.ArtifactError, match=r"graphs/99_extra\.fxg is not listed in the manifest, so its "
+                                                r"sha256 cannot be checked; refusing to load an unverified file"):
         fxc.load(art)
 
 
@@ -126,15 +127,16 @@ def _raw(data: bytes) -> Any:
 
 MALFORMED = [
     ("list", _raw(b"[1, 2, 3]"), r"malformed manifest: the file holds a list, not an object"),
-    ("binary", _raw(b"\x80\x04\x95\xff\xfe"), r"manifest.json is not text \(byte 0 is not UTF-8\); it is not an "
-                                              r"fxcompress manifest"),
+    ("binary", _raw(b"\x80\x04\x95\xff\xfe"),
+     r"manifest.json is not text \(byte 0 is not UTF-8\); it is not an fxcompress manifest"),
     ("truncated", _raw(b'{"format": "fxcompress-artifact", '), r"manifest.json is not valid JSON"),
     ("no digest", _raw(json.dumps({"format": "fxcompress-artifact", "format_version": 2}).encode()),
      r"malformed manifest: 'digest' is missing"),
     ("version as text", _signed(lambda m: m.update(format_version="2")),
      r"unknown artifact format version '2'; this fxcompress reads version 2"),
     ("missing key", _signed(lambda m: m.pop("target")), r"malformed manifest: 'target' is missing"),
-    ("wrong type", _signed(lambda m: m.update(inputs="x")), r"malformed manifest: 'inputs' is a string, expected a list"),
+    ("wrong type", _signed(lambda m: m.update(inputs="x")),
+     r"malformed manifest: 'inputs' is a string, expected a list"),
     ("wrong entry", _signed(lambda m: m["snapshots"][0].update(index="0")),
      r"malformed manifest: 'snapshots\[0\]\.index' is a string, expected an integer"),
     ("bad spec", _signed(lambda m: m["outputs"].__setitem__(0, 5)),
@@ -155,7 +157,8 @@ def test_malformed_manifest_is_one_artifact_error_naming_the_file(
     assert str(art / "manifest.json") in str(info.value)
     code, out, err = cli_main(tmp_path, monkeypatch, capsys, "inspect", "art")
     lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "manifest.json" in lines[0], err
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith("error: ") and "manifest.json" in lines[0], err
     assert "Traceback" not in err and out == ""
 
 
@@ -167,8 +170,8 @@ def test_save_refuses_a_directory_that_is_not_an_artifact(tmp_path: Path, compil
     (d / "model.engine").write_bytes(b"my engine")
     (d / "notes.txt").write_text("my notes")
     before = _files(d)
-    with pytest.raises(fxc.ArtifactError, match=r"mine is not empty and is not an fxcompress artifact \(it has no "
-                                                r"manifest\.json\); .* or pass overwrite=True"):
+    with pytest.raises(fxc.ArtifactError, match=r"mine is not empty and is not an fxcompress artifact \(it has "
+                                                r"no manifest\.json\); .* or pass overwrite=True"):
         compiled.save(d)
     assert _files(d) == before
     compiled.save(d, overwrite=True)  # the user's own file stays; the artifact-named ones are replaced
@@ -217,7 +220,8 @@ SAVER = textwrap.dedent("""
     classes, out, rounds = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
     torch.manual_seed(classes)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, classes)).eval()
-    compiled = fxc.compile(model, (torch.randn(1, 8),), "eliminate-dead-code", target="onnxruntime", progress=False)
+    compiled = fxc.compile(model, (torch.randn(1, 8),), "eliminate-dead-code", target="onnxruntime",
+                           progress=False)
     print("ready", flush=True)
     for _ in range(rounds):
         compiled.save(out)
@@ -268,7 +272,8 @@ MODELS = textwrap.dedent("""
     def make_model():
         Path("FACTORY_RAN").write_text("built")
         torch.manual_seed(0)
-        return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 16 * 16, 3)).eval()
+        return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                             nn.Linear(4 * 16 * 16, 3)).eval()
 
     def broken():
         raise RuntimeError("no weights here")
@@ -291,18 +296,20 @@ def work(tmp_path_factory: pytest.TempPathFactory, compiled: fxc.Compiled) -> Pa
 COMPILE = ("compile", "badmodels:make_model", "--input-shape", "1x3x16x16")
 CLI_CASES = [
     (("compile", "badmodels:make_model", "--input-shape", "1,3,16,16"),
-     "--input-shape '1,3,16,16' reads as 4 inputs of one dimension each; for one input of shape (1, 3, 16, 16) "
-     "write 1x3x16x16 ('x' between dimensions, ',' only between inputs)"),
+     "--input-shape '1,3,16,16' reads as 4 inputs of one dimension each; for one input of shape "
+     "(1, 3, 16, 16) write 1x3x16x16 ('x' between dimensions, ',' only between inputs)"),
     (("compile", "badmodels:broken", "--input-shape", "1x3x16x16"),
      "model 'badmodels:broken': the factory broken() raised RuntimeError: no weights here"),
     (("compile", "badimport:make", "--input-shape", "1x3x16x16"),
      "model 'badimport:make': importing module 'badimport' raised ZeroDivisionError: division by zero"),
     ((*COMPILE, "--passes", "quantize-int8", "--calibration", "samples.txt", "--out", "o1"),
-     "--calibration: inputs file samples.txt is not a .npy/.npz numpy file: it starts with b'1.0 2.' (text, not "
-     "numpy's header); save the arrays with numpy.save (.npy) or numpy.savez (.npz)"),
+     "--calibration: inputs file samples.txt is not a .npy/.npz numpy file: it starts with b'1.0 2.' (text, "
+     "not numpy's header); save the arrays with numpy.save (.npy) or numpy.savez (.npz)"),
     ((*COMPILE, "--out", "afile"), "--out afile: "),
     ((*COMPILE, "--out", "afile/sub"), "is a file, so no directory can be made under it; give another --out"),
-    ((*COMPILE, "--out", "mine"), "is not empty and is not an fxcompress artifact (it has no manifest.json); "),
+    ((*COMPILE, "--out", "mine"),
+     "is not empty and is not an fxcompress artifact (it has no manifest.json); saving there would replace or mix "
+     "with its files: give a new or empty directory, or give --overwrite"),
     (("bench", "art", "--batch", "0"), "--batch 0: the batch size must be a positive integer"),
     (("bench", "art", "--batch", "-2"), "--batch -2: the batch size must be a positive integer"),
 ]
@@ -328,13 +335,13 @@ def _warnings(c: fxc.Compiled) -> list[str]:
 
 
 @pytest.mark.parametrize("passes, message", [
-    ("prune-magnitude{exclude=[conv0]}", "exclude= pattern(s) 'conv0' match no layer, so they keep no layer from "
-                                         "being pruned; check the spelling against the layers here: conv, fc"),
+    ("prune-magnitude{exclude=[conv0]}", "exclude= pattern(s) 'conv0' match no layer, so they keep no layer "
+                                         "from being pruned; check the spelling against the layers here: conv, fc"),
     ("prune-nm{exclude=[fcc]}", "exclude= pattern(s) 'fcc' match no layer"),
-    ("prune-channels{exclude=[conv0]}", "exclude= pattern(s) 'conv0' match no layer, so they keep no layer from "
-                                        "being pruned; check the spelling against the layers here: conv, fc"),
-    ("quantize-int8{skip=[lienar]}", "skip= pattern(s) 'lienar' match no layer, so they keep no layer in floating "
-                                     "point; check the spelling against the layers here: conv, fc"),
+    ("prune-channels{exclude=[conv0]}", "exclude= pattern(s) 'conv0' match no layer, so they keep no layer "
+                                        "from being pruned; check the spelling against the layers here: conv, fc"),
+    ("quantize-int8{skip=[lienar]}", "skip= pattern(s) 'lienar' match no layer, so they keep no layer in "
+                                     "floating point; check the spelling against the layers here: conv, fc"),
     ("quantize-dynamic{skip=[fc1]}", "skip= pattern(s) 'fc1' match no layer"),
 ])
 def test_unmatched_exclude_and_skip_patterns_warn(passes: str, message: str) -> None:
@@ -343,22 +350,22 @@ def test_unmatched_exclude_and_skip_patterns_warn(passes: str, message: str) -> 
 
 
 def test_matched_patterns_do_not_warn() -> None:
-    c = fxc.compile(Net().eval(), (X,), "prune-magnitude{exclude=[conv]},quantize-int8{skip=[fc]}", target="fx",
-                    calibration=[X], progress=False)
+    c = fxc.compile(Net().eval(), (X,), "prune-magnitude{exclude=[conv]},quantize-int8{skip=[fc]}",
+                    target="fx", calibration=[X], progress=False)
     assert not [w for w in _warnings(c) if "match no layer" in w]
 
 
 def test_one_shot_calibration_consumed_by_an_earlier_pass_names_it() -> None:
     batches = (torch.randn(2, 3, 6, 6) for _ in range(4))
-    with pytest.raises(fxc.PassError, match=r"pass 'quantize-int8': calibration= is a one-shot iterator \(e\.g\. a "
-                                            r"generator\) that pass 'quant-sensitivity' already consumed, .*; pass a "
-                                            r"list \(e\.g\. list\(batches\)\) or a DataLoader"):
+    with pytest.raises(fxc.PassError, match=r"pass 'quantize-int8': calibration= is a one-shot iterator "
+                                            r"\(e\.g\. a generator\) that pass 'quant-sensitivity' already "
+                                            r"consumed, .*; pass a list \(e\.g\. list\(batches\)\) or a DataLoader"):
         fxc.compile(Net().eval(), (X,), "quant-sensitivity,quantize-int8", target="fx", calibration=batches,
                     progress=False)
     exhausted = iter([X])
     next(exhausted)
-    with pytest.raises(fxc.PassError, match=r"calibration= yielded no batches: it is a one-shot iterator \(e\.g\. a "
-                                            r"generator\), already exhausted; pass a list"):
+    with pytest.raises(fxc.PassError, match=r"calibration= yielded no batches: it is a one-shot iterator "
+                                            r"\(e\.g\. a generator\), already exhausted; pass a list"):
         fxc.compile(Net().eval(), (X,), "quantize-int8", target="fx", calibration=exhausted, progress=False)
     same = [torch.randn(2, 3, 6, 6) for _ in range(4)]
     assert fxc.compile(Net().eval(), (X,), "quant-sensitivity,quantize-int8", target="fx", calibration=same,
@@ -407,8 +414,8 @@ def test_tied_weights_stay_one_tensor_and_one_initializer(passes: str) -> None:
 
 def test_a_pass_that_unties_weights_says_so() -> None:
     c = fxc.compile(Tied().eval(), (IDS,), "quantize-int8", target="fx", calibration=[IDS], progress=False)
-    assert ("tied weights emb.weight, head.weight are no longer one tensor after this pass (head.weight replaced or "
-            "removed); the model now stores them separately") in " ".join(_warnings(c))
+    assert ("tied weights emb.weight, head.weight are no longer one tensor after this pass (head.weight replaced "
+            "or removed); the model now stores them separately") in " ".join(_warnings(c))
 
 
 class DictOut(nn.Module):
@@ -434,8 +441,9 @@ class Returns(nn.Module):
 
 def test_dict_output_warns_that_onnx_runtime_returns_a_tuple() -> None:
     x = torch.randn(2, 4)
-    with pytest.warns(UserWarning, match=r"forward returns a dict \('logits', 'probs'\); ONNX has no dicts, so ONNX "
-                                         r"Runtime and a loaded artifact return a tuple of its tensors in this order"):
+    with pytest.warns(UserWarning, match=r"forward returns a dict \('logits', 'probs'\); ONNX has no dicts, so "
+                                         r"ONNX Runtime and a loaded artifact return a tuple of its tensors in "
+                                         r"this order"):
         c = fxc.compile(DictOut().eval(), (x,), "", target="onnxruntime", progress=False)
     logits, probs = c(x)
     expected = DictOut().eval()(x)

@@ -217,20 +217,20 @@ def _check_outputs(gm: fx.GraphModule) -> None:
     value = output.args[0] if output is not None and output.args else None
     leaves, _ = torch.utils._pytree.tree_flatten(value)
     if value is None or not leaves:
-        raise ExportError("the model's forward returns None (or nothing but empty containers); an ONNX model needs "
-                          "at least one tensor output: return the tensor(s) the model computes")
+        raise ExportError("the model's forward returns None (or nothing but empty containers); an ONNX model "
+                          "needs at least one tensor output: return the tensor(s) the model computes")
     for leaf in leaves:
         kind = type(leaf) if not isinstance(leaf, fx.Node) else leaf.meta.get("type")
-        if kind is not None and not issubclass(kind, torch.Tensor) and issubclass(kind, (int, float, bool, complex)):
+        if kind is not None and issubclass(kind, (int, float, bool, complex)):
             where = f" computed by node '{leaf.name}'" if isinstance(leaf, fx.Node) else f" ({leaf!r})"
-            raise ExportError(f"the model's forward returns a Python {kind.__name__}{where}, not a tensor; ONNX "
-                              "outputs are tensors: return the tensor itself (not .item()/float()), or "
+            raise ExportError(f"the model's forward returns a Python {kind.__name__}{where}, not a tensor; "
+                              "ONNX outputs are tensors: return the tensor itself (not .item()/float()), or "
                               "torch.tensor(value)")
     if isinstance(value, dict):
         names = ", ".join(repr(k) for k in value)
-        warnings.warn(f"the model's forward returns a dict ({names}); ONNX has no dicts, so ONNX Runtime and a "
-                      "loaded artifact return a tuple of its tensors in this order (outputs 'output', 'output_1', "
-                      "...), while the FX graph returns the dict", stacklevel=3)
+        warnings.warn(f"the model's forward returns a dict ({names}); ONNX has no dicts, so ONNX Runtime and "
+                      "a loaded artifact return a tuple of its tensors in this order (outputs 'output', "
+                      "'output_1', ...), while the FX graph returns the dict", stacklevel=3)
 
 
 def _check_inputs(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -382,7 +382,8 @@ def _share_tied_initializers(model: onnx.ModelProto, gm: fx.GraphModule) -> None
             for n, t in inits.items():
                 if n not in same and tuple(t.dims) == value.shape[::-1] and \
                         np.array_equal(numpy_helper.to_array(t), value.T):
-                    transposes.append(helper.make_node("Transpose", [keep], [n], name=f"{n}.tied", perm=[1, 0]))
+                    transposes.append(helper.make_node("Transpose", [keep], [n], name=f"{n}.tied",
+                                                       perm=[1, 0]))
     gone = set(renames) | {node.output[0] for node in transposes}
     if not gone:
         return

@@ -22,8 +22,8 @@ from torch.fx import GraphModule
 from fxcompress.errors import PipelineError
 from fxcompress.pass_base import Pass, PassContext, PassResult
 
-from ._common import (WEIGHT_TYPES, as_tuple, graph_totals, layer_rows, need_shapes, replace_weight, select_layers, warn_unmatched,
-                      totals)
+from ._common import (WEIGHT_TYPES, as_tuple, graph_totals, layer_rows, need_shapes, replace_weight, select_layers,
+                      totals, warn_unmatched)
 
 __all__ = ["PruneMagnitude", "smallest"]
 
@@ -99,7 +99,8 @@ class PruneMagnitude(Pass):
             new.view(-1)[idx] = 0
             tied = replace_weight(mod, new, gm)
             if tied:
-                result.info(f"weight tied with {', '.join(tied)}: pruned together, still one tensor", node=path)
+                result.info(f"weight tied with {', '.join(tied)}: pruned together, still one tensor",
+                            node=path)
             zeros[path] = int((new == 0).sum()), new.numel()
         gm.recompile()
         after = graph_totals(gm)

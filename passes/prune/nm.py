@@ -22,7 +22,8 @@ from torch.fx import GraphModule
 from fxcompress.errors import PipelineError
 from fxcompress.pass_base import Pass, PassContext, PassResult
 
-from ._common import as_tuple, graph_totals, layer_rows, need_shapes, replace_weight, select_layers, warn_unmatched, totals
+from ._common import (as_tuple, graph_totals, layer_rows, need_shapes, replace_weight, select_layers, totals,
+                      warn_unmatched)
 
 __all__ = ["PruneNM", "check_nm", "nm_groups"]
 
@@ -97,7 +98,8 @@ class PruneNM(Pass):
             new = _from_groups(groups, w).contiguous()
             tied = replace_weight(mod, new, gm)
             if tied:
-                result.info(f"weight tied with {', '.join(tied)}: pruned together, still one tensor", node=path)
+                result.info(f"weight tied with {', '.join(tied)}: pruned together, still one tensor",
+                            node=path)
             zeros[path] = int((new == 0).sum()), new.numel()
         gm.recompile()
         after = graph_totals(gm)

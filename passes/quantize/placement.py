@@ -103,7 +103,8 @@ def unmatched_skip(patterns: Sequence[str], gm: GraphModule) -> str | None:
         if node.op not in ("call_module", "call_function", "call_method"):
             continue
         info = classify(gm, node)
-        names += [node.name, module_path(node), info.kind, type(info.module).__name__ if info.module is not None else ""]
+        mod_type = type(info.module).__name__ if info.module is not None else ""
+        names += [node.name, module_path(node), info.kind, mod_type]
         if info.kind in COMPUTE:
             layers.append(module_path(node) or node.name)
     return unmatched_patterns("skip", patterns, names, layers=list(dict.fromkeys(layers)),
