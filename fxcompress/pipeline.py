@@ -160,6 +160,11 @@ class Pipeline(Pass):
                     fix = how or (f"add one of {', '.join(givers)} before it" if givers else "nothing provides it")
                     raise PipelineError(f"pass '{p.name}' (#{pos}) requires '{need}': {fix}")
             provided.update(p.provides)
+        readers = [p.name for p in self.schedule() if "calibration-data" in p.requires]
+        if isinstance(ctx.calibration, Iterator) and len(readers) > 1:
+            raise PipelineError(f"calibration= is a one-shot iterator (e.g. a generator), but passes "
+                                f"{', '.join(readers)} each read it: the first would consume it; pass a list "
+                                "(e.g. list(batches)) or a DataLoader, which every pass can iterate again")
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         """Run as a nested pass (standalone use); records go into the result's stats."""

@@ -355,13 +355,25 @@ def test_matched_patterns_do_not_warn() -> None:
     assert not [w for w in _warnings(c) if "match no layer" in w]
 
 
-def test_one_shot_calibration_consumed_by_an_earlier_pass_names_it() -> None:
+def test_one_shot_calibration_read_by_two_passes_is_refused_before_any_work() -> None:
+    """Up front when the pipeline shows two readers; at run time, a pass names the one that consumed it."""
+    from passes import QuantizeInt8, QuantSensitivity
+
+    from fxcompress.trace import trace
+
     batches = (torch.randn(2, 3, 6, 6) for _ in range(4))
+    with pytest.raises(fxc.PipelineError, match=r"calibration= is a one-shot iterator \(e\.g\. a generator\), but "
+                                                r"passes quant-sensitivity, quantize-int8 each read it: the first would "
+                                                r"consume it; pass a list \(e\.g\. list\(batches\)\) or a DataLoader"):
+        fxc.compile(Net().eval(), (X,), "quant-sensitivity,quantize-int8", target="fx", calibration=batches,
+                    progress=False)
+    assert next(batches).shape == (2, 3, 6, 6)  # untouched: refused before anything read it
+    ctx = fxc.PassContext((X,), calibration=(torch.randn(2, 3, 6, 6) for _ in range(4)))
+    QuantSensitivity().run(trace(Net().eval(), (X,)), ctx)
     with pytest.raises(fxc.PassError, match=r"pass 'quantize-int8': calibration= is a one-shot iterator "
                                             r"\(e\.g\. a generator\) that pass 'quant-sensitivity' already "
                                             r"consumed, .*; pass a list \(e\.g\. list\(batches\)\) or a DataLoader"):
-        fxc.compile(Net().eval(), (X,), "quant-sensitivity,quantize-int8", target="fx", calibration=batches,
-                    progress=False)
+        QuantizeInt8().run(trace(Net().eval(), (X,)), ctx)
     exhausted = iter([X])
     next(exhausted)
     with pytest.raises(fxc.PassError, match=r"calibration= yielded no batches: it is a one-shot iterator "
