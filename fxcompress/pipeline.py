@@ -330,6 +330,10 @@ class _Run:
     def start(self, gm: GraphModule) -> None:
         self.gm = copy_graph_module(gm)
         propagate_shapes(self.gm, self.ctx.example_inputs)
+        if self.lower is not None:  # before any pass runs: outputs ONNX cannot hold
+            from .backends.onnx_export import check_outputs
+
+            check_outputs(self.gm, warn_dict=False)
         if self.reference is None and self.ctx.original is not None:
             with torch.no_grad():
                 self.reference = self.ctx.original(*fresh_inputs(self.ctx.example_inputs))

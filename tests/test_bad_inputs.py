@@ -469,9 +469,20 @@ def test_dict_output_warns_that_onnx_runtime_returns_a_tuple() -> None:
     ("item", r"the model's forward returns a Python float computed by node 'item', not a tensor; .* \(not "
              r"\.item\(\)/float\(\)\)"),
 ])
-def test_forward_returning_no_tensor_is_an_export_error(kind: str, message: str) -> None:
+def test_forward_returning_no_tensor_is_an_export_error_before_any_pass(kind: str, message: str) -> None:
+    class Seen:
+        def __init__(self) -> None:
+            self.passes: list[str] = []
+
+        def before_pass(self, p: Any, graph: Any, ctx: Any) -> None:
+            self.passes.append(p.name)
+
+    seen = Seen()
     with pytest.raises(fxc.ExportError, match=message):
-        fxc.compile(Returns(kind).eval(), (torch.randn(2, 4),), "", target="onnxruntime", progress=False)
+        fxc.compile(Returns(kind).eval(), (torch.randn(2, 4),), "prune-magnitude", target="onnxruntime",
+                    instruments=[seen], progress=False)
+    assert seen.passes == []
+    assert fxc.compile(Returns(kind).eval(), (torch.randn(2, 4),), "", target="fx", progress=False).backend == "fx"
 
 
 def test_saved_hashes_cover_every_file(tmp_path: Path, compiled: fxc.Compiled) -> None:

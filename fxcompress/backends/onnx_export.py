@@ -60,7 +60,7 @@ from ..errors import ExportError
 from ..onnx_graph import FX_NODE_KEY, fx_node_of, fx_node_outputs, stamp_fx_nodes
 from ..verify import fresh_inputs
 
-__all__ = ["export_onnx", "fx_node_of", "fx_node_outputs", "FX_NODE_KEY", "MIN_OPSET", "MAX_OPSET"]
+__all__ = ["check_outputs", "export_onnx", "fx_node_of", "fx_node_outputs", "FX_NODE_KEY", "MIN_OPSET", "MAX_OPSET"]
 
 MIN_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear
 MAX_OPSET = 20  # highest opset the TorchScript exporter writes
@@ -140,7 +140,7 @@ def export_onnx(
         raise ExportError(f"opset {opset} is not supported: the TorchScript exporter writes opsets "
                           f"{MIN_OPSET}..{MAX_OPSET} here (17 is the default)")
     args = _check_inputs(gm, example_inputs)
-    _check_outputs(gm)
+    check_outputs(gm)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     in_names = list(input_names) if input_names is not None else [n.name for n in placeholders[:len(args)]]
     if len(in_names) != len(args) or len(set(in_names)) != len(in_names):
@@ -209,10 +209,10 @@ def _no_mha_fastpath() -> Iterator[None]:
 # ----------------------------------------------------------------------------- inputs and axes
 
 
-def _check_outputs(gm: fx.GraphModule) -> None:
-    """ONNX outputs are tensors: refuse a forward returning None or a Python number up front (the
-    exporter or ONNX Runtime would fail with an internal error), and warn that a dict comes back
-    from ONNX Runtime as a tuple of its values."""
+def check_outputs(gm: fx.GraphModule, *, warn_dict: bool = True) -> None:
+    """ONNX outputs are tensors: refuse a forward returning None or a Python number (the exporter
+    or ONNX Runtime would fail with an internal error; ``Python number`` needs shapes propagated),
+    and warn (``warn_dict``) that a dict comes back from ONNX Runtime as a tuple of its values."""
     output = next((n for n in reversed(gm.graph.nodes) if n.op == "output"), None)
     value = output.args[0] if output is not None and output.args else None
     leaves, _ = torch.utils._pytree.tree_flatten(value)
@@ -226,7 +226,7 @@ def _check_outputs(gm: fx.GraphModule) -> None:
             raise ExportError(f"the model's forward returns a Python {kind.__name__}{where}, not a tensor; "
                               "ONNX outputs are tensors: return the tensor itself (not .item()/float()), or "
                               "torch.tensor(value)")
-    if isinstance(value, dict):
+    if warn_dict and isinstance(value, dict):
         names = ", ".join(repr(k) for k in value)
         warnings.warn(f"the model's forward returns a dict ({names}); ONNX has no dicts, so ONNX Runtime and "
                       "a loaded artifact return a tuple of its tensors in this order (outputs 'output', "
