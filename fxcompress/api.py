@@ -29,6 +29,20 @@ def _as_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
                         f"example_inputs=(torch.randn(1, 3, 32, 32),); got {type(example_inputs).__name__}")
 
 
+def warn_opaque(gm: Any, logger: logging.Logger | None) -> str | None:
+    """Warn (Python warning and log) when opaque modules hold too much of the model; returns the text."""
+    import warnings
+
+    from .errors import OpaqueModuleWarning
+    from .trace import opaque_warning
+
+    message = opaque_warning(gm)
+    if message:
+        warnings.warn(message, OpaqueModuleWarning, stacklevel=3)
+        (logger or logging.getLogger("fxcompress")).warning("%s", message)
+    return message
+
+
 def _as_pipeline(passes: Pipeline | Sequence[Pass] | str, verify: bool | None, on_error: str | None,
                  instruments: Sequence[Any]) -> Pipeline:
     """The pipeline to run. ``verify``/``on_error`` given to ``compile`` override a ``Pipeline``
@@ -70,6 +84,7 @@ def compile(
     tensorrt_options: dict[str, Any] | None = None,
     device: str | torch.device = "cpu",
     seed: int = 0,
+    frontend: str = "auto",
     leaf_modules: Sequence[Any] = (),
     concrete_args: dict[str, Any] | None = None,
     on_untraceable: str = "leaf",
@@ -105,8 +120,9 @@ def compile(
     pipeline = _as_pipeline(passes, verify, on_error, instruments)
 
     original = copy.deepcopy(model).eval()
-    gm = trace(model, inputs, leaf_modules=leaf_modules, concrete_args=concrete_args,
-               on_untraceable=on_untraceable)
+    gm = trace(model, inputs, frontend=frontend, dynamic_axes=dynamic_axes,  # type: ignore[arg-type]
+               leaf_modules=leaf_modules, concrete_args=concrete_args, on_untraceable=on_untraceable)
+    opaque_warning = warn_opaque(gm, logger)
     ctx = PassContext(fresh_inputs(inputs), calibration=calibration, train_data=train_data, original=original, target=target,
                       device=device, seed=seed, logger=logger,
                       options={"precision": precision, "dynamic_axes": dynamic_axes, "opset": opset})
@@ -121,8 +137,10 @@ def compile(
     report = outcome.report
     report.meta.update({
         "target": target, "pipeline": str(pipeline), "precision": precision,
-        "opaque_modules": dict(gm.meta.get("opaque_modules", {})),
+        "opaque_modules": dict(gm.meta.get("opaque_modules", {})), "frontend": gm.meta.get("frontend", "fx"),
     })
+    if opaque_warning and report.rows:
+        report.rows[0].diagnostics.append({"severity": "warning", "message": opaque_warning, "node": None})
     with torch.no_grad():
         sample_out = outcome.graph_module(*fresh_inputs(inputs))
     compiled = Compiled(

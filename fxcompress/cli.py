@@ -131,6 +131,9 @@ def compile_cmd(
     list_recipes: bool = typer.Option(False, "--list-recipes", help="List the named pipelines and exit."),
     target: str = typer.Option("onnxruntime", "--target", help="fx | onnx | onnxruntime | tensorrt | tensorrt-rtx"),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | int8 | best (TensorRT)"),
+    frontend: str = typer.Option("auto", "--frontend",
+                                 help="auto | fx | export: symbolic tracing, torch.export, or tracing with export "
+                                      "where tracing fails (default)."),
     fallback: Optional[str] = typer.Option(None, "--fallback", help="onnxruntime: run there when TensorRT cannot."),
     calibration: Optional[Path] = typer.Option(
         None, "--calibration", "--calib",
@@ -174,7 +177,7 @@ def compile_cmd(
     for note in notes:
         console.print(note, markup=False, highlight=False)
     compiled = fx_compile(module, example, passes, target=target, precision=precision, fallback=fallback,
-                          calibration=calib, train_data=train)
+                          calibration=calib, train_data=train, frontend=frontend)
     compiled.source = {"factory": model, "input_shape": input_shape}
     compiled.save(out, overwrite=overwrite)
     console.print(compiled.report.table())

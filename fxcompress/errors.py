@@ -46,3 +46,7 @@ class ArtifactError(FxCompressError):
 class InputError(FxCompressError, ValueError):
     """Bad input given to fxcompress: inputs that do not match what a model was compiled for, or a
     graph without the shape metadata a function needs."""
+
+
+class OpaqueModuleWarning(UserWarning):
+    """Opaque modules hold a large share of the parameters: passes cannot compress them."""

@@ -48,6 +48,9 @@ class PassResult:
     #: analyses (keys of ``PassContext`` cache) still valid after this pass; None = the
     #: pass's ``preserves`` class attribute decides.
     preserved: tuple[str, ...] | None = None
+    #: new node name -> name of the node of the graph before the pass whose value it now stands
+    #: for (a producer that absorbed its consumer); guides the first-divergent-node search
+    replaces: dict[str, str] = field(default_factory=dict)
 
     def info(self, message: str, node: str | None = None) -> None:
         self.diagnostics.append(Diagnostic("info", message, node))

@@ -27,8 +27,8 @@ from .instruments import validate_instrument
 from .pass_base import (Diagnostic, Pass, PassContext, PassResult, checks_options_itself, copy_graph_module,
                         not_in_pipeline_string)
 from .report import PassRecord, Report
-from .verify import (ATOL, RTOL, allclose, error_metrics, first_divergent_node, first_divergent_onnx_node,
-                     fresh_inputs, lint, output_mismatch, propagate_shapes)
+from .verify import (check_exact, error_metrics, first_divergent_node, first_divergent_onnx_node, fresh_inputs,
+                     lint, output_mismatch, propagate_shapes)
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
@@ -512,15 +512,14 @@ class _Run:
             text, digest = self._text(new), _onnx_digest(new)
 
         if verify and p.exact:
-            mismatch = output_mismatch(self.outputs, outputs)
-            if mismatch is not None or not allclose(self.outputs, outputs, RTOL, ATOL):
+            verdict = check_exact(self.gm if p.stage == "fx" else None, self.ctx.example_inputs, self.outputs,
+                                  outputs)
+            if not verdict.ok:
                 if p.stage == "fx":
-                    node = first_divergent_node(self.gm, new, self.ctx.example_inputs)
+                    node = first_divergent_node(self.gm, new, self.ctx.example_inputs, result.replaces)
                 else:
                     node = first_divergent_onnx_node(self.model, new, self.ctx.example_inputs)
-                what = mismatch or (f"max abs error {error_metrics(self.outputs, outputs).max_abs:.3g}, "
-                                    f"rtol {RTOL}, atol {ATOL}")
-                raise fail(f"is declared exact but changed the outputs ({what})", node, None, new,
+                raise fail(f"is declared exact but changed the outputs ({verdict.reason})", node, None, new,
                            cls=PassVerificationError)
         for d in result.diagnostics:
             if not isinstance(d, Diagnostic):

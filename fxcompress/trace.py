@@ -353,36 +353,71 @@ def _locate_failure(gm: GraphModule, inputs: tuple[Any, ...], exc: BaseException
     return None, exc
 
 
+Frontend = Literal["auto", "fx", "export"]
+FRONTENDS: tuple[str, ...] = ("auto", "fx", "export")
+
+
 def trace(
     model: nn.Module,
     example_inputs: Sequence[torch.Tensor] | torch.Tensor,
     *,
+    frontend: Frontend = "auto",
+    dynamic_axes: Any = "batch",
     leaf_modules: Iterable[type[nn.Module] | str] = (),
     concrete_args: dict[str, Any] | None = None,
     on_untraceable: OnUntraceable = "leaf",
     train: bool = False,
 ) -> GraphModule:
-    """Trace a deep copy of ``model`` into a GraphModule whose nodes carry shapes and dtypes.
+    """Capture a deep copy of ``model`` into a canonical GraphModule whose nodes carry shapes and dtypes.
 
-    ``leaf_modules``: module types or qualified names kept as single opaque ``call_module`` nodes.
-    ``on_untraceable="leaf"`` keeps a submodule that cannot be traced opaque and retries;
-    ``"error"`` raises ``TraceError`` instead. The top-level forward failing always raises.
-    ``gm.meta["opaque_modules"]`` maps each opaque module path to the reason it is opaque.
+    ``frontend``: ``"fx"`` symbolically traces (an untraceable submodule is kept as an opaque leaf,
+    see ``on_untraceable``); ``"export"`` captures with ``torch.export.export(strict=False)`` below
+    Python control flow; ``"auto"`` (default) traces, exports the whole model when its top level
+    cannot be traced, and exports and inlines every submodule holding parameters that tracing left
+    opaque (those the user named in ``leaf_modules`` stay leaves). Exported graphs are canonicalized
+    (``fxcompress.canonicalize``) so every front end gives the same dialect. ``dynamic_axes``
+    (``"batch"``, None or ``{input name: axes}``) says which input axes export keeps symbolic.
+    ``gm.meta["opaque_modules"]`` maps each module no pass can look into to the reason;
+    ``gm.meta["frontend"]`` says what captured the graph.
     """
     if on_untraceable not in ("leaf", "error"):
         raise InputError(f"on_untraceable must be 'leaf' or 'error', got {on_untraceable!r}")
+    if frontend not in FRONTENDS:
+        raise InputError(f"frontend must be one of {', '.join(map(repr, FRONTENDS))}, got {frontend!r}")
     inputs = _check_inputs(model, example_inputs, concrete_args)
     user_types, user_paths = _leaf_spec(model, leaf_modules)
+    if frontend == "export":
+        from .torch_export import export_trace
+
+        gm = export_trace(model, inputs, dynamic_axes=dynamic_axes, concrete_args=concrete_args, train=train)
+    else:
+        try:
+            gm = _symbolic_trace(model, inputs, user_types, user_paths, concrete_args, on_untraceable, train)
+        except TraceError as fx_error:
+            if frontend == "fx" or getattr(fx_error, "module_path", "") != "":
+                raise
+            from .torch_export import export_fallback
+
+            gm = export_fallback(model, inputs, fx_error, dynamic_axes=dynamic_axes, concrete_args=concrete_args,
+                                 train=train)
+        else:
+            gm.meta["frontend"] = "fx"
+            if frontend == "auto":
+                from .torch_export import inline_opaque
+
+                inline_opaque(gm, inputs, dynamic_axes=dynamic_axes, user_paths=user_paths, user_types=user_types)
+    _propagate(gm, inputs)
+    return gm
+
+
+def _symbolic_trace(model: nn.Module, inputs: tuple[torch.Tensor, ...], user_types: tuple[type, ...],
+                    user_paths: frozenset[str], concrete_args: dict[str, Any] | None, on_untraceable: str,
+                    train: bool) -> GraphModule:
     leaf_types = tuple(user_types) + DEFAULT_LEAF_TYPES
     untraceable: dict[str, str] = {}
     max_attempts = sum(1 for _ in model.modules()) + 1
     for _ in range(max_attempts):
-        try:
-            root = copy.deepcopy(model)
-        except Exception as exc:
-            raise TraceError(f"cannot deep-copy {type(model).__name__} for tracing ({_short(exc)}); "
-                             f"fxcompress never traces the user's own object. Make the model "
-                             f"deep-copyable (e.g. drop open files, locks or hooks holding them)") from exc
+        root = deep_copy(model)
         root.train(train)
         tracer = _Tracer(leaf_types, user_paths | frozenset(untraceable))
         try:
@@ -402,8 +437,48 @@ def trace(
         raise TraceError(f"tracing {type(model).__name__} did not converge")
     gm.meta["opaque_modules"] = _opaque_modules(gm, user_types, user_paths, untraceable)
     _bind_concrete(gm, model, concrete_args or {})
-    _propagate(gm, inputs)
     return gm
 
 
-__all__ = ["DEFAULT_LEAF_TYPES", "trace"]
+def deep_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of the user's model (fxcompress never captures the user's own object)."""
+    try:
+        return copy.deepcopy(model)
+    except Exception as exc:
+        raise TraceError(f"cannot deep-copy {type(model).__name__} for tracing ({_short(exc)}); "
+                         f"fxcompress never traces the user's own object. Make the model "
+                         f"deep-copyable (e.g. drop open files, locks or hooks holding them)") from exc
+
+
+#: ``compile`` warns when opaque modules hold more than this share of the parameters
+OPAQUE_WARN_SHARE = 0.10
+
+
+def opaque_shares(gm: GraphModule) -> dict[str, float]:
+    """Each opaque module's share of the graph's parameters (shared tensors counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for p in gm.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return {path: (sum(p.numel() for p in gm.get_submodule(path).parameters()) / total if total else 0.0)
+            for path in gm.meta.get("opaque_modules", {})}
+
+
+def opaque_warning(gm: GraphModule) -> str | None:
+    """The warning ``compile`` gives when opaque modules hold more than ``OPAQUE_WARN_SHARE`` of the
+    parameters: no pass can compress what it cannot see. None otherwise."""
+    shares = opaque_shares(gm)
+    if sum(shares.values()) <= OPAQUE_WARN_SHARE:
+        return None
+    reasons = gm.meta.get("opaque_modules", {})
+    lines = [f"  '{path}' ({type(gm.get_submodule(path)).__name__}, {share:.0%} of the parameters): {reasons[path]}"
+             for path, share in sorted(shares.items(), key=lambda kv: -kv[1]) if share > 0]
+    return (f"opaque modules hold {sum(shares.values()):.0%} of the parameters; no pass can rewrite them:\n"
+            + "\n".join(lines) + "\n  fix: compile with frontend='export' (or 'auto', the default), drop them "
+            "from leaf_modules=, or make their forward traceable")
+
+
+__all__ = ["DEFAULT_LEAF_TYPES", "FRONTENDS", "OPAQUE_WARN_SHARE", "deep_copy", "opaque_shares", "opaque_warning",
+           "trace"]

@@ -218,6 +218,10 @@ def _copy_is_noop(node: Node, graph_mutates: bool) -> Node | None:
         return None
     if len(node.args) > 1 and not isinstance(node.args[1], torch.memory_format):
         return None
+    if node.target == "contiguous" or node.kwargs.get("memory_format") not in (None, torch.preserve_format):
+        tm = node.args[0].meta.get("tensor_meta")  # a later view() may need the contiguous layout
+        if getattr(tm, "memory_format", None) != torch.contiguous_format:
+            return None
     return node.args[0]
 
 
@@ -227,8 +231,8 @@ class RemoveIdentity(Pass):
 
     Covered: ``nn.Identity``; ``x * 1``, ``1 * x``, ``x / 1``, ``x - 0`` (Python scalar, same shape and
     dtype after broadcasting); ``flatten`` over a single dim; ``view``/``reshape`` to the input's own
-    literal shape; casts to the input's dtype; ``contiguous``/``clone`` (only in graphs without
-    in-place ops and not as a graph output). ``detach`` is kept: it matters for training passes.
+    literal shape; casts to the input's dtype; ``clone`` and ``contiguous`` of an already contiguous
+    tensor (only in graphs without in-place ops and not as a graph output). ``detach`` is kept: it matters for training passes.
     ``x + 0`` is kept: it maps -0.0 to +0.0. Rewrites that need shapes are skipped when
     ``meta["tensor_meta"]`` is missing.
     """

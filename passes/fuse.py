@@ -167,6 +167,7 @@ class FoldBatchNorm(Pass):
                 if attr.op == "get_attr" and not attr.users:
                     gm.graph.erase_node(attr)
             folded.append((src.name, node.name))
+            result.replaces[src.name] = node.name
         delete_submodules_if_unused(gm, bn_modules)
         delete_unused_attributes(gm, only=stat_attrs)
         gm.recompile()

@@ -31,7 +31,7 @@ RECIPES: dict[str, str] = {
     "fp16": f"{CLEANUP},fold-batchnorm,convert-fp16",
     "prune50-int8": f"{CLEANUP},{PRUNE50},fine-tune{{epochs=2,lr=0.005}},{QUANTIZE}",
     "distill-prune-int8": f"{CLEANUP},{PRUNE50},distill{{epochs=3,lr=0.005}},{QUANTIZE}",
-    "sparse24-int8": f"{CLEANUP},{SPARSE24},fine-tune{{epochs=1}},{SPARSE24},{QUANTIZE}",
+    "sparse24-int8": f"{CLEANUP},{SPARSE24},fine-tune{{epochs=1,lr=0.001}},{SPARSE24},{QUANTIZE}",
 }
 
 __all__ = ["CLEANUP", "PRUNE50", "QUANTIZE", "RECIPES", "SPARSE24"]

@@ -178,13 +178,15 @@ class FineTune(Pass):
 
     ``loss`` ``auto`` is cross-entropy for integer targets and MSE for float targets. QAT
     fake-quant left by ``quantize-int8{qat=true}`` is trained and then frozen (``freeze_quant``).
+    The defaults (3 epochs, lr 1e-2) recover a heavily pruned network (see ``Distill``); lower
+    ``lr`` to fine-tune gently (a large pretrained model, or a pattern re-applied afterwards).
     """
 
     name: ClassVar[str] = "fine-tune"
     requires: ClassVar[tuple[str, ...]] = ("train-data",)
 
-    epochs: int = 1
-    lr: float = 1e-3
+    epochs: int = 3
+    lr: float = 1e-2
     optimizer: str = "adamw"
     schedule: str = "cosine"
     warmup: int = 0

@@ -120,14 +120,14 @@ def test_projection_shapes() -> None:
 # ----------------------------------------------------------------------------- the pass
 
 def test_pipeline_string_round_trips() -> None:
-    p = Distill(epochs=3, temperature=4, alpha=0.7)
-    assert str(p) == "distill{epochs=3}"  # temperature 4 and alpha 0.7 are the defaults
+    p = Distill(epochs=2, temperature=1, alpha=0.5)
+    assert str(p) == "distill{epochs=2}"  # temperature 1 and alpha 0.5 are the defaults
     (back,) = parse_pipeline(str(p))
     assert back == p
     q = Distill(epochs=3, temperature=2.5, alpha=0.9, features=(("layer1_relu_1", "layer1"),), max_batches=4)
     (back,) = parse_pipeline(str(q))
     assert back == q and back.features == (("layer1_relu_1", "layer1"),)
-    (parsed,) = parse_pipeline("distill{epochs=3,temperature=4,alpha=0.7}")
+    (parsed,) = parse_pipeline("distill{epochs=2,temperature=1,alpha=0.5}")
     assert parsed == p
     assert "teacher" not in str(Distill(teacher=nn.Linear(2, 2)))
 
@@ -163,12 +163,12 @@ def test_repeat_prune_then_distill_with_its_own_data() -> None:
     loader = tiny_digits_loader(n=32, batch_size=16)
     x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     distill = Distill(data=loader, epochs=1)
-    assert str(distill) == "distill" and distill.requires == () and Distill.requires == ("train-data",)
+    assert str(distill) == "distill{epochs=1}" and distill.requires == () and Distill.requires == ("train-data",)
     with one_thread():
         compiled = fxc.compile(model, (x,), [Repeat(2, [PruneChannels(ratio=0.25), distill])], target="fx",
                                progress=False)
     prunes = [r for r in compiled.report if r.name.startswith("repeat[") and "/prune-channels" in r.name]
-    distills = [r for r in compiled.report if r.name.endswith("/distill")]
+    distills = [r for r in compiled.report if "/distill" in r.name]
     assert [r.name.split("]")[0] for r in prunes + distills] == ["repeat[1/2", "repeat[2/2"] * 2
     first, second = (p.stats["layers"] for p in prunes)
     assert first["conv1"]["channels_before"] == 8
@@ -223,7 +223,7 @@ def test_original_is_the_default_teacher_and_training_mode_during_training() -> 
     modes: list[bool] = []
     hook = gm.get_submodule("bn1").register_forward_hook(lambda m, a, o: modes.append(m.training))
     ctx = PassContext((x,), train_data=tiny_digits_loader(), original=teacher, seed=0)
-    result = Distill(max_batches=3).run(gm, ctx)
+    result = Distill(epochs=1, max_batches=3).run(gm, ctx)
     hook.remove()
     assert modes[:3] == [True, True, True]  # the student trained in train mode
     assert result.stats["teacher"] == "original" and result.stats["steps"] == 3

@@ -141,7 +141,7 @@ def test_zoo_tracing_does_not_change_global_rng() -> None:
 
 def test_leaf_mha_and_lstm_are_recorded_in_graph_order() -> None:
     model, inputs = ZOO["leaf_mha_lstm"]()
-    gm = trace(model, inputs)
+    gm = trace(model, inputs, frontend="fx")
     assert gm.meta["opaque_modules"] == {"mha": "leaf by default", "lstm": "leaf by default"}
     assert list(gm.meta["opaque_modules"]) == ["mha", "lstm"]
     targets = [n.target for n in gm.graph.nodes if n.op == "call_module"]
@@ -149,6 +149,21 @@ def test_leaf_mha_and_lstm_are_recorded_in_graph_order() -> None:
     assert not any(t.startswith(("mha.", "lstm.")) for t in targets)
     with torch.no_grad():
         torch.testing.assert_close(gm(*inputs), model(*inputs), rtol=1e-5, atol=1e-6)
+
+
+def test_auto_frontend_exports_and_inlines_default_leaves() -> None:
+    """MultiheadAttention and LSTM hold parameters: ``auto`` exports them instead of leaving them opaque."""
+    model, inputs = ZOO["leaf_mha_lstm"]()
+    gm = trace(model, inputs)
+    assert gm.meta["opaque_modules"] == {}
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    assert "mha" not in targets and "lstm" not in targets
+    attrs = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    assert {"mha.in_proj_weight", "mha.out_proj.weight"} <= attrs and any(str(a).startswith("lstm.") for a in attrs)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(*inputs), model(*inputs), rtol=1e-5, atol=1e-6)
+        wide = tuple(torch.cat([x, x, x]) for x in inputs)  # the inlined graphs keep the batch dynamic
+        torch.testing.assert_close(gm(*wide), model(*wide), rtol=1e-5, atol=1e-6)
 
 
 def test_zoo_without_opaque_parts_records_none() -> None:
@@ -297,7 +312,11 @@ def test_torch_nn_types_as_leaf_modules_are_not_reported_opaque() -> None:
 def test_concrete_args_specialize_a_python_branch() -> None:
     model = Flagged().eval()
     with pytest.raises(TraceError):
-        trace(model, _x(2, 4))
+        trace(model, _x(2, 4), frontend="fx")
+    auto = trace(model, _x(2, 4))  # torch.export captures the default branch (double=False)
+    assert auto.meta["frontend"] == "export"
+    with torch.no_grad():
+        torch.testing.assert_close(auto(_x(3, 4)), model(_x(3, 4)))
     gm = trace(model, _x(2, 4), concrete_args={"double": True})
     assert [n.op for n in gm.graph.nodes].count("call_module") == 1
     with torch.no_grad():
