@@ -366,12 +366,12 @@ def _share_tied_initializers(model: onnx.ModelProto, gm: fx.GraphModule) -> None
     if not tied:
         return
     graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
+    arrays = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     renames: dict[str, str] = {}
     transposes: list[onnx.NodeProto] = []
     for value, names in tied:
-        same = [n for n, t in inits.items() if tuple(t.dims) == value.shape and
-                np.array_equal(numpy_helper.to_array(t), value)]
+        same = [n for n, a in arrays.items() if a.dtype == value.dtype and a.shape == value.shape and
+                np.array_equal(a, value)]
         keep = next((n for n in names if n in same), same[0] if same else None)
         if keep is None:
             continue
@@ -379,9 +379,9 @@ def _share_tied_initializers(model: onnx.ModelProto, gm: fx.GraphModule) -> None
             if n != keep:
                 renames[n] = keep
         if value.ndim == 2:
-            for n, t in inits.items():
-                if n not in same and tuple(t.dims) == value.shape[::-1] and \
-                        np.array_equal(numpy_helper.to_array(t), value.T):
+            for n, a in arrays.items():
+                if n not in same and a.dtype == value.dtype and a.shape == value.shape[::-1] and \
+                        np.array_equal(a, value.T):
                     transposes.append(helper.make_node("Transpose", [keep], [n], name=f"{n}.tied",
                                                        perm=[1, 0]))
     gone = set(renames) | {node.output[0] for node in transposes}
