@@ -168,7 +168,9 @@ def rewrite_exported(exported: GraphModule, root: nn.Module, graph: Graph, args:
             _copy_meta(node, new)
             continue
         path = _lift_path(node, root) if node.op == "call_function" else None
-        if node.target is aten.diff.default and _first_order_diff(node):
+        if node.target is aten.slice.Tensor and not node.kwargs:
+            new = _emit_slice(graph, node, env)
+        elif node.target is aten.diff.default and _first_order_diff(node):
             new = _emit_diff(graph, node, env)
         elif path is not None:
             full = prefix + path
@@ -196,6 +198,21 @@ def rewrite_exported(exported: GraphModule, root: nn.Module, graph: Graph, args:
 def _val_dtype(value: Any) -> torch.dtype | None:
     val = value.meta.get("val") if isinstance(value, Node) else None
     return getattr(val, "dtype", None)
+
+
+_INT64_MAX = 2**63 - 1
+
+
+def _emit_slice(graph: Graph, node: Node, env: dict[Node, Any]) -> Node:
+    """``aten.slice.Tensor(x, dim, start, end, step)`` as ``x[..., start:end:step]``: indexing keeps a
+    symbolic ``end`` symbolic in ONNX export (an aten call bakes in the traced value)."""
+    x, dim, start, end, step = (list(map_arg(node.args, lambda n: env[n])) + [0, None, _INT64_MAX, 1][len(node.args) - 1:])[:5]
+    end = None if end == _INT64_MAX else end
+    start = None if start == 0 else start
+    step = None if step == 1 else step
+    index = slice(start, end, step)
+    key = (slice(None),) * dim + (index,) if dim >= 0 else (Ellipsis, index) + (slice(None),) * (-dim - 1)
+    return graph.call_function(operator.getitem, (x, key))
 
 
 def _first_order_diff(node: Node) -> bool:

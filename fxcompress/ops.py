@@ -194,8 +194,10 @@ def canonical_target(target: Any) -> tuple[str, Any] | None:
     name = op_name(target)
     if name is None or name in _KEEP or target._schema.name.split("::", 1)[-1] in _KEEP:
         return None
-    if target._schema.name.endswith("_") and not target._schema.name.endswith("__"):
-        return None  # in-place overloads keep their aliasing semantics
+    schema_name = target._schema.name.split("::", 1)[-1]
+    if schema_name.endswith("_") and not schema_name.endswith("__"):
+        # in-place overloads keep their aliasing semantics as the Tensor method of the same name
+        return ("call_method", schema_name) if hasattr(torch.Tensor, schema_name) else None
     if name in _AS_METHOD:
         return ("call_method", name)
     if name in _AS_METHOD_RENAMED:

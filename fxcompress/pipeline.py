@@ -437,6 +437,10 @@ class _Run:
         row = self._record(label, p.stage, new, outputs, seconds=seconds, changed=changed,
                            weights_changed=weights_changed, result=result,
                            status="ok" if (changed or weights_changed) else "unchanged")
+        if row.status == "unchanged" and p.stage == "fx":
+            why = _why_unchanged(p, new, said=bool(row.diagnostics))
+            if why:
+                row.diagnostics.append({"severity": "info", "node": None, "message": why})
         if p.stage == "fx" and not isinstance(p, Pipeline):
             from .stats import untied_warnings
 
@@ -528,6 +532,20 @@ class _Run:
             if problem:
                 raise fail(f"failed check: {problem}", None, None, new, cls=PassVerificationError)
         return new, result, outputs, text, digest
+
+
+def _why_unchanged(p: Pass, graph: GraphModule, said: bool) -> str | None:
+    """The report's word for a pass that rewrote nothing (compression that silently does nothing is a
+    bug): that it found nothing, unless it ``said`` why itself, and the opaque modules it could not see."""
+    opaque = graph.meta.get("opaque_modules", {})
+    text = f"'{p.name}' found nothing to rewrite"
+    if not opaque:
+        return None if said else text
+    from .trace import opaque_shares
+
+    shares = opaque_shares(graph)
+    names = ", ".join(f"'{k}' ({shares.get(k, 0.0):.0%} of the parameters)" for k in opaque)
+    return f"{text} outside opaque modules {names}, which no pass can see into"
 
 
 def run_passes(gm: GraphModule, passes: Sequence[Pass] | str, ctx: PassContext, **options: Any) -> Outcome:

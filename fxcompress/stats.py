@@ -802,6 +802,69 @@ def _pin_input_shapes(model: onnx.ModelProto, input_shapes: Sequence[Sequence[in
     return pinned
 
 
+#: ops evaluated on shape values (``Shape`` of a static tensor and arithmetic on the result)
+_SHAPE_OPS = {"Shape", "Gather", "Div", "Mul", "Add", "Sub", "Concat", "Unsqueeze", "Squeeze", "Slice", "Cast",
+              "Constant", "Range", "Equal", "Where", "ReduceProd", "Identity"}
+_SHAPE_VALUE_LIMIT = 64
+
+
+def _shapes_through_shape_arithmetic(inferred: onnx.ModelProto) -> onnx.ModelProto:
+    """``inferred`` shape-inferred again with every small value computed from ``Shape`` of a
+    statically shaped tensor made a constant, so a ``Slice``/``Reshape`` whose bounds the
+    TorchScript exporter computes at run time (``x.chunk(2, dim=1)`` after a ``view(b, -1, h, w)``)
+    gets its output shape. Used for shapes only: the statistics still read the model as it is."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    graph = inferred.graph
+    static: dict[str, tuple[int, ...]] = {}
+    for info in (*graph.input, *graph.value_info, *graph.output):
+        dims = info.type.tensor_type.shape.dim
+        if info.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):
+            static[info.name] = tuple(d.dim_value for d in dims)
+    values: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in graph.initializer
+                                     if math.prod(t.dims) <= _SHAPE_VALUE_LIMIT}
+    folded: list[str] = []
+    for node in graph.node:
+        if node.op_type not in _SHAPE_OPS or node.domain not in ("", "ai.onnx") or len(node.output) != 1:
+            continue
+        names = [n for n in node.input if n]
+        if node.op_type == "Shape":
+            if names[0] not in static:
+                continue
+            feeds = {names[0]: np.zeros(static[names[0]], dtype=np.float32)}
+        elif all(n in values for n in names):
+            feeds = {n: values[n] for n in names}
+        else:
+            continue
+        try:
+            single = onnx.helper.make_model(
+                onnx.helper.make_graph([node], "shape", [onnx.helper.make_tensor_value_info(n, 0, None)
+                                                          for n in feeds], [onnx.helper.make_tensor_value_info(
+                                                              node.output[0], 0, None)]),
+                opset_imports=inferred.opset_import)
+            (out,) = ReferenceEvaluator(single).run(None, feeds)
+        except Exception:  # noqa: BLE001 - best effort: a value not computed leaves the shape unknown
+            continue
+        if np.asarray(out).size <= _SHAPE_VALUE_LIMIT:
+            values[node.output[0]] = np.asarray(out)
+            folded.append(node.output[0])
+    if not folded:
+        return inferred
+    constant = type(inferred)()
+    constant.CopyFrom(inferred)
+    keep = [n for n in constant.graph.node if not (len(n.output) == 1 and n.output[0] in set(folded))]
+    del constant.graph.node[:]
+    constant.graph.node.extend(keep)
+    constant.graph.initializer.extend(numpy_helper.from_array(values[name], name) for name in folded)
+    try:
+        return onnx.shape_inference.infer_shapes(constant)
+    except Exception:  # noqa: BLE001 - fall back to the first inference
+        return inferred
+
+
 def onnx_stats(model: onnx.ModelProto | str | os.PathLike[str],
                input_shapes: Sequence[Sequence[int]] | None = None) -> GraphStats:
     """Statistics of an ONNX model: initializers and Constant tensors with their real dtype sizes.
@@ -827,7 +890,7 @@ def onnx_stats(model: onnx.ModelProto | str | os.PathLike[str],
     graph, dtypes = inferred.graph, _onnx_dtype_table()
 
     shapes: dict[str, tuple[int, ...]] = {}
-    for info in (*graph.input, *graph.value_info, *graph.output):
+    for info in (*graph.input, *_shapes_through_shape_arithmetic(inferred).graph.value_info, *graph.output):
         tensor_type = info.type.tensor_type
         if tensor_type.HasField("shape"):
             shapes[info.name] = tuple(d.dim_value if d.HasField("dim_value") else 1

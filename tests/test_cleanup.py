@@ -163,6 +163,25 @@ def test_remove_identity_keeps_what_is_not_provably_exact() -> None:
     assert_same_outputs(model, res.graph, inputs, exact=True)
 
 
+class ShuffleView(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.size()
+        y = x.view(b, 2, c // 2, h, w).transpose(1, 2).contiguous().view(b, -1, h, w)
+        z = x.transpose(2, 3).clone(memory_format=torch.contiguous_format).view(b, c, -1)
+        return y.contiguous() * 2 + z.clone().view(b, c, h, w)
+
+
+def test_contiguous_is_kept_where_a_view_needs_the_copy() -> None:
+    """The channel shuffle's ``contiguous`` after a transpose is a real copy (the next ``view``
+    fails without it), as is a ``clone`` to the contiguous format; ``contiguous`` of an already
+    contiguous value and a plain ``clone`` go."""
+    model, inputs = ShuffleView(), (torch.randn(2, 4, 3, 3),)
+    res = apply(RemoveIdentity(), traced(model, inputs), inputs)
+    assert res.stats["removed"] == {"contiguous_1": "copy", "clone_1": "copy"}
+    assert node_targets(res.graph).count("contiguous") == 1 and node_targets(res.graph).count("clone") == 1
+    assert_same_outputs(model, res.graph, inputs, exact=True)
+
+
 class CloneBeforeMutation(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = x.clone()
@@ -182,7 +201,8 @@ def test_copies_are_kept_when_the_graph_mutates() -> None:
 def test_remove_identity_without_shapes_only_does_shape_free_rewrites() -> None:
     model, inputs = Identities().eval(), (torch.randn(4, 5),)
     res = apply(RemoveIdentity(), traced(model, inputs, shapes=False), inputs)
-    assert set(res.stats["removed"].values()) == {"identity", "copy"}
+    # contiguous() is removed only where shapes prove its input contiguous (a later view needs it)
+    assert set(res.stats["removed"].values()) == {"identity"}
     assert any("shape information" in d.message for d in res.diagnostics)
     assert_same_outputs(model, res.graph, inputs, exact=True)
 

@@ -4,6 +4,7 @@ symbolic tracing on the zoo, and clear errors where neither front end captures a
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import numpy as np
@@ -198,7 +199,8 @@ def test_every_pass_runs_and_verifies_on_transformers(name: str, passes: str) ->
     rows = [r for r in compiled.report.rows if r.name not in ("input", "export-onnx")]
     assert all(r.status in ("ok", "unchanged") for r in rows), [(r.name, r.status, r.diagnostics) for r in rows]
     final = compiled.report.rows[-1].error
-    assert final is not None and final["cosine"] > 0.95, final
+    floor = 0.8 if "prune" in passes else 0.95  # random weights, no recovery: pruning half is lossy
+    assert final is not None and final["cosine"] > floor, final
     with torch.no_grad():
         fx_out = _first(compiled.graph_module(*inputs))
     np.testing.assert_allclose(_first(compiled(*inputs)).numpy(), fx_out.numpy(), rtol=1e-3, atol=2e-3)
@@ -271,3 +273,45 @@ def test_sequence_axis_can_be_dynamic() -> None:
     with torch.no_grad():
         expected = _first(model(*longer))
     torch.testing.assert_close(_first(compiled(*longer)), expected, rtol=1e-4, atol=ATOL_ORT)
+
+
+@pytest.mark.parametrize("name", ["bert", "vit"])
+def test_exported_transformers_build_tensorrt_rtx_engines(name: str) -> None:
+    """Real TensorRT-RTX engines (built on this CPU) for the exported graphs, FP32 and INT8 Q/DQ."""
+    from fxcompress.backends.tensorrt import module_available
+
+    if not module_available("tensorrt-rtx"):
+        reason = "tensorrt_rtx is not importable: install the test extra (pip install tensorrt-rtx-cu12)"
+        if os.environ.get("CI", "").lower() in ("true", "1"):
+            pytest.fail(f"CI=true: {reason}", pytrace=False)
+        pytest.skip(reason)
+    model, inputs = HF[name]()
+    data = [tuple(torch.cat([t, t]) for t in inputs)] * 2
+    fp32 = _quiet_compile(model, inputs, "", target="tensorrt-rtx", verify=False)
+    int8 = _quiet_compile(model, inputs, "quantize-int8", calibration=data, target="tensorrt-rtx",
+                          precision="int8", verify=False)
+    for compiled in (fp32, int8):
+        assert compiled.engine and len(compiled.engine) > 1000
+        assert compiled.engine_info["module"] == "tensorrt_rtx"
+    ops_int8 = {n.op_type for n in int8.onnx_model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops_int8
+
+
+def test_a_pass_that_rewrites_nothing_says_why() -> None:
+    class Wrap(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.body(x)
+
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.warns(OpaqueModuleWarning):
+        compiled = fxc.compile(Wrap().eval(), (x,), "fold-batchnorm,quantize-dynamic", target="fx",
+                               leaf_modules=["body"])
+    for row in compiled.report.rows[1:]:
+        assert row.status == "unchanged"
+        assert any("opaque modules 'body' (100% of the parameters)" in d["message"] for d in row.diagnostics), row
+    plain = fxc.compile(ZOO["transformer_block"]()[0], ZOO["transformer_block"]()[1], "fold-batchnorm", target="fx")
+    assert [d["message"] for d in plain.report.rows[1].diagnostics] == ["'fold-batchnorm' found nothing to rewrite"]

@@ -421,6 +421,26 @@ def test_onnx_stats_lstm_and_attention_match_graph_stats() -> None:
     assert (ox.params, ox.macs) == (fx.params, fx.macs)
 
 
+def test_onnx_stats_follow_slices_whose_bounds_are_computed_from_shapes() -> None:
+    """The TorchScript exporter lowers ``chunk`` of a ``view(b, -1, h, w)`` to ``Slice`` nodes whose
+    bounds come from ``Shape`` -> ``Div``; ONNX shape inference alone leaves the pieces' shapes
+    unknown (their convs would count 1 pixel). Their shapes are computed: the MACs match."""
+
+    class ChunkAfterView(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, c, h, w = x.size()
+            p, q = x.view(b, -1, h, w).chunk(2, dim=1)
+            return torch.cat([self.a(p), self.b(q)], dim=1)
+
+    model, x = ChunkAfterView(), torch.randn(1, 8, 5, 5)
+    fx, ox = stats_of(model, x), onnx_stats(export(model, x))
+    assert ox.macs == fx.macs == 2 * 4 * 4 * 9 * 25 and ox.macs_unknown == []
+
+
 def test_zoo_onnx_macs_equal_fx_macs() -> None:
     """Every zoo model: the same MACs before and after lowering; the same params where the exporter
     does not fold BatchNorm (it folds Conv+BN in eval mode, which drops BN's params)."""

@@ -313,6 +313,69 @@ def classifier_digits() -> tuple[nn.Module, tuple[Tensor, ...]]:
     return _build(lambda: DigitsResNet(width=8), (BATCH, 1, 8, 8), seed=9)
 
 
+# --- ShuffleNetV2 --------------------------------------------------------------------------------
+
+def channel_shuffle(x: Tensor, groups: int) -> Tensor:
+    """Interleave the channel groups, written as torchvision's ShuffleNetV2 writes it."""
+    b, c, h, w = x.size()
+    x = x.view(b, groups, c // groups, h, w)
+    x = torch.transpose(x, 1, 2).contiguous()
+    return x.view(b, -1, h, w)
+
+
+class ShuffleV2Unit(nn.Module):
+    """A ShuffleNetV2 unit. stride 1: ``x.chunk(2, dim=1)``, one half passes through, the other
+    goes through 1x1 conv-BN-ReLU, depthwise 3x3 conv-BN, 1x1 conv-BN-ReLU; stride 2 (downsampling):
+    both branches (depthwise conv-BN, 1x1 conv-BN-ReLU / the 1x1-dw-1x1 one) read the same input.
+    Then ``cat`` and a channel shuffle of 2 groups."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.stride = stride
+        half = cout // 2
+        if stride > 1:
+            self.branch1 = nn.Sequential(*_conv_bn(cin, cin, 3, stride, groups=cin),
+                                         *_conv_bn(cin, half, 1), nn.ReLU(inplace=True))
+        else:
+            self.branch1 = nn.Sequential()
+        self.branch2 = nn.Sequential(
+            *_conv_bn(cin if stride > 1 else half, half, 1), nn.ReLU(inplace=True),
+            *_conv_bn(half, half, 3, stride, groups=half),
+            *_conv_bn(half, half, 1), nn.ReLU(inplace=True))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.stride == 1:
+            x1, x2 = x.chunk(2, dim=1)
+            out = torch.cat((x1, self.branch2(x2)), dim=1)
+        else:
+            out = torch.cat((self.branch1(x), self.branch2(x)), dim=1)
+        return channel_shuffle(out, 2)
+
+
+class TinyShuffleNetV2(nn.Module):
+    def __init__(self, stem: int = 8, widths: tuple[int, ...] = (16, 32), repeats: tuple[int, ...] = (3, 2),
+                 last: int = 64, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Sequential(*_conv_bn(3, stem, 3, 2), nn.ReLU(inplace=True))
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        stages, cin = [], stem
+        for width, n in zip(widths, repeats):
+            stages.append(nn.Sequential(ShuffleV2Unit(cin, width, 2),
+                                        *(ShuffleV2Unit(width, width, 1) for _ in range(n - 1))))
+            cin = width
+        self.stages = nn.Sequential(*stages)
+        self.conv5 = nn.Sequential(*_conv_bn(cin, last, 1), nn.ReLU(inplace=True))
+        self.fc = nn.Linear(last, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.stages(self.maxpool(self.conv1(x)))
+        return self.fc(self.conv5(x).mean([2, 3]))
+
+
+def shufflenet_v2() -> tuple[nn.Module, tuple[Tensor, ...]]:
+    return _build(TinyShuffleNetV2, (BATCH, 3, 32, 32), seed=10)
+
+
 ZOO: dict[str, Factory] = {
     "resnet_basic": resnet_basic,
     "resnet_bottleneck": resnet_bottleneck,
@@ -323,6 +386,7 @@ ZOO: dict[str, Factory] = {
     "leaf_mha_lstm": leaf_mha_lstm,
     "conv_dropout_identity": conv_dropout_identity,
     "classifier_digits": classifier_digits,
+    "shufflenet_v2": shufflenet_v2,
 }
 ZOO_NAMES: list[str] = list(ZOO)
 

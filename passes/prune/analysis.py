@@ -245,7 +245,7 @@ class _Analyser:
             return self._matmul
         if fn in _CAT_FUNCS:
             return self._cat
-        if fn in (torch.split, torch.chunk):
+        if fn in (torch.split, torch.chunk, torch.tensor_split):
             return self._split
         if fn is operator.getitem:
             return self._getitem
@@ -270,7 +270,7 @@ class _Analyser:
             return self._permute
         if name in _MATMUL_METHODS:
             return self._matmul
-        if name in ("split", "chunk"):
+        if name in ("split", "chunk", "tensor_split"):
             return self._split
         if name == "expand":
             return self._expand

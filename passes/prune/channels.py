@@ -25,6 +25,7 @@ from ._common import as_tuple, check_runs, graph_totals, layer_totals, need_shap
 from .depgraph import DependencyGraph, dependency_graph
 from .importance import CRITERIA, class_importance
 from .rewrite import apply_removal
+from .sections import SectionGuard
 
 __all__ = ["PruneChannels"]
 
@@ -41,8 +42,12 @@ class PruneChannels(Pass):
     calibration data; ``batches`` of them are used). ``norm_stats``: channels that a LayerNorm or
     a one-group GroupNorm normalizes over are kept (``"block"``, listed in ``stats["unpruned"]``),
     since removing any of them, even an all-zero one, changes the statistics; ``"prune"`` prunes
-    them anyway (an approximation, like Torch-Pruning does). With ``ratio=0`` and no non-zero
-    ``ratios`` nothing is removed and the instance is ``exact`` (the pipeline checks it).
+    them anyway (an approximation, like Torch-Pruning does). Each piece of a channel
+    ``split``/``chunk``/``tensor_split`` and each channel slice keeps at least ``1 - ratio`` of its
+    units, and one (ShuffleNetV2's halves stay balanced); a group that would have to cut deeper
+    removes fewer units and says so (``kept_for_sections`` in ``stats["groups"]``). With
+    ``ratio=0`` and no non-zero ``ratios`` nothing is removed and the instance is ``exact`` (the
+    pipeline checks it).
     """
 
     name: ClassVar[str] = "prune-channels"
@@ -96,6 +101,7 @@ class PruneChannels(Pass):
     def select(self, dg: DependencyGraph, scores: np.ndarray) -> tuple[np.ndarray, list[dict[str, Any]]]:
         """Boolean mask of removed classes and one record per group."""
         removed = np.zeros(len(dg.classes), dtype=bool)
+        guard = SectionGuard(dg)
         records = []
         for g in dg.groups:
             if not g.layers:
@@ -104,10 +110,17 @@ class PruneChannels(Pass):
             n = len(g.classes)
             n_remove = min(n - self._n_keep(n, ratio, g.block, g.min_block), len(g.prunable))
             order = sorted(g.prunable, key=lambda c: (scores[c], c))
-            removed[order[:max(n_remove, 0)]] = True
-            records.append({"layers": g.layers, "ratio": ratio, "units_before": n,
-                            "units_after": n - max(n_remove, 0), "unit_size": g.block,
-                            "prunable_units": len(g.prunable)})
+            spared_before = dict(guard.spared)
+            chosen = guard.choose(order, max(n_remove, 0), 1.0 - ratio)
+            removed[chosen] = True
+            record = {"layers": g.layers, "ratio": ratio, "units_before": n,
+                      "units_after": n - len(chosen), "unit_size": g.block,
+                      "prunable_units": len(g.prunable)}
+            if len(chosen) < max(n_remove, 0):  # kept so no split piece or slice falls below 1 - ratio
+                record["kept_for_sections"] = max(n_remove, 0) - len(chosen)
+                record["sections"] = sorted(node for node, k in guard.spared.items()
+                                            if k > spared_before.get(node, 0))
+            records.append(record)
         return removed, records
 
     # ------------------------------------------------------------------ run
