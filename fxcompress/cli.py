@@ -17,7 +17,7 @@ from typing import Any, Iterator, Optional
 import typer
 from rich.console import Console
 
-from .cli_data import CLI_CAPABILITIES, CliError, check_pipeline_data, compile_data
+from .cli_data import CLI_CAPABILITIES, CliError, check_data_files, check_pipeline_data, compile_data
 from .errors import FxCompressError, PassOrderWarning
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -35,8 +35,14 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 
 def parse_shapes(text: str) -> list[tuple[int, ...]]:
     """``"1x3x224x224"`` or ``"1x3x8x8,1x10"`` (several inputs) -> shapes."""
+    parts = text.split(",")
+    if len(parts) > 1 and all(p.strip().isdigit() for p in parts):
+        dims = [p.strip() for p in parts]
+        raise CliError(f"--input-shape {text!r} reads as {len(parts)} inputs of one dimension each; for one "
+                       f"input of shape ({', '.join(dims)}) write {'x'.join(dims)} ('x' between dimensions, ',' "
+                       "only between inputs)")
     shapes = []
-    for part in text.split(","):
+    for part in parts:
         try:
             dims = tuple(int(d) for d in part.strip().lower().split("x"))
         except ValueError:
@@ -58,17 +64,25 @@ def load_factory(spec: str) -> Any:
         module = importlib.import_module(mod_name)
     except ImportError as exc:
         raise CliError(f"model {spec!r}: cannot import module '{mod_name}': {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - the user's module failed while importing: name it
+        raise CliError(f"model {spec!r}: importing module '{mod_name}' raised {type(exc).__name__}: {exc} "
+                       "(fix the module; --debug shows the traceback)") from exc
     finally:
         sys.path.pop(0)
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise CliError(f"model {spec!r}: module '{mod_name}' has no callable '{attr}'")
-    return factory()
+    try:
+        return factory()
+    except Exception as exc:  # noqa: BLE001 - the user's factory failed: name it
+        raise CliError(f"model {spec!r}: the factory {attr}() raised {type(exc).__name__}: {exc} "
+                       "(fix the factory; --debug shows the traceback)") from exc
 
 
 def _model_and_inputs(spec: str, input_shape: Optional[str]) -> tuple[Any, tuple[Any, ...]]:
     import torch
 
+    shapes = parse_shapes(input_shape) if input_shape else None
     made = load_factory(spec)
     example = None
     if isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], torch.nn.Module):
@@ -76,8 +90,8 @@ def _model_and_inputs(spec: str, input_shape: Optional[str]) -> tuple[Any, tuple
     if not isinstance(made, torch.nn.Module):
         raise CliError(f"model {spec!r}: the factory returned {type(made).__name__}, not a torch.nn.Module "
                        "(or a (model, example_inputs) pair)")
-    if input_shape:
-        example = tuple(torch.randn(*s) for s in parse_shapes(input_shape))
+    if shapes:
+        example = tuple(torch.randn(*s) for s in shapes)
     if example is None:
         raise CliError(f"model {spec!r}: give --input-shape (e.g. 1x3x224x224) or return (model, example_inputs)")
     return made, example if isinstance(example, tuple) else (example,)
@@ -90,6 +104,8 @@ _API_TO_CLI = (
     ("pass train_data= or calibration= to fxcompress.compile()", "give --train-data or --calibration"),
     ("save one with Compiled.save(dir)", "make one with `fxcompress compile ... --out DIR`"),
     ("pass target='tensorrt-rtx' or 'tensorrt'", "give --target tensorrt-rtx or --target tensorrt"),
+    ("pass overwrite=True", "give --overwrite"),
+    ("give save() a directory path", "give --out a directory path"),
 )
 #: compile()'s keyword arguments that are also compile's flags: ``target='x'`` -> ``--target x``
 _KEYWORD_FLAG = re.compile(r"\b(target|fallback|precision)='([\w-]+)'")
@@ -131,6 +147,9 @@ def compile_cmd(
         None, "--train-targets", help=".npy with one target per --train-data sample (class indices or floats)."),
     batch: int = typer.Option(32, "--batch", help="Batch size for --calibration and --train-data."),
     out: Path = typer.Option(Path("out"), "--out", help="Artifact directory to write."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Write --out even if it is a non-empty directory that is not an artifact (files "
+                                   "named like an artifact's are replaced, others kept)."),
     report_html: Optional[Path] = typer.Option(None, "--report-html", help="Also write an HTML report here."),
 ) -> None:
     """Compile a model and save the artifact (model.onnx, manifest.json, report.json, graphs/)."""
@@ -151,6 +170,8 @@ def compile_cmd(
         passes = table[recipe]
     from .api import compile as fx_compile
 
+    check_out(out, overwrite)
+    check_data_files(calibration=calibration, train_data=train_data, train_targets=train_targets)
     check_pipeline_data(passes, calibration=calibration is not None or train_data is not None,
                         train_data=train_data is not None, train_targets=train_targets is not None)
     module, example = _model_and_inputs(model, input_shape)
@@ -161,7 +182,7 @@ def compile_cmd(
         compiled = fx_compile(module, example, passes, target=target, precision=precision, fallback=fallback,
                               calibration=calib, train_data=train, frontend=frontend)
     compiled.source = {"factory": model, "input_shape": input_shape}
-    compiled.save(out)
+    compiled.save(out, overwrite=overwrite)
     console.print(compiled.report.table())
     console.print(f"backend: {compiled.backend}", markup=False)
     if report_html:
@@ -188,6 +209,31 @@ def _order_warnings_to_stderr() -> Iterator[None]:
         warnings.simplefilter("always", PassOrderWarning)
         warnings.showwarning = show
         yield
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """Before any long work: ``--out`` can be written as an artifact directory (the checks
+    ``Compiled.save`` makes, and a writable parent), in ``--out``'s terms."""
+    import tempfile
+
+    from .artifact import check_save_target
+    from .errors import ArtifactError
+
+    try:
+        check_save_target(out.resolve(), overwrite)
+    except ArtifactError as exc:
+        raise CliError(f"--out {out}: {cli_hints(str(exc))}") from None
+    parent = out.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CliError(f"--out {out}: {parent} is a file, so no directory can be made under it; give another "
+                       "--out")
+    try:
+        tempfile.TemporaryDirectory(dir=parent).cleanup()
+    except OSError as exc:
+        raise CliError(f"--out {out}: cannot write in {parent} ({exc.strerror}); give a writable --out "
+                       "directory") from None
 
 
 def _check_tensorrt(model: Any, shapes: list[tuple[int, ...]] | None) -> list[Any] | None:
@@ -343,7 +389,11 @@ BENCH_BACKENDS = ("onnxruntime", "tensorrt", "tensorrt-rtx")
 @app.command()
 def bench(
     path: Path = typer.Argument(..., help="An artifact directory."),
-    compare_eager: bool = typer.Option(False, "--compare-eager", help="Also run the source model (needs its factory)."),
+    compare_eager: bool = typer.Option(
+        False, "--compare-eager", help="Also run the source model (give it with --original module:factory)."),
+    original: Optional[str] = typer.Option(
+        None, "--original", help="module:factory of the source model, for --compare-eager (never taken from the "
+                                 "artifact)."),
     batch: Optional[int] = typer.Option(None, "--batch", help="Batch size (default: the compiled input's)."),
     iters: int = typer.Option(100, "--iters"),
     warmup: int = typer.Option(10, "--warmup"),
@@ -363,7 +413,13 @@ def bench(
         raise CliError(f"{path}: not an artifact directory (make one with `fxcompress compile ... --out DIR`)")
     if backend is not None and backend not in BENCH_BACKENDS:
         raise CliError(f"--backend {backend!r}: choose one of {', '.join(BENCH_BACKENDS)}")
+    if batch is not None and batch < 1:
+        raise CliError(f"--batch {batch}: the batch size must be a positive integer (default: the compiled "
+                       "input's)")
     compiled = load(path, backend=backend)
+    if compare_eager and not original:
+        raise CliError(f"--compare-eager needs the source model: give --original module:factory"
+                       f"{_recorded(compiled)} (an artifact never makes fxcompress import or run code it names)")
     shapes = [list(s["shape"]) for s in compiled.inputs]
     if batch:
         shapes = [[batch, *s[1:]] for s in shapes]
@@ -371,13 +427,8 @@ def bench(
     inputs = tuple(torch.randn(*s, generator=gen) for s in shapes)
     results = []
     baseline = None
-    if compare_eager:
-        source = compiled.source or {}
-        if not source.get("factory"):
-            raise CliError(f"{path}: the artifact does not record the model's factory, so --compare-eager cannot "
-                           "rebuild it; compile with `fxcompress compile module:factory ...`")
-        eager, _ = _model_and_inputs(source["factory"], source.get("input_shape") or
-                                     ",".join("x".join(map(str, s)) for s in shapes))
+    if compare_eager and original:
+        eager, _ = _model_and_inputs(original, ",".join("x".join(map(str, s)) for s in shapes))
         baseline = b.benchmark(eager.eval(), inputs, name="eager (torch)", warmup=warmup, iters=iters)
         results.append(baseline)
     try:
@@ -394,6 +445,12 @@ def bench(
         json_out.write_text(b.to_json(results, baseline) + "\n", encoding="utf-8")
 
 
+def _recorded(compiled: Any) -> str:
+    """A hint naming the factory the artifact says it was compiled from (shown, never imported)."""
+    factory = (compiled.source or {}).get("factory")
+    return f" (the artifact records {factory!r})" if isinstance(factory, str) and factory else ""
+
+
 def artifact_precision(compiled: Any) -> str:
     """The precision an artifact was built with: its engine's build options, else the report's."""
     options = (compiled.engine_info or {}).get("options") or {}
@@ -404,8 +461,8 @@ def artifact_precision(compiled: Any) -> str:
 def compare_cmd(
     path: Path = typer.Argument(..., help="An artifact directory."),
     inputs: Path = typer.Option(..., "--inputs", help=".npy (one input) or .npz (several, keyed by input name)."),
-    original: Optional[str] = typer.Option(None, "--original",
-                                           help="module:factory of the source model (default: the artifact's)."),
+    original: Optional[str] = typer.Option(
+        None, "--original", help="module:factory of the source model (never taken from the artifact)."),
     tolerance: Optional[str] = typer.Option(None, "--tolerance",
                                             help='Drift limits, e.g. "cosine=0.999,abs=1e-3" (abs: x max(1,|ref|max)).'),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the comparison as JSON here."),
@@ -436,7 +493,7 @@ def compare_cmd(
         raise CliError(f"--inputs: {exc}") from exc
     notes: list[str] = []
     model = graph = None
-    spec = original or (compiled.source or {}).get("factory")
+    spec = original
     if spec:
         made = load_factory(spec)
         example = args
@@ -449,8 +506,8 @@ def compare_cmd(
         if why:
             notes.append(f"FX column omitted: {why}")
     else:
-        notes.append("FX and original columns omitted: the artifact records no source factory; "
-                     "pass --original module:factory")
+        notes.append(f"FX and original columns omitted: give the source model with --original module:factory"
+                     f"{_recorded(compiled)}; an artifact never makes fxcompress import or run code it names")
     if target is None:
         target = compiled.target if compiled.target in cmp.TRT_TARGETS else None
     engine = compiled.engine if target == compiled.target else None

@@ -109,6 +109,23 @@ CLI_CAPABILITIES: dict[str, str] = {
 }
 #: passes that train on labels: with --train-data they also need --train-targets
 NEEDS_TARGETS = ("fine-tune",)
+def check_data_files(**files: Optional[Path]) -> None:
+    """Before the model is built: each given data file (``calibration=``, ``train_data=``, ...: the
+    flag's name) exists and is a numpy file."""
+    from .compare import not_numpy
+
+    for name, path in files.items():
+        if path is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if not path.is_file():
+            raise CliError(f"{flag}: inputs file {path} does not exist; save the samples with numpy.save (.npy) "
+                           "or numpy.savez (.npz)")
+        problem = not_numpy(path)
+        if problem:
+            raise CliError(f"{flag}: {problem}")
+
+
 def check_pipeline_data(passes: str, *, calibration: bool, train_data: bool, train_targets: bool) -> None:
     """Before anything is loaded or traced: every pass in ``passes`` gets the data it needs from the
     command line (the library would find out later, in its own terms)."""

@@ -793,6 +793,19 @@ def _weight_mismatches(gm: GraphModule, model: onnx.ModelProto, limit: int = 5) 
 # ----------------------------------------------------------------------------- artifacts (CLI helpers)
 
 
+def not_numpy(file: Path) -> str | None:
+    """Why the existing ``file`` is not a numpy ``.npy``/``.npz`` file (from its first bytes, before
+    numpy would guess at it), or None."""
+    with file.open("rb") as f:
+        head = f.read(6)
+    if head == b"\x93NUMPY" or head.startswith(b"PK"):
+        return None
+    kind = "text" if head and all(32 <= c < 127 or c in b"\t\r\n" for c in head) else "data"
+    return (f"inputs file {file} is not a .npy/.npz numpy file: it starts with {head!r} ({kind}, not numpy's "
+            f"header); save the arrays with numpy.save (.npy) or numpy.savez (.npz), e.g. "
+            f"numpy.save('x.npy', numpy.loadtxt('{file.name}', ndmin=2)) for a text table")
+
+
 def load_inputs(path: str | Path, specs: Sequence[Mapping[str, Any]]) -> tuple[torch.Tensor, ...]:
     """Model inputs from a ``.npy`` (one input) or ``.npz`` (several, keyed by input name), cast to
     the dtypes in ``specs`` (the artifact manifest's ``inputs``: ``{"name", "dtype", "shape"}``).
@@ -805,6 +818,9 @@ def load_inputs(path: str | Path, specs: Sequence[Mapping[str, Any]]) -> tuple[t
     if not file.is_file():
         raise InputError(f"inputs file {file} does not exist; save the input with numpy.save (.npy) or, for "
                          f"several inputs ({', '.join(names)}), numpy.savez (.npz)")
+    problem = not_numpy(file)
+    if problem:
+        raise InputError(problem)
     try:
         loaded = np.load(file, allow_pickle=False)
     except Exception as exc:  # noqa: BLE001 - any decode failure is the same user error

@@ -166,6 +166,11 @@ class Pipeline(Pass):
                     raise PipelineError(f"pass '{p.name}' (#{pos}) requires '{need}': {fix}")
             provided.update(p.provides)
             steps.append((pos, p))
+        readers = [p.name for p in self.schedule() if "calibration-data" in p.requires]
+        if isinstance(ctx.calibration, Iterator) and len(readers) > 1:
+            raise PipelineError(f"calibration= is a one-shot iterator (e.g. a generator), but passes "
+                                f"{', '.join(readers)} each read it: the first would consume it; pass a list "
+                                "(e.g. list(batches)) or a DataLoader, which every pass can iterate again")
         return _order_warnings(steps, list(self.passes))
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
@@ -439,6 +444,10 @@ class _Run:
         self.gm = gm if handed_over else copy_graph_module(gm)
         if not handed_over:
             propagate_shapes(self.gm, self.ctx.example_inputs)
+        if self.lower is not None:  # before any pass runs: outputs ONNX cannot hold
+            from .backends.onnx_export import check_outputs
+
+            check_outputs(self.gm, warn_dict=False)
         if self.reference is None and self.ctx.original is not None:
             with torch.no_grad():
                 self.reference = self.ctx.original(*fresh_inputs(self.ctx.example_inputs))
@@ -532,6 +541,7 @@ class _Run:
         if changed or weights_changed:
             keep = result.preserved if result.preserved is not None else p.preserves
             self.ctx.invalidate(keep)
+        previous = current
         if p.stage == "fx":
             self.gm = new
         else:
@@ -545,6 +555,11 @@ class _Run:
             why = _why_unchanged(p, new, said=bool(row.diagnostics))
             if why:
                 row.diagnostics.append({"severity": "info", "node": None, "message": why})
+        if p.stage == "fx" and not isinstance(p, Pipeline):
+            from .stats import untied_warnings
+
+            row.diagnostics += [{"severity": "warning", "message": m, "node": None}
+                                for m in untied_warnings(previous, new)]
         self._hook("after_pass", p, new, row, self.ctx)
 
     def _attempt(self, p: Pass, label: str, position: int, verify: bool

@@ -977,3 +977,29 @@ def onnx_stats(model: onnx.ModelProto | str | os.PathLike[str],
     order = {name: i for i, name in enumerate(names)}
     tally.layers = dict(sorted(tally.layers.items(), key=lambda kv: order.get(kv[0], len(order))))
     return tally.finish()
+
+
+def tied_parameters(gm: nn.Module) -> list[list[str]]:
+    """Groups of two or more parameter names that are one tensor (tied weights, e.g. an embedding
+    and its output head)."""
+    groups: dict[int, list[str]] = {}
+    for name, p in gm.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def untied_warnings(before: nn.Module, after: nn.Module) -> list[str]:
+    """One warning for each group of tied parameters of ``before`` that ``after`` no longer holds
+    as one tensor (a pass made separate copies, e.g. a quantized head beside a float embedding)."""
+    params = dict(after.named_parameters(remove_duplicate=False))
+    out = []
+    for names in tied_parameters(before):
+        alive = [n for n in names if n in params]
+        if len(alive) == len(names) and len({id(params[n]) for n in alive}) == 1:
+            continue
+        gone = [n for n in names if n not in params]
+        out.append(f"tied weights {', '.join(names)} are no longer one tensor after this pass"
+                   + (f" ({', '.join(gone)} replaced or removed)" if gone else "")
+                   + "; the model now stores them separately. To keep them tied, leave these layers out of "
+                     "the pass (its exclude=/skip=/keep-fp32= option)")
+    return out

@@ -8,8 +8,9 @@ node has side effects, and drop attributes nothing references any more.
 
 from __future__ import annotations
 
+import fnmatch
 import operator
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -22,7 +23,7 @@ __all__ = [
     "call_arg", "delete_submodules_if_unused", "delete_unused_attributes", "eliminate_dead_code",
     "get_attr_value", "get_module", "is_impure", "is_inplace", "meta_dtype", "meta_shape",
     "module_call_nodes", "register_tensor", "replace_call_module", "replace_node", "replace_uses_with_literal", "set_module",
-    "split_qualname", "unique_name", "writes_inputs",
+    "split_qualname", "unique_name", "unmatched_patterns", "writes_inputs",
 ]
 
 _MUTATING_METHODS = frozenset({"copy_", "set_", "resize_", "resize_as_", "zero_", "fill_", "index_put_",
@@ -278,3 +279,19 @@ def delete_unused_attributes(gm: GraphModule, only: Iterable[str] | None = None)
             delattr(owner, attr)
             deleted.append(name)
     return deleted
+
+
+def unmatched_patterns(option: str, patterns: Sequence[str], names: Iterable[str], *, consequence: str,
+                       layers: Sequence[str] | None = None) -> str | None:
+    """A warning for the fnmatch ``patterns`` of ``option`` that match none of ``names`` (module
+    paths, node names, ...), or None when each matches something: a typo in ``exclude=`` or
+    ``skip=`` would otherwise silently compress the layer meant to be protected. ``layers``: the
+    names to show (default: ``names``)."""
+    names = list(dict.fromkeys(n for n in names if n))
+    missing = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if not missing:
+        return None
+    layers = list(layers) if layers is not None else names
+    shown = ", ".join(layers[:6]) + (f" ... ({len(layers)} in all)" if len(layers) > 6 else "")
+    return (f"{option}= pattern(s) {', '.join(repr(p) for p in missing)} match no layer, so {consequence}; "
+            f"check the spelling against the layers here: {shown}")

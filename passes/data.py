@@ -18,6 +18,8 @@ is fine, and other non-batch dims are left to the model (it may take dynamic sha
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Iterator as _Iterator
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
@@ -167,6 +169,27 @@ def model_inputs(inputs: tuple[Any, ...], model: torch.nn.Module, device: torch.
     return to_device(inputs, device, copy=writes_inputs(model) if writes is None else writes)
 
 
+#: one-shot iterators (generators) given as data, and the pass that first read from each
+_READ_BY: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
+
+_ONE_SHOT_FIX = ("pass a list (e.g. list(batches)) or a DataLoader, which every pass can iterate again")
+
+
+def claim_data(data: Any, *, argument: str, pass_name: str) -> None:
+    """Refuse a one-shot iterator (a generator) another pass already read from: this pass would get
+    nothing, or only the remainder, of the data."""
+    if not isinstance(data, _Iterator):
+        return
+    try:
+        first = _READ_BY.setdefault(data, pass_name)
+    except TypeError:  # not weak-referenceable: nothing recorded
+        return
+    if first != pass_name:
+        raise PassError(f"pass '{pass_name}': {argument}= is a one-shot iterator (e.g. a generator) that "
+                        f"pass '{first}' already consumed, so at most its remainder is left for this pass; "
+                        + _ONE_SHOT_FIX, pass_name=pass_name)
+
+
 def iter_inputs(data: Iterable[Any] | None, gm: GraphModule, *, argument: str, pass_name: str,
                 limit: int = 0, device: torch.device | str | None = None) -> Iterator[tuple[Any, ...]]:
     """Input tuples of the first ``limit`` batches of ``data`` (all when ``limit`` is 0), on
@@ -189,6 +212,7 @@ def iter_batches(data: Iterable[Any] | None, gm: GraphModule, *, argument: str, 
                         pass_name=pass_name)
     if isinstance(data, (torch.Tensor, dict)):
         data = [data]
+    claim_data(data, argument=argument, pass_name=pass_name)
     specs = input_specs(gm)
     names = [s.name for s in specs]
     writes = writes_inputs(gm)
@@ -201,4 +225,6 @@ def iter_batches(data: Iterable[Any] | None, gm: GraphModule, *, argument: str, 
         yield model_inputs(inputs, gm, device, writes=writes), to_device(targets, device)
         count += 1
     if count == 0:
-        raise PassError(f"pass '{pass_name}': {argument}= yielded no batches", pass_name=pass_name)
+        why = (f": it is a one-shot iterator (e.g. a generator), already exhausted; {_ONE_SHOT_FIX}"
+               if isinstance(data, _Iterator) else "")
+        raise PassError(f"pass '{pass_name}': {argument}= yielded no batches{why}", pass_name=pass_name)

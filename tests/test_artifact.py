@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -47,7 +48,7 @@ def test_layout_and_manifest(saved: tuple[Path, fxc.Compiled]) -> None:
     assert sorted(p.name for p in (out / "graphs").iterdir()) == [
         "00_input.fxg", "01_fold-batchnorm.fxg", "02_eliminate-dead-code.fxg", "03_export-onnx.fxg"]
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["format_version"] == 1 and manifest["pipeline"] == "fold-batchnorm,eliminate-dead-code"
+    assert manifest["format_version"] == 2 and manifest["pipeline"] == "fold-batchnorm,eliminate-dead-code"
     assert manifest["inputs"] == [{"name": "x", "shape": [2, 1, 6, 6], "dtype": "float32"}]
     assert manifest["versions"]["torch"].startswith("2.") and manifest["versions"]["onnxruntime"]
     assert set(manifest["files"]) == {"model.onnx", "report.json", *(f"graphs/{p.name}" for p in (out / "graphs").iterdir())}
@@ -117,10 +118,8 @@ def test_tampered_file_is_refused(saved: tuple[Path, fxc.Compiled], tmp_path: Pa
 
 def test_missing_file_and_unknown_version_are_refused(saved: tuple[Path, fxc.Compiled], tmp_path: Path) -> None:
     out = _copy(saved[0], tmp_path / "v2")
-    manifest = json.loads((out / "manifest.json").read_text())
-    manifest["format_version"] = 99
-    (out / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(fxc.ArtifactError, match=r"unknown artifact format version 99; this fxcompress reads version 1"):
+    _edit_manifest(out, lambda m: m.update(format_version=99))
+    with pytest.raises(fxc.ArtifactError, match=r"unknown artifact format version 99; this fxcompress reads version 2"):
         fxc.load(out)
     gone = _copy(saved[0], tmp_path / "gone")
     (gone / "report.json").unlink()
@@ -131,9 +130,12 @@ def test_missing_file_and_unknown_version_are_refused(saved: tuple[Path, fxc.Com
 
 
 def _edit_manifest(out: Path, edit: Any) -> None:
+    """Edit the manifest and re-sign it (its digest), so load gets past the digest to the check under test."""
+    from fxcompress.artifact import write_manifest
+
     manifest = json.loads((out / "manifest.json").read_text())
     edit(manifest)
-    (out / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(out, manifest)
 
 
 def test_unlisted_model_with_rewritten_weights_is_refused(saved: tuple[Path, fxc.Compiled], tmp_path: Path) -> None:
@@ -177,8 +179,18 @@ def test_unlisted_engine_is_refused_and_a_listed_one_is_verified(saved: tuple[Pa
 
 
 def test_resaving_without_an_engine_removes_a_stale_one(saved: tuple[Path, fxc.Compiled], tmp_path: Path) -> None:
+    """An engine the old manifest lists goes; one it does not list is refused unless overwrite=True."""
     out = _copy(saved[0], tmp_path / "stale")
     (out / "model.engine").write_bytes(b"from an earlier save")
+    with pytest.raises(fxc.ArtifactError, match=r"model.engine is not listed in the artifact's manifest; save only "
+                                                r"removes files a previous manifest listed: .* overwrite=True"):
+        saved[1].save(out)
+    assert (out / "model.engine").read_bytes() == b"from an earlier save"
+    saved[1].save(out, overwrite=True)
+    assert not (out / "model.engine").exists()
+    _edit_manifest(out, lambda m: m.update(engine={"module": "tensorrt_rtx"}))
+    (out / "model.engine").write_bytes(b"listed")
+    _edit_manifest(out, lambda m: m["files"].update({"model.engine": hashlib.sha256(b"listed").hexdigest()}))
     saved[1].save(out)
     assert not (out / "model.engine").exists()
     assert fxc.load(out).engine is None
@@ -319,13 +331,17 @@ def test_resaving_removes_stale_graph_files(saved: tuple[Path, fxc.Compiled], tm
     (out / "graphs" / "07_old-pass.fxg").write_text("# fxg 1 fx\n")
     (out / "graphs" / "notes.txt").write_text("kept: not a graph file")
     shorter = fxc.compile(SecretNet().eval(), X, "fold-batchnorm", target="onnxruntime")
+    with pytest.raises(fxc.ArtifactError, match=r"07_old-pass.fxg is not listed in the artifact's manifest"):
+        shorter.save(out)
+    (out / "graphs" / "07_old-pass.fxg").unlink()
     shorter.save(out)
     manifest = json.loads((out / "manifest.json").read_text())
     listed = {s["file"] for s in manifest["snapshots"]}
     assert {f"graphs/{p.name}" for p in (out / "graphs").glob("*.fxg")} == listed == {
         "graphs/00_input.fxg", "graphs/01_fold-batchnorm.fxg", "graphs/02_export-onnx.fxg"}
-    assert (out / "graphs" / "notes.txt").exists()
-    assert len(fxc.load(out).snapshots) == 3
+    assert (out / "graphs" / "notes.txt").read_text() == "kept: not a graph file"
+    with pytest.warns(UserWarning, match=r"ignoring graphs/notes.txt: not part of the artifact"):
+        assert len(fxc.load(out).snapshots) == 3
 
 
 def test_manifest_pipeline_full_writes_every_option_and_parses_to_the_same_passes(tmp_path: Path) -> None:

@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from fxcompress.artifact import write_manifest
+
 MODELS = textwrap.dedent("""
     import torch
     from torch import nn
@@ -186,7 +188,8 @@ def test_diff_of_the_same_graph_exits_0(workdir: Path, a: str, b: str, monkeypat
 
 
 def test_bench_compare_eager(workdir: Path) -> None:
-    proc = run("bench", "out", "--compare-eager", "--iters", "20", "--warmup", "2", "--json", "bench.json", cwd=workdir)
+    proc = run("bench", "out", "--compare-eager", "--original", "mymodels:make_model", "--iters", "20", "--warmup",
+               "2", "--json", "bench.json", cwd=workdir)
     assert proc.returncode == 0, proc.stderr
     assert "eager (torch)" in proc.stdout and "compiled (onnxruntime)" in proc.stdout
     data = json.loads((workdir / "bench.json").read_text())["results"]
@@ -225,12 +228,11 @@ def test_compare_builds_the_trt_side_at_the_artifacts_precision(
     shutil.copytree(workdir / "out", art)
     manifest = json.loads((art / "manifest.json").read_text())
     manifest.update(engine=engine, target="tensorrt-rtx", source=None)
-    (art / "manifest.json").write_text(json.dumps(manifest))
     report = json.loads((art / "report.json").read_text())
     report["meta"]["precision"] = meta
     (art / "report.json").write_text(json.dumps(report))
     manifest["files"]["report.json"] = __import__("hashlib").sha256((art / "report.json").read_bytes()).hexdigest()
-    (art / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(art, manifest)
     np.save(tmp_path / "x.npy", np.zeros((1, 3, 8, 8), np.float32))
     seen: dict[str, Any] = {}
 
@@ -358,7 +360,7 @@ def _as_tensorrt_rtx_artifact(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     manifest = json.loads((dst / "manifest.json").read_text())
     manifest.update(target="tensorrt-rtx", backend="tensorrt-rtx", load_backend="tensorrt-rtx")
-    (dst / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(dst, manifest)
     return dst
 
 

@@ -349,8 +349,8 @@ def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_cli_names_the_first_divergent_layer(artifact: Path) -> None:
-    proc = run_cli("compare", str(artifact / "out"), "--inputs", str(artifact / "x.npy"),
-                   "--tolerance", "cosine=0.999,abs=1e-3", "--json", str(artifact / "cmp.json"))
+    proc = run_cli("compare", str(artifact / "out"), "--inputs", str(artifact / "x.npy"), "--original",
+                   "zoo:resnet_basic", "--tolerance", "cosine=0.999,abs=1e-3", "--json", str(artifact / "cmp.json"))
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "per-layer error across stages" in out and "FX vs original" in out and "ORT vs FX" in out

@@ -51,6 +51,7 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Union
 
+import numpy as np
 import onnx
 import torch
 from torch import fx, nn
@@ -59,7 +60,7 @@ from ..errors import ExportError
 from ..onnx_graph import FX_NODE_KEY, fx_node_of, fx_node_outputs, stamp_fx_nodes
 from ..verify import fresh_inputs
 
-__all__ = ["export_onnx", "fx_node_of", "fx_node_outputs", "FX_NODE_KEY", "MIN_OPSET", "MAX_OPSET"]
+__all__ = ["check_outputs", "export_onnx", "fx_node_of", "fx_node_outputs", "FX_NODE_KEY", "MIN_OPSET", "MAX_OPSET"]
 
 MIN_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear
 MAX_OPSET = 20  # highest opset the TorchScript exporter writes
@@ -139,6 +140,7 @@ def export_onnx(
         raise ExportError(f"opset {opset} is not supported: the TorchScript exporter writes opsets "
                           f"{MIN_OPSET}..{MAX_OPSET} here (17 is the default)")
     args = _check_inputs(gm, example_inputs)
+    check_outputs(gm)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     in_names = list(input_names) if input_names is not None else [n.name for n in placeholders[:len(args)]]
     if len(in_names) != len(args) or len(set(in_names)) != len(in_names):
@@ -180,6 +182,7 @@ def export_onnx(
     model = onnx.load_from_string(buffer.getvalue())
     _name_outputs(model, output_names, out_axes_spec)
     _drop_unused_initializers(model)
+    _share_tied_initializers(model, gm)
     _name_folded_initializers(model, opset)
     stamp_fx_nodes(model)
     try:
@@ -204,6 +207,30 @@ def _no_mha_fastpath() -> Iterator[None]:
 
 
 # ----------------------------------------------------------------------------- inputs and axes
+
+
+def check_outputs(gm: fx.GraphModule, *, warn_dict: bool = True) -> None:
+    """ONNX outputs are tensors: refuse a forward returning None or a Python number (the exporter
+    or ONNX Runtime would fail with an internal error; ``Python number`` needs shapes propagated),
+    and warn (``warn_dict``) that a dict comes back from ONNX Runtime as a tuple of its values."""
+    output = next((n for n in reversed(gm.graph.nodes) if n.op == "output"), None)
+    value = output.args[0] if output is not None and output.args else None
+    leaves, _ = torch.utils._pytree.tree_flatten(value)
+    if value is None or not leaves:
+        raise ExportError("the model's forward returns None (or nothing but empty containers); an ONNX model "
+                          "needs at least one tensor output: return the tensor(s) the model computes")
+    for leaf in leaves:
+        kind = type(leaf) if not isinstance(leaf, fx.Node) else leaf.meta.get("type")
+        if kind is not None and issubclass(kind, (int, float, bool, complex)):
+            where = f" computed by node '{leaf.name}'" if isinstance(leaf, fx.Node) else f" ({leaf!r})"
+            raise ExportError(f"the model's forward returns a Python {kind.__name__}{where}, not a tensor; "
+                              "ONNX outputs are tensors: return the tensor itself (not .item()/float()), or "
+                              "torch.tensor(value)")
+    if warn_dict and isinstance(value, dict):
+        names = ", ".join(repr(k) for k in value)
+        warnings.warn(f"the model's forward returns a dict ({names}); ONNX has no dicts, so ONNX Runtime and "
+                      "a loaded artifact return a tuple of its tensors in this order (outputs 'output', "
+                      "'output_1', ...), while the FX graph returns the dict", stacklevel=3)
 
 
 def _check_inputs(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -323,6 +350,51 @@ def _drop_unused_initializers(model: onnx.ModelProto) -> None:
     if len(keep) != len(model.graph.initializer):
         del model.graph.initializer[:]
         model.graph.initializer.extend(keep)
+
+
+def _share_tied_initializers(model: onnx.ModelProto, gm: fx.GraphModule) -> None:
+    """Tied parameters (one tensor under several names, e.g. an embedding and its output head) as
+    one initializer: the exporter writes one copy per use, and a transposed copy for a ``Linear``
+    (``MatMul`` by ``W.T``). An identical copy is replaced by the first; a transposed one by a
+    ``Transpose`` of it (exact, computed once by ONNX Runtime's constant folding)."""
+    from onnx import helper, numpy_helper
+
+    groups: dict[int, tuple[torch.Tensor, list[str]]] = {}
+    for name, p in gm.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), (p, []))[1].append(name)
+    tied = [(t.detach().cpu().numpy(), names) for t, names in groups.values() if len(names) > 1]
+    if not tied:
+        return
+    graph = model.graph
+    arrays = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    renames: dict[str, str] = {}
+    transposes: list[onnx.NodeProto] = []
+    for value, names in tied:
+        same = [n for n, a in arrays.items() if a.dtype == value.dtype and a.shape == value.shape and
+                np.array_equal(a, value)]
+        keep = next((n for n in names if n in same), same[0] if same else None)
+        if keep is None:
+            continue
+        for n in same:
+            if n != keep:
+                renames[n] = keep
+        if value.ndim == 2:
+            for n, a in arrays.items():
+                if n not in same and a.dtype == value.dtype and a.shape == value.shape[::-1] and \
+                        np.array_equal(a, value.T):
+                    transposes.append(helper.make_node("Transpose", [keep], [n], name=f"{n}.tied",
+                                                       perm=[1, 0]))
+    gone = set(renames) | {node.output[0] for node in transposes}
+    if not gone:
+        return
+    kept = [t for t in graph.initializer if t.name not in gone]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            node.input[i] = renames.get(name, name)
+    for node in reversed(transposes):
+        graph.node.insert(0, node)
 
 
 def _name_folded_initializers(model: onnx.ModelProto, opset: int) -> None:

@@ -49,7 +49,10 @@ class OnnxFoldConstants(OnnxPass):
         keep_quantize = not self.fold_weight_quantize
 
         def exclude(node: gs.Node) -> bool:
-            return node.op == "DequantizeLinear" or (keep_quantize and node.op == "QuantizeLinear")
+            # a Transpose of a weight other nodes read too (tied weights) would store it twice
+            shared = node.op == "Transpose" and any(isinstance(t, gs.Constant) and len(t.outputs) > 1
+                                                    for t in node.inputs)
+            return shared or node.op == "DequantizeLinear" or (keep_quantize and node.op == "QuantizeLinear")
 
         graph.toposort()
         graph.fold_constants(

@@ -11,6 +11,9 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from fxcompress.errors import PassError
+from fxcompress.pass_base import PassResult
+
+from .._fx_utils import unmatched_patterns
 
 WEIGHT_TYPES = ("Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "Linear")
 
@@ -84,10 +87,35 @@ def select_layers(gm: GraphModule, *, types: Sequence[str], include: Sequence[st
     return chosen, skipped
 
 
-def replace_weight(mod: nn.Module, value: torch.Tensor) -> None:
-    """Give ``mod`` a new weight Parameter (never writes into a tensor someone else may share)."""
+def warn_unmatched(result: PassResult, gm: GraphModule, *, include: Sequence[str] = ("*",),
+                   exclude: Sequence[str] = ()) -> None:
+    """Warn (in ``result``) about ``include`` / ``exclude`` patterns that match no module path of ``gm``."""
+    called = [str(n.target) for n in gm.graph.nodes if n.op == "call_module"]
+    for option, patterns, consequence in (("include", include, "they select no layer to prune"),
+                                          ("exclude", exclude, "they keep no layer from being pruned")):
+        message = unmatched_patterns(option, patterns, called, consequence=consequence)
+        if message:
+            result.warn(message)
+
+
+def tied_owners(gm: nn.Module, tensor: torch.Tensor) -> list[str]:
+    """Qualified names (``module.attr``) of every parameter of ``gm`` that is ``tensor`` (tied weights)."""
+    return [name for name, p in gm.named_parameters(remove_duplicate=False) if p is tensor]
+
+
+def replace_weight(mod: nn.Module, value: torch.Tensor, gm: nn.Module | None = None) -> list[str]:
+    """Give ``mod`` a new weight Parameter (never writes into a tensor someone else may share). With
+    ``gm``, every other parameter tied to the old weight (an embedding and its output head) gets
+    the same new Parameter, so the tie holds; returns the names of those others."""
     old = mod.weight
-    mod.weight = nn.Parameter(value.to(old.dtype), requires_grad=old.requires_grad)
+    new = nn.Parameter(value.to(old.dtype), requires_grad=old.requires_grad)
+    tied = [n for n in tied_owners(gm, old) if gm.get_submodule(n.rpartition(".")[0]) is not mod] \
+        if gm is not None else []
+    mod.weight = new
+    for name in tied:
+        parent, _, attr = name.rpartition(".")
+        setattr(gm.get_submodule(parent), attr, new)
+    return tied
 
 
 def graph_totals(gm: GraphModule) -> Any:

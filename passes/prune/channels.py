@@ -20,6 +20,7 @@ from torch.fx import GraphModule
 from fxcompress.errors import PipelineError
 from fxcompress.pass_base import Pass, PassContext, PassResult, prefer_before
 
+from .._fx_utils import unmatched_patterns
 from ._common import as_tuple, check_runs, graph_totals, layer_totals, need_shapes, totals
 from .depgraph import DependencyGraph, dependency_graph
 from .importance import CRITERIA, class_importance
@@ -142,6 +143,12 @@ class PruneChannels(Pass):
                                          batches=self.batches, pass_name=self.name)
         removed, groups = self.select(dg, scores)
         result = PassResult(graph=gm)
+        paths = [str(n.target) for n in gm.graph.nodes if n.op == "call_module"]
+        unmatched = unmatched_patterns("exclude", self.exclude, paths + [n.name for n in gm.graph.nodes],
+                                       layers=list(dict.fromkeys(paths)),
+                                       consequence="they keep no layer from being pruned")
+        if unmatched:
+            result.warn(unmatched)
         for note in notes:
             result.info(note)
         unpruned = dg.unpruned()
@@ -156,3 +163,4 @@ class PruneChannels(Pass):
                         "layers": {path: {**row, **numbers[path]} for path, row in layers.items()},
                         "groups": groups, "unpruned": unpruned, "importance": self.importance}
         return result
+

@@ -23,7 +23,7 @@ from fxcompress.errors import PipelineError
 from fxcompress.pass_base import Pass, PassContext, PassResult
 
 from ._common import (WEIGHT_TYPES, as_tuple, graph_totals, layer_rows, need_shapes, replace_weight, select_layers,
-                      totals)
+                      totals, warn_unmatched)
 
 __all__ = ["PruneMagnitude", "smallest"]
 
@@ -81,6 +81,7 @@ class PruneMagnitude(Pass):
         layers, skipped = select_layers(gm, types=self.types, include=self.include, exclude=self.exclude,
                                         exclude_head=self.exclude_head)
         result = PassResult(graph=gm)
+        warn_unmatched(result, gm, include=self.include, exclude=self.exclude)
         if not layers:
             result.warn(f"no layer selected (types {', '.join(self.types)}, include {self.include})")
         weights = [mod.weight for _, mod in layers]
@@ -96,7 +97,10 @@ class PruneMagnitude(Pass):
         for (path, mod), idx in zip(layers, picks):
             new = mod.weight.detach().clone()
             new.view(-1)[idx] = 0
-            replace_weight(mod, new)
+            tied = replace_weight(mod, new, gm)
+            if tied:
+                result.info(f"weight tied with {', '.join(tied)}: pruned together, still one tensor",
+                            node=path)
             zeros[path] = int((new == 0).sum()), new.numel()
         gm.recompile()
         after = graph_totals(gm)

@@ -22,7 +22,8 @@ from torch.fx import GraphModule
 from fxcompress.errors import PipelineError
 from fxcompress.pass_base import Pass, PassContext, PassResult
 
-from ._common import as_tuple, graph_totals, layer_rows, need_shapes, replace_weight, select_layers, totals
+from ._common import (as_tuple, graph_totals, layer_rows, need_shapes, replace_weight, select_layers, totals,
+                      warn_unmatched)
 
 __all__ = ["PruneNM", "check_nm", "nm_groups"]
 
@@ -81,6 +82,7 @@ class PruneNM(Pass):
         layers, skipped = select_layers(gm, types=self.types, include=self.include, exclude=self.exclude,
                                         exclude_head=self.exclude_head)
         result = PassResult(graph=gm)
+        warn_unmatched(result, gm, include=self.include, exclude=self.exclude)
         zeros: dict[str, tuple[int, int]] = {}
         for path, mod in layers:
             w = mod.weight.detach()
@@ -94,7 +96,10 @@ class PruneNM(Pass):
             order = torch.argsort(groups.abs(), dim=1, descending=True, stable=True)
             groups.scatter_(1, order[:, self.n:], 0.0)
             new = _from_groups(groups, w).contiguous()
-            replace_weight(mod, new)
+            tied = replace_weight(mod, new, gm)
+            if tied:
+                result.info(f"weight tied with {', '.join(tied)}: pruned together, still one tensor",
+                            node=path)
             zeros[path] = int((new == 0).sum()), new.numel()
         gm.recompile()
         after = graph_totals(gm)

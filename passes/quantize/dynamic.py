@@ -22,7 +22,7 @@ from fxcompress.pass_base import Pass, PassContext, PassResult
 from .. import _fx_utils as fxu
 from .fake_quant import dynamic_linear, quantize_weight
 from .patterns import classify, module_path
-from .placement import matches_skip
+from .placement import matches_skip, unmatched_skip
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,9 @@ class QuantizeDynamic(Pass):
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         qmax = 64 if self.reduce_range else 127
         result = PassResult(graph=gm)
+        unmatched = unmatched_skip(self.skip, gm)
+        if unmatched:
+            result.warn(unmatched)
         done: list[str] = []
         floats: dict[str, str] = {}
         for node in list(gm.graph.nodes):

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
+from .._fx_utils import unmatched_patterns
 from .patterns import COMPUTE, OpInfo, classify, module_of, module_path
 
 SCHEMES = ("tensorrt", "onnxruntime")
@@ -91,6 +93,22 @@ def matches_skip(patterns: tuple[str, ...], node: Node, mod: nn.Module | None, k
         if any(n and fnmatch.fnmatchcase(n, pat) for n in names):
             return pat
     return None
+
+
+def unmatched_skip(patterns: Sequence[str], gm: GraphModule) -> str | None:
+    """A warning naming the ``skip`` patterns no node matches (see ``matches_skip``), or None."""
+    names: list[str] = []
+    layers: list[str] = []
+    for node in gm.graph.nodes:
+        if node.op not in ("call_module", "call_function", "call_method"):
+            continue
+        info = classify(gm, node)
+        mod_type = type(info.module).__name__ if info.module is not None else ""
+        names += [node.name, module_path(node), info.kind, mod_type]
+        if info.kind in COMPUTE:
+            layers.append(module_path(node) or node.name)
+    return unmatched_patterns("skip", patterns, names, layers=list(dict.fromkeys(layers)),
+                              consequence="they keep no layer in floating point")
 
 
 def _unsupported(node: Node, info: OpInfo, weight: torch.Tensor | None) -> str | None:
@@ -239,4 +257,5 @@ def build_plan(gm: GraphModule, scheme: str, *, skip: tuple[str, ...] = (),
     return Plan(scheme, layers, slots, float_layers, infos)
 
 
-__all__ = ["Layer", "Plan", "SCHEMES", "Slot", "build_plan", "matches_skip", "module_of", "scheme_for_target"]
+__all__ = ["Layer", "Plan", "SCHEMES", "Slot", "build_plan", "matches_skip", "module_of", "scheme_for_target",
+           "unmatched_skip"]

@@ -20,7 +20,7 @@ from ..distributed import all_reduce_observers, shard, world_size
 from .calibrate import observe
 from .observers import INT8, OBSERVERS, UINT8, QSpec, make_observer, per_channel_absmax, per_channel_mse_absmax
 from .patterns import module_path
-from .placement import SCHEMES, Plan, build_plan, scheme_for_target
+from .placement import SCHEMES, Plan, build_plan, scheme_for_target, unmatched_skip
 from .rewrite import WeightQuant, apply_plan
 
 #: the ctx analysis key under which ``QuantSensitivity`` leaves its skip list
@@ -159,12 +159,15 @@ class QuantizeInt8(Pass):
         scheme, spec, wmax = self.resolve(ctx.target)
         ensure_shapes(gm, ctx)
         plan = self.plan(gm, ctx, scheme)
+        unmatched = unmatched_skip(self.skip, gm)
         act = self.calibrate(gm, ctx, plan, spec)
         weights = {layer.node.name: weight_quant(layer.weight, layer.axis, wmax, self.per_channel, self.weight_observer)
                    for layer in plan.layers if layer.weight.numel()}
         int8_layers = [layer.node.name for layer in plan.layers]
         summary = apply_plan(gm, plan, act, weights, spec, qat=self.qat, learn=self.learn_scales)
         result = PassResult(graph=gm)
+        if unmatched:
+            result.warn(unmatched)
         modules = {n.name: module_path(n) for n in gm.graph.nodes if n.name in plan.float_layers}
         for node, reason in plan.float_layers.items():
             where = f" (module '{modules[node]}')" if modules.get(node) else ""

@@ -9,6 +9,8 @@ calibration batches. The graph is returned unchanged; ``stats["layers"]`` is the
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -18,7 +20,7 @@ from torch.fx import GraphModule
 from fxcompress.errors import PassError, PipelineError
 from fxcompress.pass_base import Pass, PassContext, PassResult, copy_graph_module
 
-from ..data import explain_failure, input_specs, iter_inputs, model_inputs
+from ..data import claim_data, explain_failure, input_specs, iter_inputs, model_inputs
 from .observers import OBSERVERS
 from .patterns import module_path
 from .placement import build_plan
@@ -66,9 +68,17 @@ class QuantSensitivity(Pass):
         scheme, spec, wmax = config.resolve(ctx.target)
         ensure_shapes(gm, ctx)
         full = build_plan(gm, scheme)
-        act = config.calibrate(gm, ctx, full, spec)
-        batches = list(iter_inputs(ctx.calibration, gm, argument="calibration", pass_name=self.name,
-                                   limit=self.eval_batches))
+        given = ctx.calibration
+        if isinstance(given, Iterator):  # a generator: this pass reads it twice (calibrate, evaluate)
+            claim_data(given, argument="calibration", pass_name=self.name)
+            ctx.calibration = list(itertools.islice(given, max(self.calibration_batches, self.eval_batches))
+                                   if self.calibration_batches else given)
+        try:
+            act = config.calibrate(gm, ctx, full, spec)
+            batches = list(iter_inputs(ctx.calibration, gm, argument="calibration", pass_name=self.name,
+                                       limit=self.eval_batches))
+        finally:
+            ctx.calibration = given
         specs = input_specs(gm)
         reference = []
         with torch.no_grad():
