@@ -220,7 +220,12 @@ def test_issue_pipeline_on_bert_runs_in_onnxruntime() -> None:
         expected = _first(model(*inputs))
     got = _first(compiled(*inputs))
     assert got.shape == expected.shape
-    assert torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0) > 0.95
+    with torch.no_grad():
+        fx_out = _first(compiled.graph_module(*inputs))
+    # lowering keeps what the passes made; half the heads and channels of a random BERT, distilled for
+    # one epoch on two batches, stays correlated with it but not close
+    assert torch.nn.functional.cosine_similarity(got.flatten(), fx_out.flatten(), dim=0) > 0.99
+    assert torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0) > 0.5
 
 
 def test_distilbert_blocks_are_found_with_their_projections() -> None:
