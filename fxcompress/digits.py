@@ -3,6 +3,7 @@ samples, shipped with scikit-learn, no download), a small residual CNN and a see
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
@@ -99,6 +100,89 @@ class DigitsResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
+class DigitsMobileNet(nn.Module):
+    """A MobileNetV2-style CNN for 1x8x8 digits: stem conv-bn-relu6, two inverted residual blocks
+    (1x1 expand, 3x3 depthwise, 1x1 project; the first with a residual add, the second
+    downsampling), global average pooling, a linear classifier. Depthwise convs give per-channel
+    weight ranges far apart, the case cross-layer equalization is for."""
+
+    def __init__(self, width: int = 16, expand: int = 4, num_classes: int = NUM_CLASSES) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+                                  nn.ReLU6())
+        self.block1 = _InvertedResidual(width, width, expand, stride=1)
+        self.block2 = _InvertedResidual(width, 2 * width, expand, stride=2)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.block2(self.block1(self.stem(x)))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+class _InvertedResidual(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, expand: int, stride: int) -> None:
+        super().__init__()
+        hidden = in_ch * expand
+        self.use_residual = stride == 1 and in_ch == out_ch
+        self.body = nn.Sequential(
+            nn.Conv2d(in_ch, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(),
+            nn.Conv2d(hidden, hidden, 3, stride=stride, padding=1, groups=hidden, bias=False),
+            nn.BatchNorm2d(hidden), nn.ReLU6(),
+            nn.Conv2d(hidden, out_ch, 1, bias=False), nn.BatchNorm2d(out_ch))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.body(x)
+        return x + out if self.use_residual else out
+
+
+class DigitsTransformer(nn.Module):
+    """A small pre-norm transformer encoder for digits: the image's 8 rows are 8 tokens of 8
+    pixels, embedded by a Linear, plus a learned position embedding; ``depth`` blocks of
+    multi-head self-attention (explicit Q/K/V/output Linears and matmuls, as in BERT) and a GELU
+    MLP; mean over tokens, LayerNorm, a linear classifier."""
+
+    def __init__(self, dim: int = 32, depth: int = 2, heads: int = 4, mlp_ratio: int = 2,
+                 num_classes: int = NUM_CLASSES) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, dim)
+        self.pos = nn.Parameter(torch.zeros(1, 8, dim))
+        self.blocks = nn.ModuleList(_EncoderBlock(dim, heads, mlp_ratio) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.embed(x.flatten(1, 2)) + self.pos
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x.mean(dim=1)))
+
+
+class _EncoderBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, mlp_ratio: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.query, self.key, self.value = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, dim * mlp_ratio)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(dim * mlp_ratio, dim)
+
+    def _split(self, t: Tensor) -> Tensor:
+        b, n, d = t.shape
+        return t.view(b, n, self.heads, d // self.heads).transpose(1, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.norm1(x)
+        q, k, v = self._split(self.query(h)), self._split(self.key(h)), self._split(self.value(h))
+        attn = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1)
+        ctx = (attn @ v).transpose(1, 2).flatten(2)
+        x = x + self.out(ctx)
+        return x + self.fc2(self.act(self.fc1(self.norm2(x))))
+
+
 def train_classifier(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], *, epochs: int = 6,
                      lr: float = 5e-3, weight_decay: float = 1e-4, seed: int = 0,
                      threads: int | None = 1) -> nn.Module:
@@ -166,5 +250,5 @@ def accuracy(fn: Callable[[Tensor], Any], loader: Iterable[tuple[Tensor, Tensor]
     return correct / total
 
 
-__all__ = ["DigitsData", "DigitsResNet", "ResidualBlock", "accuracy", "digits_loaders",
+__all__ = ["DigitsData", "DigitsMobileNet", "DigitsResNet", "DigitsTransformer", "ResidualBlock", "accuracy", "digits_loaders",
            "load_digits_tensors", "train_classifier"]

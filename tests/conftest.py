@@ -23,7 +23,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis.configuration import set_hypothesis_home_dir
 from torch import Tensor, nn
 
-from fxcompress.digits import DigitsData, DigitsResNet, digits_loaders, train_classifier
+from fxcompress.digits import (DigitsData, DigitsMobileNet, DigitsResNet, DigitsTransformer, digits_loaders,
+                               train_classifier)
 from zoo import ZOO, ZOO_NAMES
 
 DIGITS_WIDTH = 16
@@ -66,6 +67,28 @@ def digits() -> TrainedDigits:
         model = DigitsResNet(width=DIGITS_WIDTH)
     train_classifier(model, data.train, epochs=DIGITS_EPOCHS, seed=DIGITS_SEED)
     return TrainedDigits(model.eval(), data)
+
+
+def _trained(cls: type[nn.Module], epochs: int) -> TrainedDigits:
+    data = digits_loaders(batch_size=64, seed=DIGITS_SEED)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(DIGITS_SEED)
+        model = cls()
+    train_classifier(model, data.train, epochs=epochs, seed=DIGITS_SEED)
+    return TrainedDigits(model.eval(), data)
+
+
+@pytest.fixture(scope="session")
+def digits_mobilenet() -> TrainedDigits:
+    """``(model, data)``: a depthwise ``DigitsMobileNet`` trained once per session. Deep-copy before changing."""
+    return _trained(DigitsMobileNet, epochs=8)
+
+
+@pytest.fixture(scope="session")
+def digits_transformer() -> TrainedDigits:
+    """``(model, data)``: a ``DigitsTransformer`` (rows as tokens) trained once per session. Deep-copy
+    before changing."""
+    return _trained(DigitsTransformer, epochs=12)
 
 
 @pytest.fixture

@@ -94,3 +94,12 @@ def test_trained_digits_cnn_is_accurate(digits) -> None:
     assert acc >= 0.95
     gm = trace(model, next(iter(data.test))[0][:2])
     assert accuracy(gm, data.test) == acc
+
+
+@pytest.mark.parametrize("fixture", ["digits_mobilenet", "digits_transformer"])
+def test_other_digits_architectures_train_and_trace(fixture: str, request: pytest.FixtureRequest) -> None:
+    model, data = request.getfixturevalue(fixture)
+    acc = accuracy(model, data.test)
+    assert acc >= 0.94
+    gm = trace(model, next(iter(data.test))[0][:2])
+    assert accuracy(gm, data.test) == acc
