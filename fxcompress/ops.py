@@ -7,8 +7,9 @@ the same. It also holds the canonical spelling of aten overloads (``canonical_ta
 torch-level function or Tensor method with the same arguments, which canonicalization writes into
 exported graphs so passes see one dialect whichever front end ran.
 
-Kinds: ``elementwise`` (unary, shape-preserving), ``broadcast`` (binary and n-ary elementwise with
-broadcasting), ``activation``, ``dropout``, ``reshape`` (view/reshape/flatten/squeeze/unsqueeze/
+Kinds: ``elementwise`` (unary, shape-preserving, position by position), ``broadcast`` (binary and n-ary
+elementwise with broadcasting), ``scan`` (shape-preserving but mixing positions along a dim: cumsum,
+tril, flip, sort), ``activation``, ``dropout``, ``reshape`` (view/reshape/flatten/squeeze/unsqueeze/
 expand/unflatten), ``permute`` (transpose/permute), ``split``, ``cat``, ``index`` (getitem, slice,
 select, gather), ``matmul``, ``linear``, ``conv``, ``pool``, ``reduction``, ``softmax``,
 ``normalization``, ``attention``, ``embedding``, ``cast``, ``shape`` (size/dim queries), ``factory``
@@ -18,7 +19,8 @@ select, gather), ``matmul``, ``linear``, ``conv``, ``pool``, ``reduction``, ``so
 from __future__ import annotations
 
 import operator
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +29,7 @@ from torch.fx import Node
 
 aten = torch.ops.aten
 
-KINDS = ("elementwise", "broadcast", "activation", "dropout", "reshape", "permute", "split", "cat", "index",
+KINDS = ("elementwise", "broadcast", "scan", "activation", "dropout", "reshape", "permute", "split", "cat", "index",
          "matmul", "linear", "conv", "pool", "reduction", "softmax", "normalization", "attention", "embedding",
          "cast", "shape", "factory", "assert")
 
@@ -43,15 +45,16 @@ def _add(kind: str, *names: str) -> None:
 _add("elementwise", "abs", "neg", "exp", "log", "log1p", "sqrt", "rsqrt", "square", "sin", "cos", "erf", "sign",
      "reciprocal", "clamp", "clip", "clamp_min", "clamp_max", "nan_to_num", "clone", "detach", "contiguous",
      "zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like", "alias", "round", "floor",
-     "ceil", "trunc", "logical_not", "bitwise_not", "isnan", "isinf", "pow_", "fill_", "zero_", "cumsum",
-     "masked_fill", "tril", "triu")
+     "ceil", "trunc", "logical_not", "bitwise_not", "isnan", "isinf", "pow_", "fill_", "zero_",
+     "requires_grad_")
 _add("broadcast", "add", "sub", "subtract", "mul", "multiply", "div", "divide", "true_divide", "floor_divide",
      "pow", "maximum", "minimum", "fmax", "fmin", "where", "eq", "ne", "gt", "ge", "lt", "le", "lerp",
      "addcmul", "addcdiv", "rsub", "__and__", "__or__", "__xor__", "logical_and", "logical_or", "bitwise_and",
-     "bitwise_or", "remainder", "fmod", "expand_as")
+     "bitwise_or", "remainder", "fmod", "expand_as", "masked_fill")
 _add("activation", "relu", "relu6", "gelu", "silu", "mish", "hardswish", "hardsigmoid", "hardtanh", "leaky_relu",
      "elu", "selu", "celu", "softplus", "softsign", "tanhshrink", "logsigmoid", "threshold", "sigmoid", "tanh",
-     "prelu", "glu")
+     "prelu", "glu", "_threshold", "log_sigmoid")
+_add("scan", "cumsum", "cumprod", "cummax", "cummin", "tril", "triu", "flip", "roll", "sort", "topk")
 _add("dropout", "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
      "feature_dropout", "native_dropout")
 _add("reshape", "view", "reshape", "flatten", "squeeze", "unsqueeze", "unflatten", "expand", "view_as",
@@ -97,14 +100,17 @@ MODULE_KINDS: tuple[tuple[type[nn.Module], str], ...] = (
     (nn.LayerNorm, "normalization"), (nn.GroupNorm, "normalization"), (nn.Embedding, "embedding"),
     (nn.MultiheadAttention, "attention"), (nn.modules.dropout._DropoutNd, "dropout"),
     (nn.Flatten, "reshape"), (nn.Unflatten, "reshape"), (nn.Identity, "elementwise"),
-    (nn.Softmax, "softmax"), (nn.LogSoftmax, "softmax"),
+    (nn.Softmax, "softmax"), (nn.LogSoftmax, "softmax"), (nn.Softmin, "softmax"),
 )
 _ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh,
                        nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Softplus, nn.Softsign, nn.Sigmoid, nn.Tanh,
                        nn.PReLU, nn.GLU, nn.Tanhshrink, nn.LogSigmoid, nn.Threshold)
+#: padding modules (kind ``pool``, like ``F.pad``): ``padding`` holds two sizes per padded dim
+PAD_MODULES = (nn.modules.padding._ConstantPadNd, nn.modules.padding._ReflectionPadNd,
+               nn.modules.padding._ReplicationPadNd, nn.modules.padding._CircularPadNd)
 _POOL_MODULES = (nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
-                 nn.modules.pooling._AvgPoolNd, nn.modules.pooling._MaxPoolNd, nn.Upsample, nn.ZeroPad2d,
-                 nn.ConstantPad2d)
+                 nn.modules.pooling._AvgPoolNd, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._LPPoolNd,
+                 nn.Upsample, *PAD_MODULES)
 
 
 def op_name(target: Any) -> str | None:
@@ -212,5 +218,5 @@ def canonical_target(target: Any) -> tuple[str, Any] | None:
     return None
 
 
-__all__ = ["KINDS", "MODULE_KINDS", "canonical_target", "is_kind", "kind", "kind_of_target", "module_kind",
+__all__ = ["KINDS", "MODULE_KINDS", "PAD_MODULES", "canonical_target", "is_kind", "kind", "kind_of_target", "module_kind",
            "op_name"]

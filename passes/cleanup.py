@@ -7,7 +7,6 @@ it reads ``meta["tensor_meta"]`` (shape propagation) and leaves the node alone w
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -16,11 +15,24 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Interpreter, Node
 
+from fxcompress import ops
 from fxcompress.pass_base import Pass, PassContext, PassResult
 
-from ._fx_utils import (call_arg, delete_submodules_if_unused, delete_unused_attributes, eliminate_dead_code,
-                        get_attr_value, get_module, is_impure, is_inplace, meta_dtype, meta_shape,
-                        register_tensor, replace_node, replace_uses_with_literal)
+from ._fx_utils import (
+    call_arg,
+    delete_submodules_if_unused,
+    delete_unused_attributes,
+    eliminate_dead_code,
+    get_attr_value,
+    get_module,
+    is_impure,
+    is_inplace,
+    meta_dtype,
+    meta_shape,
+    register_tensor,
+    replace_node,
+    replace_uses_with_literal,
+)
 
 __all__ = ["EliminateDeadCode", "FoldConstants", "RemoveDropout", "RemoveIdentity"]
 
@@ -116,11 +128,19 @@ class RemoveDropout(Pass):
 
 # --------------------------------------------------------------------------- identities
 
-_MUL = (operator.mul, torch.mul, "mul", torch.multiply, "multiply")
-_DIV = (operator.truediv, torch.div, "div", torch.true_divide, "true_divide", torch.divide, "divide")
-_SUB = (operator.sub, torch.sub, "sub", torch.subtract, "subtract")
+_MUL = ("mul", "multiply")
+_DIV = ("div", "true_divide", "divide")
+_SUB = ("sub", "subtract")
 _DTYPE_METHODS = {"float": torch.float32, "double": torch.float64, "half": torch.float16,
                   "bfloat16": torch.bfloat16, "long": torch.int64, "int": torch.int32, "bool": torch.bool}
+
+
+def _name(node: Node) -> str | None:
+    """The op table's name (``fxcompress.ops``) of a function or method call that writes to none of
+    its inputs, else None (``x.mul_(1)`` is not the identity ``x * 1`` is)."""
+    if node.op not in ("call_function", "call_method") or is_inplace(node):
+        return None
+    return ops.op_name(node.target)
 
 
 def _is_scalar(value: Any, wanted: float) -> bool:
@@ -141,12 +161,13 @@ def _neutral_operand(node: Node) -> Node | None:
     if node.op not in ("call_function", "call_method") or len(node.args) != 2:
         return None
     a, b = node.args
-    if node.target in _MUL and not node.kwargs:
+    name = _name(node)
+    if name in _MUL and not node.kwargs:
         x = a if _is_scalar(b, 1) else b if _is_scalar(a, 1) else None
-    elif node.target in _DIV and not any(v is not None for v in node.kwargs.values()) \
+    elif name in _DIV and not any(v is not None for v in node.kwargs.values()) \
             and set(node.kwargs) <= {"rounding_mode"}:
         x = a if _is_scalar(b, 1) else None
-    elif node.target in _SUB and not node.kwargs:
+    elif name in _SUB and not node.kwargs:
         x = a if _is_scalar(b, 0) else None
     else:
         return None
@@ -158,8 +179,7 @@ def _flatten_is_noop(gm: GraphModule, node: Node) -> Node | None:
     if node.op == "call_module" and isinstance(get_module(gm, node), nn.Flatten):
         mod = get_module(gm, node)
         x, start, end = (node.args[0] if node.args else None), mod.start_dim, mod.end_dim
-    elif (node.op == "call_function" and node.target is torch.flatten) or (
-            node.op == "call_method" and node.target == "flatten"):
+    elif _name(node) == "flatten":
         x = call_arg(node, 0, "input")
         start, end = call_arg(node, 1, "start_dim", 0), call_arg(node, 2, "end_dim", -1)
     else:
@@ -173,9 +193,7 @@ def _flatten_is_noop(gm: GraphModule, node: Node) -> Node | None:
 
 def _reshape_is_noop(node: Node) -> Node | None:
     """``x.view(*s)`` / ``x.reshape(s)`` / ``torch.reshape(x, s)`` with s literally x's own shape."""
-    is_reshape = ((node.op == "call_method" and node.target in ("view", "reshape"))
-                  or (node.op == "call_function" and node.target is torch.reshape))
-    if not is_reshape or node.kwargs or len(node.args) < 2:
+    if _name(node) not in ("view", "reshape") or node.kwargs or len(node.args) < 2:
         return None
     x, dims = node.args[0], node.args[1:]
     if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
@@ -210,9 +228,7 @@ def _copy_is_noop(node: Node, graph_mutates: bool) -> Node | None:
     may protect x) or the copy is a graph output (removing it would hand out an alias)."""
     if graph_mutates or any(u.op == "output" for u in node.users):
         return None
-    is_copy = ((node.op == "call_method" and node.target in ("contiguous", "clone"))
-               or (node.op == "call_function" and node.target is torch.clone))
-    if not is_copy or not node.args or not isinstance(node.args[0], Node):
+    if _name(node) not in ("contiguous", "clone") or not node.args or not isinstance(node.args[0], Node):
         return None
     if set(node.kwargs) - {"memory_format"}:
         return None

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import fnmatch
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -175,7 +176,9 @@ def _step(node: Node, layouts: dict[Node, Layout], root: nn.Module, block_sizes:
         raise Unsafe(f"{where}: cumsum over the heads dimension")
     if lay is not None and name in ("tril", "triu") and any("H" in _labels(d) for d in lay[-2:]):
         raise Unsafe(f"{where}: {name} over the heads dimension")
-    if kind in ("elementwise", "broadcast", "activation", "dropout", "cast") and node.op != "call_module" \
+    scan_checked = kind == "scan" and name in ("cumsum", "tril", "triu")
+    if (kind in ("elementwise", "broadcast", "activation", "dropout", "cast") or scan_checked) \
+            and node.op != "call_module" \
             or (node.op == "call_module" and kind in ("activation", "dropout", "elementwise")):
         return _broadcast(node, layouts)
     if kind == "softmax" and lay is not None:
@@ -366,6 +369,7 @@ def head_scores(gm: GraphModule, blocks: list[AttentionBlock], criterion: str, d
     """Per-block head scores: L2 norm of each head's slice of the output projection's input
     (``norm``), or ``sum |activation * grad|`` of the same slice (``taylor``)."""
     from passes.data import explain_failure, input_specs, iter_batches, to_device
+
     from .importance import _loss
 
     scores = {b.name: torch.zeros(b.heads, dtype=torch.float64) for b in blocks}

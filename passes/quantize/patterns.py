@@ -9,14 +9,13 @@ values without changing them: maxpool, reshape, flatten, transpose, ...), ``batc
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
+
+from fxcompress import ops
 
 COMPUTE = ("conv", "conv_transpose", "linear", "matmul")
 
@@ -33,31 +32,29 @@ _MODULE_KINDS: tuple[tuple[tuple[type, ...], str], ...] = (
     ((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d), "batchnorm"),
 )
 
-_FUNCTION_KINDS: dict[Any, str] = {
-    F.conv1d: "conv", F.conv2d: "conv", F.conv3d: "conv", torch.conv1d: "conv", torch.conv2d: "conv",
-    torch.conv3d: "conv",
-    F.conv_transpose1d: "conv_transpose", F.conv_transpose2d: "conv_transpose", F.conv_transpose3d: "conv_transpose",
-    torch.conv_transpose1d: "conv_transpose", torch.conv_transpose2d: "conv_transpose",
-    torch.conv_transpose3d: "conv_transpose",
-    F.linear: "linear",
-    operator.matmul: "matmul", torch.matmul: "matmul", torch.bmm: "matmul", torch.mm: "matmul",
-    operator.add: "add", torch.add: "add", operator.iadd: "add",
-    torch.cat: "cat", torch.concat: "cat", torch.concatenate: "cat",
-    F.relu: "relu", torch.relu: "relu", F.relu6: "clip", F.hardtanh: "clip",
-    F.avg_pool1d: "avgpool", F.avg_pool2d: "avgpool", F.avg_pool3d: "avgpool",
-    F.adaptive_avg_pool1d: "avgpool", F.adaptive_avg_pool2d: "avgpool", F.adaptive_avg_pool3d: "avgpool",
-    F.max_pool1d: "passthrough", F.max_pool2d: "passthrough", F.max_pool3d: "passthrough",
-    torch.flatten: "passthrough", torch.reshape: "passthrough", torch.transpose: "passthrough",
-    torch.permute: "passthrough", torch.squeeze: "passthrough", torch.unsqueeze: "passthrough",
-    F.dropout: "passthrough",
-}
+#: what quantization does with an op, by its name, where the op table's kind is not enough
+_BY_NAME = {"add": "add", "__add__": "add", "relu": "relu", "relu6": "clip", "hardtanh": "clip",
+            "contiguous": "passthrough"}
+_BY_KIND = {"conv": "conv", "linear": "linear", "reshape": "passthrough", "permute": "passthrough",
+            "dropout": "passthrough"}
 
-_METHOD_KINDS: dict[str, str] = {
-    "matmul": "matmul", "bmm": "matmul", "mm": "matmul", "add": "add", "add_": "add", "__add__": "add",
-    "relu": "relu", "relu_": "relu",
-    "view": "passthrough", "reshape": "passthrough", "flatten": "passthrough", "permute": "passthrough",
-    "transpose": "passthrough", "contiguous": "passthrough", "squeeze": "passthrough", "unsqueeze": "passthrough",
-}
+
+def _target_kind(target: Any) -> str:
+    """The quantization kind of a function or method target, from the op table (``fxcompress.ops``)."""
+    name, kind = ops.op_name(target), ops.kind_of_target(target)
+    if name in _BY_NAME:
+        return _BY_NAME[name]
+    if name is None or kind is None:
+        return "other"
+    if kind == "conv":
+        return "conv_transpose" if name.startswith("conv_transpose") else "conv" if name != "convolution" else "other"
+    if kind == "matmul":
+        return "matmul" if name in ("matmul", "bmm", "mm") else "other"
+    if kind == "cat":
+        return "cat" if name != "stack" else "other"
+    if kind == "pool":
+        return "avgpool" if "avg_pool" in name else "passthrough" if name.startswith("max_pool") else "other"
+    return _BY_KIND.get(kind, "other")
 
 
 @dataclass(frozen=True)
@@ -94,12 +91,9 @@ def classify(gm: GraphModule, node: Node) -> OpInfo:
                 return OpInfo(kind, (node.args[0],) if node.args and isinstance(node.args[0], Node) else (),
                               module=mod)
         return OpInfo("other", tuple(_tensor_args(node)), module=mod)
-    if node.op == "call_function":
-        kind = _FUNCTION_KINDS.get(node.target, "other")
-    elif node.op == "call_method":
-        kind = _METHOD_KINDS.get(str(node.target), "other")
-    else:
+    if node.op not in ("call_function", "call_method"):
         return OpInfo("other", ())
+    kind = _target_kind(node.target)
     if kind in ("conv", "conv_transpose", "linear"):
         x = node.args[0] if node.args else node.kwargs.get("input")
         w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
@@ -125,7 +119,7 @@ def classify(gm: GraphModule, node: Node) -> OpInfo:
         if not items or len(items) != len(seq):
             return OpInfo("other", items)
         return OpInfo("cat", items)
-    if kind == "clip" and node.target is F.hardtanh:
+    if kind == "clip" and ops.op_name(node.target) == "hardtanh":
         lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min_val", -1.0)
         if lo != 0.0:
             return OpInfo("other", tuple(_tensor_args(node)))

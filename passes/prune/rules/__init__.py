@@ -1,0 +1,1 @@
+"""Channel rules of the dependency analysis, one module per op kind (see ``passes.prune.analysis``)."""
