@@ -23,7 +23,7 @@ import torch
 import fxcompress as fxc
 from fxcompress.digits import DigitsResNet, accuracy, digits_loaders, train_classifier
 from fxcompress.registry import recipes
-from fxcompress.report import human
+from fxcompress.units import format_bytes, format_count
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -65,9 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     after = accuracy(compiled, data.test)
     first, last = compiled.report[0], compiled.report[-1]
     print(f"accuracy after: {after:.2%} ({compiled.backend}; change {100 * (after - before):+.2f} points)")
-    print(f"size: {human(first.bytes, 'B')} -> {human(last.bytes, 'B')} of weights "
-          f"({first.bytes / max(last.bytes, 1):.1f}x smaller); params {human(first.params)} -> "
-          f"{human(last.params)}; MACs {human(first.macs)} -> {human(last.macs)}")
+    print(f"size: {format_bytes(first.bytes)} -> {format_bytes(last.bytes)} of weights "
+          f"({first.bytes / max(last.bytes, 1):.1f}x smaller); params {format_count(first.params)} -> "
+          f"{format_count(last.params)}; MACs {format_count(first.macs)} -> {format_count(last.macs)}")
 
     # 4. save, and load back without the source model
     out = compiled.save(args.out)
@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     diff = float((loaded(x) - compiled(x)).abs().max())
     files = sorted(p.name for p in out.iterdir() if p.is_file())
     fp32_file = fxc.compile(model, (example,), "", target="onnx", progress=False).onnx_model.ByteSize()
-    print(f"saved to {out}/ ({', '.join(files)}); model.onnx is {human((out / 'model.onnx').stat().st_size, 'B')}, "
-          f"the FP32 model exported as it is would be {human(fp32_file, 'B')}")
+    print(f"saved to {out}/ ({', '.join(files)}); model.onnx is {format_count((out / 'model.onnx').stat().st_size, 'B')}, "
+          f"the FP32 model exported as it is would be {format_bytes(fp32_file)}")
     print(f"loaded: backend {loaded.backend}, accuracy {accuracy(loaded, data.test):.2%}, "
           f"max |loaded - compiled| = {diff:.3g}")
     return 0

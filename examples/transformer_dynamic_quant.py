@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 import fxcompress as fxc
 from fxcompress.bench import benchmark
-from fxcompress.report import human
+from fxcompress.units import format_bytes
 from fxcompress.verify import error_metrics
 
 
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"latency INT8 ONNX Runtime: {t_int8.median_ms:.3f} ms -> {fp32_ms / t_int8.median_ms:.2f}x "
           f"the speed of FP32")
     size_fp32, size_int8 = fp32.onnx_model.ByteSize(), int8.onnx_model.ByteSize()
-    print(f"size: FP32 ONNX {human(size_fp32, 'B')}, INT8 ONNX {human(size_int8, 'B')} "
+    print(f"size: FP32 ONNX {format_bytes(size_fp32)}, INT8 ONNX {format_bytes(size_int8)} "
           f"({size_fp32 / size_int8:.1f}x smaller)")
     print("numbers are from one run on this machine; compare the ratios, not the absolute times")
     return 0

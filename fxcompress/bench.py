@@ -23,6 +23,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from .errors import InputError
+from .units import MIB, format_bytes
 from .verify import fresh_inputs
 
 
@@ -138,8 +139,8 @@ def benchmark(fn: Callable[..., Any], inputs: Sequence[Any], *, name: str = "mod
     hwm = _rss_kb("VmHWM") if tracked else None
     return BenchResult(
         name=name, batch=batch, median_ms=median, p90_ms=p90, throughput=batch / (median / 1e3),
-        peak_rss_mb=hwm / 1024 if hwm else None,
-        peak_cuda_mb=torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+        peak_rss_mb=hwm * 1024 / MIB if hwm else None,
+        peak_cuda_mb=torch.cuda.max_memory_allocated() / MIB if cuda else None,
         weight_bytes=weight_bytes if weight_bytes is not None else weight_size(fn),
         file_bytes=file_bytes if file_bytes is not None else file_size(fn), iters=iters)
 
@@ -199,7 +200,7 @@ def ratios(result: BenchResult, baseline: BenchResult) -> dict[str, float | None
 
 
 #: the benchmark table's columns (``weights`` and ``file`` as in the module docstring)
-COLUMNS = ("model", "batch", "median ms", "p90 ms", "samples/s", "process peak RSS MB", "weights", "file",
+COLUMNS = ("model", "batch", "median ms", "p90 ms", "samples/s", "process peak RSS MiB", "weights", "file",
            "vs baseline")
 
 
@@ -207,7 +208,7 @@ def table(results: Sequence[BenchResult], baseline: BenchResult | None = None, t
     """A rich ``Table`` of ``results``; ``vs baseline`` gives speed and the weights ratio."""
     from rich.table import Table
 
-    from .report import human
+
 
     t = Table(title=title)
     for col in COLUMNS:
@@ -221,8 +222,8 @@ def table(results: Sequence[BenchResult], baseline: BenchResult | None = None, t
                 rel += f", {q['weights']:.2f}x weights"
         t.add_row(r.name, str(r.batch), f"{r.median_ms:.3f}", f"{r.p90_ms:.3f}", f"{r.throughput:.1f}",
                   f"{r.peak_rss_mb:.0f}" if r.peak_rss_mb else "-",
-                  human(r.weight_bytes, "B") if r.weight_bytes else "-",
-                  human(r.file_bytes, "B") if r.file_bytes else "-", rel)
+                  format_bytes(r.weight_bytes) if r.weight_bytes else "-",
+                  format_bytes(r.file_bytes) if r.file_bytes else "-", rel)
     return t
 
 

@@ -494,7 +494,7 @@ class _Backends:
 
     @classmethod
     def of(cls, model: onnx.ModelProto) -> "_Backends":
-        from .backends.tensorrt import constant_tensors
+        from .onnx_facts import constant_tensors
         from .onnx_graph import fx_node_outputs
 
         layers = fx_node_outputs(model)

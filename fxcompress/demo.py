@@ -21,7 +21,8 @@ from .bench import BenchResult, benchmark, file_size, weight_size
 from .bench import table as bench_table
 from .instruments import Evaluate
 from .pass_base import Pass, PassContext
-from .report import PassRecord, human
+from .report import PassRecord
+from .units import format_bytes, format_count
 
 DEMO_RECIPE = "distill-prune-int8"
 #: ``--quick``: each training pass of the recipe runs at most this many epochs (the recipe's distill
@@ -134,15 +135,15 @@ def _run_demo(out: Path, quick: bool, console: Console | None, pipeline: str | N
     table = Table(title="digits: every stage next to the original (latency: batch 1, one thread)")
     for col in ("stage", "accuracy", "params", "non-zero", "weights", "MACs", "latency"):
         table.add_column(col, justify="left" if col == "stage" else "right")
-    table.add_row("original (eager torch)", f"{result.original_accuracy:.2%}", human(compiled.report[0].params),
-                  human(compiled.report[0].nonzero), human(compiled.report[0].bytes, "B"),
-                  human(compiled.report[0].macs), f"{eager.median_ms:.3f} ms (torch eager)")
+    table.add_row("original (eager torch)", f"{result.original_accuracy:.2%}", format_count(compiled.report[0].params),
+                  format_count(compiled.report[0].nonzero), format_bytes(compiled.report[0].bytes),
+                  format_count(compiled.report[0].macs), f"{eager.median_ms:.3f} ms (torch eager)")
     for row in compiled.report:
         stage = Stage(row.name, row.stats.get("accuracy", float("nan")), row.params, row.nonzero, row.bytes,
                       row.macs, row.stats.get("ort_latency_ms"))
         result.stages.append(stage)
-        table.add_row(stage.name, f"{stage.accuracy:.2%}", human(stage.params), human(stage.nonzero),
-                      human(stage.bytes, "B"), human(stage.macs),
+        table.add_row(stage.name, f"{stage.accuracy:.2%}", format_count(stage.params), format_count(stage.nonzero),
+                      format_bytes(stage.bytes), format_count(stage.macs),
                       f"{stage.latency_ms:.3f} ms (ORT)" if stage.latency_ms is not None else "-")
     console.print(table)
     final_session = benchmark(OrtRunner(compiled.onnx_model, threads=1), (x,), name="final (onnxruntime)",
@@ -151,7 +152,7 @@ def _run_demo(out: Path, quick: bool, console: Console | None, pipeline: str | N
     result.bench = [eager, final_session]
     final, first = result.stages[-1], result.stages[0]
     console.print(f"result: accuracy {result.original_accuracy:.2%} -> {final.accuracy:.2%}, "
-                  f"weights {human(first.bytes, 'B')} -> {human(final.bytes, 'B')} "
+                  f"weights {format_bytes(first.bytes)} -> {format_bytes(final.bytes)} "
                   f"({first.bytes / max(final.bytes, 1):.1f}x smaller), MACs {first.macs / max(final.macs, 1):.1f}x fewer, "
                   f"latency {eager.median_ms:.3f} ms (torch eager) -> {final_session.median_ms:.3f} ms (ORT)",
                   markup=False, highlight=False)

@@ -12,6 +12,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from .units import format_bytes, format_count, format_value
+
 
 @dataclass
 class PassRecord:
@@ -58,13 +60,6 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def human(n: float, unit: str = "") -> str:
-    for factor, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
-        if abs(n) >= factor:
-            return f"{n / factor:.2f}{suffix}{unit}"
-    return f"{n:g}{unit}"
-
-
 class Report(Sequence[PassRecord]):
     """Rows of a pipeline run plus run-level facts (``meta``: backend, opaque modules, ...)."""
 
@@ -98,10 +93,10 @@ class Report(Sequence[PassRecord]):
         for r in self.rows:
             err = r.error or {}
             t.add_row(
-                str(r.index), escape(r.name), r.status, f"{r.seconds:.2f}s", str(r.nodes), human(r.params),
-                human(r.nonzero), human(r.bytes, "B"), human(r.macs),
-                _fmt(err.get("max_abs"), "{:.2e}"), _fmt(err.get("cosine"), "{:.6f}"),
-                _fmt(err.get("top1"), "{:.3f}"))
+                str(r.index), escape(r.name), r.status, f"{r.seconds:.2f}s", str(r.nodes), format_count(r.params),
+                format_count(r.nonzero), format_bytes(r.bytes), format_count(r.macs),
+                format_value(err.get("max_abs"), "{:.2e}"), format_value(err.get("cosine"), "{:.6f}"),
+                format_value(err.get("top1"), "{:.3f}"))
         return t
 
     def render(self, width: int = 160) -> str:
@@ -141,19 +136,11 @@ class Report(Sequence[PassRecord]):
 
 def _meta_text(key: str, value: Any) -> str:
     if key == "engine" and isinstance(value, dict):
-        return (f"{value.get('module')} {value.get('version')}, {human(value.get('bytes') or 0, 'B')}, "
+        return (f"{value.get('module')} {value.get('version')}, {format_bytes(value.get('bytes') or 0)}, "
                 f"built in {value.get('build_seconds', 0):.2f}s, precision {value.get('options', {}).get('precision')}")
     if isinstance(value, dict):
         return ", ".join(f"{k} ({v})" for k, v in value.items())
     return str(value)
-
-
-def _fmt(value: Any, spec: str) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, str):
-        return value
-    return spec.format(value)
 
 
 class _Null:

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from .errors import InputError
-from .report import PassRecord, Report, human
+from .report import PassRecord, Report
+from .units import KIB, format_bytes, format_count, format_value
 
 IMAGE_FORMATS = ("png", "svg")
 #: rows that produced no graph of their own: plotted as gaps, not as a repeat of the previous stage
@@ -287,7 +288,7 @@ def plot_stages(figs: _Figures, rows: list[PassRecord]) -> list[str]:
     top1 = [_err(r, "top1") for r in rows]
     if any(v is not None for v in top1) and not any(v is not None for v in accuracy):
         series.append(("top-1 agreement with original", top1, "tab:purple"))
-    series.append(("weights (KB)", [r.bytes / 1e3 for r in rows], "tab:blue"))
+    series.append(("weights (KiB)", [r.bytes / KIB for r in rows], "tab:blue"))
     latency = [_stat(r, "ort_latency_ms") for r in rows]
     if any(v is not None for v in latency):
         series.append(("ORT latency (ms)", latency, "tab:orange"))
@@ -314,7 +315,7 @@ def plot_stages(figs: _Figures, rows: list[PassRecord]) -> list[str]:
     if len(pts) >= 2:
         fig = figs.new(6.5, 4.5)
         ax = fig.subplots()
-        sizes = [r.bytes / 1e3 for r, _ in pts]
+        sizes = [r.bytes / KIB for r, _ in pts]
         lat = [_stat(r, "ort_latency_ms") for r, _ in pts]
         if all(v is not None for v in lat):
             sc = ax.scatter(sizes, [q for _, q in pts], c=lat, cmap="viridis", s=60, zorder=3)
@@ -328,7 +329,7 @@ def plot_stages(figs: _Figures, rows: list[PassRecord]) -> list[str]:
         for (s, q), names in labels.items():
             ax.annotate("\n".join(names), (s, q), textcoords="offset points", xytext=(4, 4), fontsize=7)
         ax.margins(0.15)
-        ax.set_xlabel("weights (KB)")
+        ax.set_xlabel("weights (KiB)")
         ax.set_ylabel(quality_label)
         ax.grid(True, alpha=0.3)
         ax.set_title("quality vs size per stage" + (" (colour: ORT latency)" if all(
@@ -352,7 +353,7 @@ def plot_params_macs(figs: _Figures, rows: list[PassRecord]) -> list[str]:
     ax_p.grid(True, axis="y", alpha=0.3)
     ax_m.bar(x, [r.macs for r in rows], 0.6, color="tab:gray")
     for i, r in zip(x, rows):
-        ax_m.annotate(human(r.macs), (i, r.macs), textcoords="offset points", xytext=(0, 3), ha="center",
+        ax_m.annotate(format_count(r.macs), (i, r.macs), textcoords="offset points", xytext=(0, 3), ha="center",
                       fontsize=7)
     ax_m.set_ylabel("MACs")
     ax_m.margins(y=0.15)
@@ -496,11 +497,11 @@ def _summary_section(report: Sequence[PassRecord]) -> str:
     def ratio(a: float, b: float) -> str:
         return f"{a / b:.2f}x" if b else "-"
 
-    items = [("params", human(first.params), human(last.params), ratio(first.params, last.params)),
-             ("non-zero params", human(first.nonzero), human(last.nonzero),
+    items = [("params", format_count(first.params), format_count(last.params), ratio(first.params, last.params)),
+             ("non-zero params", format_count(first.nonzero), format_count(last.nonzero),
               ratio(first.nonzero, last.nonzero)),
-             ("weights", human(first.bytes, "B"), human(last.bytes, "B"), ratio(first.bytes, last.bytes)),
-             ("MACs", human(first.macs), human(last.macs), ratio(first.macs, last.macs))]
+             ("weights", format_bytes(first.bytes), format_bytes(last.bytes), ratio(first.bytes, last.bytes)),
+             ("MACs", format_count(first.macs), format_count(last.macs), ratio(first.macs, last.macs))]
     a0, a1 = _stat(first, "accuracy"), _stat(last, "accuracy")
     if a0 is not None and a1 is not None:
         items.append(("accuracy", f"{a0:.2%}", f"{a1:.2%}", f"{100 * (a1 - a0):+.2f} pt"))
@@ -517,10 +518,6 @@ def _summary_section(report: Sequence[PassRecord]) -> str:
 def _cell(text: str, exact: Any = None) -> str:
     title = f' title="{_e(exact)}"' if exact is not None else ""
     return f'<td class="num"{title}>{_e(text)}</td>'
-
-
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else spec.format(value)
 
 
 def _table_section(report: Sequence[PassRecord]) -> str:
@@ -546,18 +543,18 @@ def _table_section(report: Sequence[PassRecord]) -> str:
             _cell(f"{r.params:,}", r.params),
             _cell(f"{r.nonzero:,}", r.nonzero),
             _cell(f"{r.sparsity:.2%}", r.sparsity),
-            _cell(human(r.bytes, "B"), f"{r.bytes:,} bytes"),
-            _cell(human(r.macs), f"{r.macs:,} MACs"),
-            _cell(_fmt(_num(err.get("max_abs")), "{:.3e}"), err.get("max_abs")),
-            _cell(_fmt(_num(err.get("mean_abs")), "{:.3e}"), err.get("mean_abs")),
-            _cell(_fmt(_num(err.get("cosine")), "{:.6f}"), err.get("cosine")),
-            _cell(_fmt(_num(err.get("top1")), "{:.3f}"), err.get("top1")),
+            _cell(format_bytes(r.bytes), f"{r.bytes:,} bytes"),
+            _cell(format_count(r.macs), f"{r.macs:,} MACs"),
+            _cell(format_value(_num(err.get("max_abs")), "{:.3e}"), err.get("max_abs")),
+            _cell(format_value(_num(err.get("mean_abs")), "{:.3e}"), err.get("mean_abs")),
+            _cell(format_value(_num(err.get("cosine")), "{:.6f}"), err.get("cosine")),
+            _cell(format_value(_num(err.get("top1")), "{:.3f}"), err.get("top1")),
         ]
         if has_acc:
             acc = _stat(r, "accuracy")
             cells.append(_cell("-" if acc is None else f"{acc:.2%}", acc))
         if has_lat:
-            cells.append(_cell(_fmt(_stat(r, "ort_latency_ms"), "{:.3f}")))
+            cells.append(_cell(format_value(_stat(r, "ort_latency_ms"), "{:.3f}")))
         n_diag = len(r.diagnostics)
         worst = _worst(r.diagnostics)
         cells.append(f'<td><a href="#diag-{r.index}" class="sev-{worst}">{n_diag}</a></td>' if n_diag
@@ -717,8 +714,8 @@ def _plots_section(report: Sequence[PassRecord], image_format: str) -> str:
 def _pruning_table(layers: list[LayerChannels]) -> str:
     rows = "".join(
         f"<tr><td><code>{_e(c.name)}</code></td><td>{_e(c.kind)}</td>"
-        f'<td class="num">{_fmt(c.before, "{:g}")}</td><td class="num">{_fmt(c.after, "{:g}")}</td>'
-        f'<td class="num">{_fmt(None if c.sparsity is None else 100 * c.sparsity, "{:.1f}%")}</td></tr>'
+        f'<td class="num">{format_value(c.before, "{:g}")}</td><td class="num">{format_value(c.after, "{:g}")}</td>'
+        f'<td class="num">{format_value(None if c.sparsity is None else 100 * c.sparsity, "{:.1f}%")}</td></tr>'
         for c in layers)
     return ("<details><summary>per-layer table</summary><table><tr><th>layer</th><th>kind</th>"
             f"<th>channels before</th><th>kept</th><th>sparsity</th></tr>{rows}</table></details>")

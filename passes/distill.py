@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterable, Iterator, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Literal, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -28,11 +28,11 @@ from torch.fx import Graph, GraphModule, Node
 from torch.nn import functional as F
 
 from fxcompress.errors import PassError, PipelineError
-from fxcompress.pass_base import Pass, PassContext, PassResult, not_in_pipeline_string
+from fxcompress.pass_base import PassContext, PassResult, not_in_pipeline_string
 
 from .distributed import shard, sync_module, world_size, wrap_ddp
 from .data import graph_inputs, input_specs, split_batch, to_device
-from .train import OPTIMIZERS, SCHEDULES, finalize_training, train_loop
+from .train import TrainingPass, train_loop
 
 LOSSES = ("auto", "kd", "mse")
 
@@ -286,7 +286,7 @@ def _progress_with_loss(progress: Callable[..., Any], meter: _LossMeter) -> Call
 # ----------------------------------------------------------------------------- the pass
 
 @dataclass(frozen=True)
-class Distill(Pass):
+class Distill(TrainingPass):
     """Train the graph against a frozen teacher (default: the original model, ``ctx.original``).
 
     ``temperature`` T and ``alpha`` (weight of the teacher term) shape the KD loss; ``loss``
@@ -308,43 +308,26 @@ class Distill(Pass):
     """
 
     name: ClassVar[str] = "distill"
-    requires: ClassVar[tuple[str, ...]] = ("train-data",)
-    trains: ClassVar[bool] = True
 
-    epochs: int = 3
-    lr: float = 1e-2
-    optimizer: str = "adamw"
-    schedule: str = "cosine"
-    warmup: int = 0
-    grad_clip: float = 1.0
-    weight_decay: float = 0.0
     temperature: float = 1.0
     alpha: float = 0.5
-    loss: str = "auto"
+    loss: Literal["auto", "kd", "mse"] = "auto"
     features: tuple[tuple[str, str], ...] = ()
     feature_weight: float = 1.0
     max_batches: int = 0
     device: str = ""
-    freeze_quant: bool = True
     teacher: nn.Module | None = not_in_pipeline_string()
     data: Iterable[Any] | None = not_in_pipeline_string()
 
     def __post_init__(self) -> None:
-        for value, allowed, option in ((self.optimizer, OPTIMIZERS, "optimizer"),
-                                       (self.schedule, SCHEDULES, "schedule"), (self.loss, LOSSES, "loss")):
-            if value not in allowed:
-                raise PipelineError(f"{self.name}: {option}={value!r} is not one of {', '.join(allowed)}")
-        if self.epochs < 1 or self.lr <= 0:
-            raise PipelineError(f"{self.name}: needs epochs >= 1 and lr > 0; "
-                                f"got epochs={self.epochs}, lr={self.lr}")
+        super().__post_init__()
         if self.temperature <= 0:
             raise PipelineError(f"{self.name}: temperature must be > 0; got {self.temperature}")
         if not 0.0 <= self.alpha <= 1.0:
             raise PipelineError(f"{self.name}: alpha (weight of the teacher term) must be in [0, 1]; "
                                 f"got {self.alpha}")
-        if self.max_batches < 0 or self.warmup < 0 or self.grad_clip < 0 or self.feature_weight < 0:
-            raise PipelineError(f"{self.name}: max_batches, warmup, grad_clip and feature_weight "
-                                f"must be >= 0")
+        if self.max_batches < 0 or self.feature_weight < 0:
+            raise PipelineError(f"{self.name}: max_batches and feature_weight must be >= 0")
         try:
             features = tuple((str(s), str(t)) for s, t in self.features)
         except (TypeError, ValueError) as exc:
@@ -390,9 +373,7 @@ class Distill(Pass):
             loss_fn = self._loss_fn(teacher, meter)
             model = wrap_ddp(student, device=device)
             data = _Limited(shard(train_data, seed=ctx.seed), self.max_batches)
-            stats = train_loop(model, data, loss_fn, epochs=self.epochs, lr=self.lr, optimizer=self.optimizer,
-                               schedule=self.schedule, warmup=self.warmup, grad_clip=self.grad_clip,
-                               weight_decay=self.weight_decay, device=device,
+            stats = train_loop(model, data, loss_fn, **self.optimizer_options(), device=device,
                                progress=_progress_with_loss(ctx.progress, meter), seed=ctx.seed,
                                n_inputs=len(names), input_names=names, description=self.name,
                                specs=input_specs(gm))
@@ -402,16 +383,7 @@ class Distill(Pass):
         stats["world_size"] = world_size()
         stats["teacher"] = "original" if self.teacher is None else type(teacher_model).__name__
         stats["projections"] = sum(1 for p in student.projections if not isinstance(p, nn.Identity))
-        if self.freeze_quant:
-            frozen = finalize_training(gm)
-            if frozen:
-                stats["frozen"] = frozen
-        gm.recompile()
-        result = PassResult(graph=gm, stats=stats)
-        first, last = stats.get("first_loss"), stats.get("last_loss")
-        if first is not None and last is not None and last > first * 1.5:
-            result.warn(f"distillation loss rose from {first:.4g} to {last:.4g}; lower lr (now {self.lr})")
-        return result
+        return self.finish(gm, stats, "distillation")
 
     def _example_inputs(self, ctx: PassContext, names: list[str], data: Iterable[Any]) -> tuple[Any, ...]:
         if ctx.example_inputs:

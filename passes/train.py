@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterable, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Literal, Sequence
 
 import torch
 from torch import nn
@@ -173,7 +173,51 @@ def finalize_training(gm: GraphModule) -> dict[str, int]:
 
 
 @dataclass(frozen=True)
-class FineTune(Pass):
+class TrainingPass(Pass):
+    """What every pass that trains the graph shares: its optimizer options (checked when constructed,
+    ``Literal`` choices as in a pipeline string) and their hand-over to ``train_loop``. Subclasses
+    (``fine-tune``, ``distill``) add their loss and data. ``freeze_quant``: QAT fake-quant left by
+    ``quantize-int8{qat=true}`` is trained and then frozen into constants."""
+
+    requires: ClassVar[tuple[str, ...]] = ("train-data",)
+    trains: ClassVar[bool] = True
+
+    epochs: int = 3
+    lr: float = 1e-2
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup: int = 0
+    grad_clip: float = 1.0
+    weight_decay: float = 0.0
+    freeze_quant: bool = True
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.lr <= 0:
+            raise PipelineError(f"{self.name}: needs epochs >= 1 and lr > 0; got epochs={self.epochs}, lr={self.lr}")
+        if self.warmup < 0 or self.grad_clip < 0 or self.weight_decay < 0:
+            raise PipelineError(f"{self.name}: warmup, grad_clip and weight_decay must be >= 0")
+
+    def optimizer_options(self) -> dict[str, Any]:
+        """The ``train_loop`` keyword arguments these options set."""
+        return {"epochs": self.epochs, "lr": self.lr, "optimizer": self.optimizer, "schedule": self.schedule,
+                "warmup": self.warmup, "grad_clip": self.grad_clip, "weight_decay": self.weight_decay}
+
+    def finish(self, gm: GraphModule, stats: dict[str, Any], what: str) -> PassResult:
+        """Freeze QAT fake-quant (``freeze_quant``), recompile, and warn when the loss rose."""
+        if self.freeze_quant:
+            frozen = finalize_training(gm)
+            if frozen:
+                stats["frozen"] = frozen
+        gm.recompile()
+        result = PassResult(graph=gm, stats=stats)
+        first, last = stats.get("first_loss"), stats.get("last_loss")
+        if first is not None and last is not None and last > first * 1.5:
+            result.warn(f"{what} loss rose from {first:.4g} to {last:.4g}; lower lr (now {self.lr})")
+        return result
+
+
+@dataclass(frozen=True)
+class FineTune(TrainingPass):
     """Supervised fine-tuning of the graph on ``train_data`` (AdamW, cosine schedule, clipping).
 
     ``loss`` ``auto`` is cross-entropy for integer targets and MSE for float targets. QAT
@@ -183,27 +227,9 @@ class FineTune(Pass):
     """
 
     name: ClassVar[str] = "fine-tune"
-    requires: ClassVar[tuple[str, ...]] = ("train-data",)
-    trains: ClassVar[bool] = True
 
-    epochs: int = 3
-    lr: float = 1e-2
-    optimizer: str = "adamw"
-    schedule: str = "cosine"
-    warmup: int = 0
-    grad_clip: float = 1.0
-    weight_decay: float = 0.0
-    loss: str = "auto"
+    loss: Literal["auto", "cross_entropy", "mse"] = "auto"
     max_steps: int = 0
-    freeze_quant: bool = True
-
-    def __post_init__(self) -> None:
-        for value, allowed, option in ((self.optimizer, OPTIMIZERS, "optimizer"),
-                                       (self.schedule, SCHEDULES, "schedule"), (self.loss, LOSSES, "loss")):
-            if value not in allowed:
-                raise PipelineError(f"{self.name}: {option}={value!r} is not one of {', '.join(allowed)}")
-        if self.epochs < 1 or self.lr <= 0:
-            raise PipelineError(f"{self.name}: needs epochs >= 1 and lr > 0; got epochs={self.epochs}, lr={self.lr}")
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         if ctx.train_data is None:
@@ -213,20 +239,10 @@ class FineTune(Pass):
         names = graph_inputs(gm)
         gm.to(ctx.device)
         stats = train_loop(wrap_ddp(gm, device=ctx.device), shard(ctx.train_data, seed=ctx.seed),
-                           supervised_loss(self.loss), epochs=self.epochs, lr=self.lr,
-                           optimizer=self.optimizer, schedule=self.schedule, warmup=self.warmup,
-                           grad_clip=self.grad_clip, weight_decay=self.weight_decay, device=ctx.device,
+                           supervised_loss(self.loss), **self.optimizer_options(), device=ctx.device,
                            progress=ctx.progress, max_steps=self.max_steps, seed=ctx.seed,
                            n_inputs=len(names), input_names=names, description=self.name,
                            specs=input_specs(gm))
         sync_module(gm)
         gm.to("cpu")
-        if self.freeze_quant:
-            stats["frozen"] = finalize_training(gm)
-        gm.recompile()
-        result = PassResult(graph=gm, stats=stats)
-        if stats["last_loss"] is not None and stats["first_loss"] is not None and \
-                stats["last_loss"] > stats["first_loss"] * 1.5:
-            result.warn(f"training loss rose from {stats['first_loss']:.4g} to {stats['last_loss']:.4g}; "
-                        f"lower lr (now {self.lr})")
-        return result
+        return self.finish(gm, stats, "training")

@@ -66,6 +66,6 @@ def test_weights_and_file_are_separate_sizes_and_ratios_compare_like_with_like()
     console.print(table([eager, comp], eager))
     console.print(Report(compiled.report.rows).table())
     text = console.export_text()
-    assert "process peak RSS MB" in text and "weights" in text and " size" not in text
+    assert "process peak RSS MiB" in text and "weights" in text and " size" not in text
     assert f"{q['weights']:.2f}x weights" in text
-    assert COLUMNS[5:8] == ("process peak RSS MB", "weights", "file")
+    assert COLUMNS[5:8] == ("process peak RSS MiB", "weights", "file")

@@ -207,7 +207,7 @@ def test_bench_compare_eager(workdir: Path) -> None:
     assert compiled["vs_baseline"]["weights"] == pytest.approx(compiled["weight_bytes"] / eager["weight_bytes"])
     assert compiled["vs_baseline"]["file"] is None
     header = next(line for line in proc.stdout.splitlines() if "median ms" in line)
-    assert "process peak RSS MB" in header and "weights" in header and "file" in header and "size" not in header
+    assert "process peak RSS MiB" in header and "weights" in header and "file" in header and "size" not in header
 
 
 @pytest.mark.parametrize("engine, meta, expected", [

@@ -294,7 +294,7 @@ def test_hand_made_report_tables_and_columns(hand_html: str) -> None:
     assert rows[3][0]["class"] == "status-unchanged"
     # the summary compares the first and the last stage that produced a graph (#5, not the not-run #6)
     summary = next(cells for _, cells in page.rows if cells and cells[0] == "weights")
-    assert summary == ["weights", "40.00KB", "6.00KB", "6.67x"]
+    assert summary == ["weights", "39.1 KiB", "5.86 KiB", "6.67x"]  # 40000 and 6000 bytes
     assert "<title>digits &lt;demo&gt;</title>" in text
 
 

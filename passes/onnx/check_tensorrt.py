@@ -37,9 +37,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from fxcompress.backends.tensorrt import (TARGETS, constant_tensors, derive_profiles, graph_inputs,
-                                          input_dims, module_available, qdq_type)
+from fxcompress.backends.tensorrt import TARGETS, derive_profiles, module_available
 from fxcompress.errors import BackendUnavailable, FxCompressError, PassError
+from fxcompress.onnx_facts import constant_tensors, graph_inputs, input_dims, qdq_type
 from fxcompress.pass_base import Diagnostic, OnnxPass, PassContext, PassResult, not_in_pipeline_string
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -4,7 +4,7 @@ before/after totals every pruning pass reports."""
 from __future__ import annotations
 
 import fnmatch
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -200,3 +200,36 @@ def as_tuple(value: Any, where: str) -> tuple:
     if isinstance(value, (list, tuple)):
         return tuple(value)
     raise PassError(f"{where} must be a tuple of strings, got {value!r}")
+
+
+#: ``(layers, skipped, result) -> {path: new weight}``: the pruning rule of an unstructured pass
+WeightRule = Callable[[list[tuple[str, nn.Module]], dict[str, str], PassResult], dict[str, torch.Tensor]]
+
+
+def prune_weights(gm: GraphModule, ctx: Any, pass_: Any, rule: WeightRule
+                  ) -> tuple[PassResult, dict[str, Any], dict[str, tuple[int, int]]]:
+    """The skeleton of an unstructured pruning pass (``prune-magnitude``, ``prune-nm``): select the
+    layers by ``pass_.types / include / exclude / exclude_head``, let ``rule`` compute their new
+    weights, write them (tied weights stay one tensor, said in an info row), and return the result
+    with the statistics every such pass reports (totals, per-layer rows, skipped layers) and, per
+    pruned layer, ``(zero weights, weights)``."""
+    need_shapes(gm, ctx.example_inputs, pass_.name)
+    before = graph_totals(gm)
+    layers, skipped = select_layers(gm, types=pass_.types, include=pass_.include, exclude=pass_.exclude,
+                                    exclude_head=pass_.exclude_head)
+    result = PassResult(graph=gm)
+    warn_unmatched(result, gm, include=pass_.include, exclude=pass_.exclude)
+    new_weights = rule(layers, skipped, result)
+    zeros: dict[str, tuple[int, int]] = {}
+    for path, mod in layers:
+        if path not in new_weights:
+            continue
+        new = new_weights[path]
+        tied = replace_weight(mod, new, gm)
+        if tied:
+            result.info(f"weight tied with {', '.join(tied)}: pruned together, still one tensor", node=path)
+        zeros[path] = int((new == 0).sum()), new.numel()
+    gm.recompile()
+    after = graph_totals(gm)
+    stats = {**totals(before, after), "layers": layer_rows(gm, before, after, zeros), "skipped": skipped}
+    return result, stats, zeros

@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
+from torch import nn
 from torch.fx import GraphModule
 
 from fxcompress.errors import PipelineError
 from fxcompress.pass_base import Pass, PassContext, PassResult
 
-from ._common import (WEIGHT_TYPES, as_tuple, graph_totals, layer_rows, need_shapes, replace_weight, select_layers,
-                      totals, warn_unmatched)
+from ._common import WEIGHT_TYPES, as_tuple, prune_weights
 
 __all__ = ["PruneMagnitude", "smallest"]
 
@@ -76,41 +76,37 @@ class PruneMagnitude(Pass):
             raise PipelineError(f"prune-magnitude: scope={self.scope!r}; choose 'layer' or 'global'")
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
-        need_shapes(gm, ctx.example_inputs, self.name)
-        before = graph_totals(gm)
-        layers, skipped = select_layers(gm, types=self.types, include=self.include, exclude=self.exclude,
-                                        exclude_head=self.exclude_head)
-        result = PassResult(graph=gm)
-        warn_unmatched(result, gm, include=self.include, exclude=self.exclude)
-        if not layers:
-            result.warn(f"no layer selected (types {', '.join(self.types)}, include {self.include})")
-        weights = [mod.weight for _, mod in layers]
-        if self.scope == "layer":
-            picks = [_picks(w, self.amount) for w in weights]
-        else:
-            flat = torch.cat([w.detach().flatten() for w in weights]) if weights else torch.empty(0)
-            chosen = _picks(flat, self.amount)
-            bounds = torch.tensor([0] + [w.numel() for w in weights]).cumsum(0)
-            picks = [chosen[(chosen >= lo) & (chosen < hi)] - lo for lo, hi in zip(bounds[:-1], bounds[1:])]
-        zeros: dict[str, tuple[int, int]] = {}
-        already = sum(int((w == 0).sum()) for w in weights)
-        for (path, mod), idx in zip(layers, picks):
-            new = mod.weight.detach().clone()
-            new.view(-1)[idx] = 0
-            tied = replace_weight(mod, new, gm)
-            if tied:
-                result.info(f"weight tied with {', '.join(tied)}: pruned together, still one tensor",
-                            node=path)
-            zeros[path] = int((new == 0).sum()), new.numel()
-        gm.recompile()
-        after = graph_totals(gm)
-        per_layer = layer_rows(gm, before, after, zeros)
+        already = 0
+
+        def rule(layers: list[tuple[str, nn.Module]], skipped: dict[str, str], result: PassResult
+                 ) -> dict[str, torch.Tensor]:
+            nonlocal already
+            if not layers:
+                result.warn(f"no layer selected (types {', '.join(self.types)}, include {self.include})")
+            weights = [mod.weight for _, mod in layers]
+            already = sum(int((w == 0).sum()) for w in weights)
+            new = {}
+            for (path, _), w, idx in zip(layers, weights, self._picks(weights)):
+                new[path] = w.detach().clone()
+                new[path].view(-1)[idx] = 0
+            return new
+
+        result, stats, zeros = prune_weights(gm, ctx, self, rule)
         pruned = sum(z for z, _ in zeros.values())
         total = sum(n for _, n in zeros.values())
-        result.stats = {**totals(before, after), "scope": self.scope, "amount": self.amount, "layers": per_layer,
-                        "skipped": skipped, "selected_sparsity": pruned / total if total else 0.0,
+        result.stats = {**stats, "scope": self.scope, "amount": self.amount,
+                        "selected_sparsity": pruned / total if total else 0.0,
                         "already_zero": already, "newly_pruned": pruned - already}
-        if layers and pruned == already:
+        if zeros and pruned == already:
             result.info(f"nothing pruned: amount={self.amount} of the {total - already} remaining non-zero weights "
                         f"rounds to 0 (selected sparsity stays {pruned / total if total else 0.0:.3f})")
         return result
+
+    def _picks(self, weights: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per weight, the flat indices that are zero after this run (``scope``: per layer or global)."""
+        if self.scope == "layer":
+            return [_picks(w, self.amount) for w in weights]
+        flat = torch.cat([w.detach().flatten() for w in weights]) if weights else torch.empty(0)
+        chosen = _picks(flat, self.amount)
+        bounds = torch.tensor([0] + [w.numel() for w in weights]).cumsum(0)
+        return [chosen[(chosen >= lo) & (chosen < hi)] - lo for lo, hi in zip(bounds[:-1], bounds[1:])]

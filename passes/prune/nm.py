@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+from torch import nn
 from torch.fx import GraphModule
 
 from fxcompress.errors import PipelineError
 from fxcompress.pass_base import Pass, PassContext, PassResult
 
-from ._common import (as_tuple, graph_totals, layer_rows, need_shapes, replace_weight, select_layers, totals,
-                      warn_unmatched)
+from ._common import as_tuple, prune_weights
 
 __all__ = ["PruneNM", "check_nm", "nm_groups"]
 
@@ -77,17 +77,17 @@ class PruneNM(Pass):
             raise PipelineError(f"prune-nm: types {bad} have no N:M layout; choose from {', '.join(NM_TYPES)}")
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
-        need_shapes(gm, ctx.example_inputs, self.name)
-        before = graph_totals(gm)
-        layers, skipped = select_layers(gm, types=self.types, include=self.include, exclude=self.exclude,
-                                        exclude_head=self.exclude_head)
-        result = PassResult(graph=gm)
-        warn_unmatched(result, gm, include=self.include, exclude=self.exclude)
-        zeros: dict[str, tuple[int, int]] = {}
+        result, stats, _ = prune_weights(gm, ctx, self, self._prune)
+        result.stats = {**stats, "n": self.n, "m": self.m}
+        return result
+
+    def _prune(self, layers: list[tuple[str, nn.Module]], skipped: dict[str, str], result: PassResult
+               ) -> dict[str, torch.Tensor]:
+        new: dict[str, torch.Tensor] = {}
         for path, mod in layers:
             w = mod.weight.detach()
             if w.shape[1] % self.m:
-                skipped[path] = (f"{w.shape[1]} input channels per group are not a multiple of m={self.m}")
+                skipped[path] = f"{w.shape[1]} input channels per group are not a multiple of m={self.m}"
                 result.info(f"skipped: {skipped[path]}", node=path)
                 continue
             if check_nm(w, self.n, self.m):
@@ -95,15 +95,5 @@ class PruneNM(Pass):
             groups = nm_groups(w, self.m).clone()
             order = torch.argsort(groups.abs(), dim=1, descending=True, stable=True)
             groups.scatter_(1, order[:, self.n:], 0.0)
-            new = _from_groups(groups, w).contiguous()
-            tied = replace_weight(mod, new, gm)
-            if tied:
-                result.info(f"weight tied with {', '.join(tied)}: pruned together, still one tensor",
-                            node=path)
-            zeros[path] = int((new == 0).sum()), new.numel()
-        gm.recompile()
-        after = graph_totals(gm)
-        per_layer = layer_rows(gm, before, after, zeros)
-        result.stats = {**totals(before, after), "n": self.n, "m": self.m, "layers": per_layer,
-                        "skipped": skipped}
-        return result
+            new[path] = _from_groups(groups, w).contiguous()
+        return new
