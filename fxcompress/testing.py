@@ -348,3 +348,58 @@ class GraphCheck:
 
     def __repr__(self) -> str:
         return f"GraphCheck({self._summary()})"
+
+
+# --------------------------------------------------------------------------- running one pass
+
+
+def run_pass(pass_: Any, model: Any, example_inputs: Any, *, frontend: str = "fx", shapes: bool = True,
+             check: bool = True, **context: Any) -> Any:
+    """Run one FX pass as the pass manager would, for a pass's own tests; returns its ``PassResult``
+    (``result.graph`` is the rewritten GraphModule).
+
+    ``model``: an ``nn.Module`` or a GraphModule; a copy is used, what the caller passed is never
+    touched. A module is captured by ``frontend``: ``"fx"`` is ``torch.fx.symbolic_trace`` as it is
+    (every submodule keeps its training flag), ``"export"`` / ``"auto"`` go through ``fxcompress.trace``. ``pass_``: a ``Pass`` or a
+    pipeline string naming one pass. The result is linted and its shapes propagated again. With
+    ``check``, a pass declared ``exact`` must reproduce the graph's outputs by the manager's
+    exactness rule, else ``AssertionError`` naming the first divergent node. ``shapes=False`` drops
+    the shape metadata first (to test a pass on a graph without it). ``context``: ``PassContext``
+    fields (``train_data``, ``calibration``, ``original``, ...)."""
+    import copy
+
+    import torch
+
+    from .pass_base import PassContext
+    from .registry import parse_pipeline
+    from .trace import trace
+    from .verify import check_exact, first_divergent_node, fresh_inputs, lint, propagate_shapes
+
+    if isinstance(pass_, str):
+        parsed = parse_pipeline(pass_)
+        if len(parsed) != 1:
+            raise ValueError(f"run_pass runs one pass; {pass_!r} names {len(parsed)}")
+        pass_ = parsed[0]
+    inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    if isinstance(model, torch.fx.GraphModule):
+        gm = copy.deepcopy(model)
+    elif frontend == "fx":
+        gm = propagate_shapes(torch.fx.symbolic_trace(copy.deepcopy(model)), inputs)
+    else:
+        gm = trace(model, inputs, frontend=frontend)
+    if not shapes:
+        for node in gm.graph.nodes:
+            node.meta.pop("tensor_meta", None)
+    before = copy.deepcopy(gm) if check and pass_.exact else None
+    result = pass_.run(gm, PassContext(inputs, **context))
+    lint(result.graph)
+    propagate_shapes(result.graph, inputs)
+    if before is not None:
+        with torch.no_grad():
+            old, new = before(*fresh_inputs(inputs)), result.graph(*fresh_inputs(inputs))
+        verdict = check_exact(before, inputs, old, new)
+        if not verdict.ok:
+            node = first_divergent_node(before, result.graph, inputs, result.replaces)
+            raise AssertionError(f"{pass_.name} is declared exact but changed the outputs ({verdict.reason}); "
+                                 f"first divergent node: {node}")
+    return result

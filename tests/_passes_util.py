@@ -1,33 +1,17 @@
-"""Helpers for the clean-up / fusion pass tests: trace a copy, run one pass, compare outputs."""
+"""Helpers for the clean-up / fusion pass tests: compare outputs, count node kinds, snapshot a model.
+Running a pass is ``fxcompress.testing.run_pass``."""
 
 from __future__ import annotations
 
-import copy
 from collections import Counter
 from typing import Any, Sequence
 
 import torch
 from torch import nn
-from torch.fx import GraphModule, symbolic_trace
+from torch.fx import GraphModule
 
-from fxcompress.pass_base import Pass, PassContext, PassResult
-from fxcompress.verify import propagate_shapes
 
 RTOL, ATOL = 1e-4, 1e-5
-
-
-def traced(model: nn.Module, inputs: Sequence[torch.Tensor], *, shapes: bool = True) -> GraphModule:
-    """symbolic_trace of a deep copy (the model itself is never touched), with shapes on every node."""
-    gm = symbolic_trace(copy.deepcopy(model))
-    return propagate_shapes(gm, inputs) if shapes else gm
-
-
-def apply(p: Pass, gm: GraphModule, inputs: Sequence[torch.Tensor]) -> PassResult:
-    """Run ``p`` as the pipeline would: lint the result and re-propagate shapes."""
-    result = p.run(gm, PassContext(tuple(inputs)))
-    result.graph.graph.lint()
-    propagate_shapes(result.graph, inputs)
-    return result
 
 
 def outputs(model: Any, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:

@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from _passes_util import (apply, assert_same_outputs, assert_untouched, call_module_types, node_targets,
-                          outputs, snapshot, traced)
+from fxcompress.testing import run_pass
+from _passes_util import (assert_same_outputs, assert_untouched, call_module_types, node_targets,
+                          outputs, snapshot)
 from passes.cleanup import EliminateDeadCode, FoldConstants, RemoveDropout, RemoveIdentity
 
 torch.manual_seed(0)
@@ -31,8 +32,7 @@ class DeadCode(nn.Module):
 def test_dead_code_removes_nodes_modules_and_parameters() -> None:
     model, inputs = DeadCode().eval(), (torch.randn(2, 4), torch.randn(1))
     before = snapshot(model)
-    gm = traced(model, inputs)
-    res = apply(EliminateDeadCode(), gm, inputs)
+    res = run_pass(EliminateDeadCode(), model, inputs)
     gm = res.graph
     assert [n.op for n in gm.graph.nodes] == ["placeholder", "placeholder", "call_module", "output"]
     assert set(res.stats["removed_nodes"]) == {"dead", "dead_scale", "mul", "sin"}
@@ -53,7 +53,7 @@ class InPlaceUnused(nn.Module):
 
 def test_dead_code_keeps_in_place_ops_whose_result_is_unused() -> None:
     model, inputs = InPlaceUnused(), (torch.randn(3, 2),)
-    gm = apply(EliminateDeadCode(), traced(model, inputs), inputs).graph
+    gm = run_pass(EliminateDeadCode(), model, inputs).graph
     assert "add_" in node_targets(gm) and "relu_" in node_targets(gm)
     assert_same_outputs(model, gm, inputs, exact=True)
 
@@ -78,7 +78,7 @@ class Dropouts(nn.Module):
 def test_remove_dropout_in_eval() -> None:
     model, inputs = Dropouts().eval(), (torch.randn(4, 6),)
     before = snapshot(model)
-    res = apply(RemoveDropout(), traced(model, inputs), inputs)
+    res = run_pass(RemoveDropout(), model, inputs)
     gm = res.graph
     assert call_module_types(gm) == {"Linear": 1}
     assert not any("dropout" in t for t in node_targets(gm))
@@ -102,7 +102,7 @@ class ActiveDropout(nn.Module):
 
 def test_active_dropout_is_kept_and_reported() -> None:
     model, inputs = ActiveDropout(), (torch.randn(4, 6),)
-    res = apply(RemoveDropout(), traced(model, inputs), inputs)
+    res = run_pass(RemoveDropout(), model, inputs)
     assert res.stats["removed"] == ["zero_drop"]
     assert set(res.stats["skipped"]) == {"train_drop", "dropout"}
     assert {d.node for d in res.diagnostics} == {"train_drop", "dropout"}
@@ -130,7 +130,7 @@ class Identities(nn.Module):
 def test_remove_identity_removes_every_provable_noop() -> None:
     model, inputs = Identities().eval(), (torch.randn(4, 5),)
     before = snapshot(model)
-    res = apply(RemoveIdentity(), traced(model, inputs), inputs)
+    res = run_pass(RemoveIdentity(), model, inputs)
     gm = res.graph
     assert call_module_types(gm) == {"Linear": 1}
     assert node_targets(gm) == ["lin", "relu", "add"]
@@ -156,7 +156,7 @@ class NotIdentities(nn.Module):
 
 def test_remove_identity_keeps_what_is_not_provably_exact() -> None:
     model, inputs = NotIdentities(), (torch.randn(3, 4), torch.arange(6))
-    res = apply(RemoveIdentity(), traced(model, inputs), inputs)
+    res = run_pass(RemoveIdentity(), model, inputs)
     assert res.stats["removed"] == {}
     assert node_targets(res.graph) == ["add", "truediv", "mul", "flatten", "detach", "view", "clone", "sub",
                                        "mul", "truediv"]
@@ -176,7 +176,7 @@ def test_contiguous_is_kept_where_a_view_needs_the_copy() -> None:
     fails without it), as is a ``clone`` to the contiguous format; ``contiguous`` of an already
     contiguous value and a plain ``clone`` go."""
     model, inputs = ShuffleView(), (torch.randn(2, 4, 3, 3),)
-    res = apply(RemoveIdentity(), traced(model, inputs), inputs)
+    res = run_pass(RemoveIdentity(), model, inputs)
     assert res.stats["removed"] == {"contiguous_1": "copy", "clone_1": "copy"}
     assert node_targets(res.graph).count("contiguous") == 1 and node_targets(res.graph).count("clone") == 1
     assert_same_outputs(model, res.graph, inputs, exact=True)
@@ -191,7 +191,7 @@ class CloneBeforeMutation(nn.Module):
 
 def test_copies_are_kept_when_the_graph_mutates() -> None:
     model, inputs = CloneBeforeMutation(), (torch.randn(3),)
-    res = apply(RemoveIdentity(), traced(model, inputs), inputs)
+    res = run_pass(RemoveIdentity(), model, inputs)
     assert res.stats["removed"] == {}
     x = inputs[0].clone()
     res.graph(x)
@@ -200,7 +200,7 @@ def test_copies_are_kept_when_the_graph_mutates() -> None:
 
 def test_remove_identity_without_shapes_only_does_shape_free_rewrites() -> None:
     model, inputs = Identities().eval(), (torch.randn(4, 5),)
-    res = apply(RemoveIdentity(), traced(model, inputs, shapes=False), inputs)
+    res = run_pass(RemoveIdentity(), model, inputs, shapes=False)
     # contiguous() is removed only where shapes prove its input contiguous (a later view needs it)
     assert set(res.stats["removed"].values()) == {"identity"}
     assert any("shape information" in d.message for d in res.diagnostics)
@@ -226,8 +226,7 @@ class Constants(nn.Module):
 def test_fold_constants_folds_parameter_only_subgraphs() -> None:
     model, inputs = Constants().eval(), (torch.randn(4, 5),)
     before = snapshot(model)
-    gm = traced(model, inputs)
-    res = apply(FoldConstants(), gm, inputs)
+    res = run_pass(FoldConstants(), model, inputs)
     gm = res.graph
     # w.t().t() (a new view), exp, proj(anchor).sum(0) and w.size(0) depend on no input
     assert res.stats["folded"] == {"t_1": "t_1_folded", "exp": "exp_folded", "sum_1": "sum_1_folded",
@@ -257,7 +256,7 @@ def test_fold_constants_from_buffers_gives_a_buffer() -> None:
     gm = torch.fx.GraphModule(root, graph)
     inputs = (torch.randn(3),)
     expected = outputs(gm, inputs)
-    res = apply(FoldConstants(), gm, inputs)
+    res = run_pass(FoldConstants(), gm, inputs)
     assert res.stats["folded"] == {"sigmoid": "sigmoid_folded"}
     assert dict(res.graph.named_parameters()) == {}
     assert list(dict(res.graph.named_buffers())) == ["sigmoid_folded"]
@@ -277,14 +276,14 @@ class RandomConstants(nn.Module):
 
 def test_fold_constants_never_folds_randomness_or_mutation() -> None:
     model, inputs = RandomConstants(), (torch.randn(3),)
-    res = apply(FoldConstants(), traced(model, inputs), inputs)
+    res = run_pass(FoldConstants(), model, inputs)
     assert res.stats["folded"] == {}
     assert node_targets(res.graph) == ["rand_like", "add", "dropout", "add", "empty_like", "zero_", "add"]
 
 
 def test_fold_constants_respects_max_bytes() -> None:
     model, inputs = Constants().eval(), (torch.randn(4, 5),)
-    res = apply(FoldConstants(max_bytes=8), traced(model, inputs), inputs)
+    res = run_pass(FoldConstants(max_bytes=8), model, inputs)
     assert set(res.stats["folded"]) == {"size"}
     assert any("max_bytes=8" in d.message for d in res.diagnostics)
     assert_same_outputs(model, res.graph, inputs)
@@ -301,7 +300,7 @@ class SharedSource(nn.Module):
 
 def test_fold_constants_reuses_identical_tensors_and_keeps_used_sources() -> None:
     model, inputs = SharedSource(), (torch.randn(2, 4),)
-    res = apply(FoldConstants(), traced(model, inputs), inputs)
+    res = run_pass(FoldConstants(), model, inputs)
     gm = res.graph
     assert res.stats["folded"] == {"contiguous": "w", "t": "t_folded"}
     assert res.stats["removed_attributes"] == []

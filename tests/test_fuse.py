@@ -7,8 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from _passes_util import (apply, assert_same_outputs, assert_untouched, call_module_types, randomize_bn,
-                          snapshot, traced)
+from fxcompress.testing import run_pass
+from fxcompress.pass_base import PassContext
+from fxcompress.trace import trace
+from _passes_util import (assert_same_outputs, assert_untouched, call_module_types, randomize_bn,
+                          snapshot)
 from passes.fuse import FoldBatchNorm
 
 GEN = torch.Generator().manual_seed(0)
@@ -71,7 +74,7 @@ def test_fold_each_producer(case: str, bias: bool, affine: bool) -> None:
     randomize_bn(model, GEN)
     inputs = (torch.randn(*shape, generator=GEN),)
     before = snapshot(model)
-    res = apply(FoldBatchNorm(), traced(model, inputs), inputs)
+    res = run_pass(FoldBatchNorm(), model, inputs)
     gm = res.graph
     assert res.stats == {"folded": [("producer", "bn")], "skipped": {}}
     assert call_module_types(gm) == {type(producer).__name__: 1}
@@ -100,7 +103,7 @@ class FunctionalBN(nn.Module):
 
 def test_fold_functional_batch_norm() -> None:
     model, inputs = FunctionalBN().eval(), (torch.randn(2, 3, 6, 6),)
-    res = apply(FoldBatchNorm(), traced(model, inputs), inputs)
+    res = run_pass(FoldBatchNorm(), model, inputs)
     gm = res.graph
     assert res.stats["folded"] == [("conv", "batch_norm")]
     assert [n.op for n in gm.graph.nodes] == ["placeholder", "call_module", "output"]
@@ -128,7 +131,7 @@ def test_conv_output_with_other_users_is_skipped() -> None:
     model = TwoUsers().eval()
     randomize_bn(model, GEN)
     inputs = (torch.randn(2, 4, 5, 5),)
-    res = apply(FoldBatchNorm(), traced(model, inputs), inputs)
+    res = run_pass(FoldBatchNorm(), model, inputs)
     assert res.stats["folded"] == [("conv2", "bn2")]
     assert set(res.stats["skipped"]) == {"bn1"}
     assert "also used by add" in res.stats["skipped"]["bn1"]
@@ -157,7 +160,7 @@ def test_every_skip_reason_is_reported() -> None:
     randomize_bn(model, GEN)
     inputs = (torch.randn(2, 3, 4, 4), torch.randn(2, 6, 4))
     before = snapshot(model)
-    res = apply(FoldBatchNorm(), traced(model, inputs), inputs)
+    res = run_pass(FoldBatchNorm(), model, inputs)
     skipped = res.stats["skipped"]
     assert res.stats["folded"] == []
     assert set(skipped) == {"bn_train", "bn_nostats", "bn_after_relu", "bn_seq"}
@@ -188,9 +191,9 @@ def test_shared_conv_gets_a_new_module_per_fold() -> None:
     model = SharedConv().eval()
     randomize_bn(model, GEN)
     inputs = (torch.randn(1, 3, 5, 5),)
-    gm = traced(model, inputs)
+    gm = trace(model, inputs, frontend="fx")
     old_conv, old_weight = gm.conv, gm.conv.weight.detach().clone()
-    res = apply(FoldBatchNorm(), gm, inputs)
+    res = FoldBatchNorm().run(gm, PassContext(inputs))  # on this graph itself: its modules must stay as they were
     gm = res.graph
     assert res.stats["folded"] == [("conv", "bn_a"), ("conv_1", "bn_b")]
     targets = [n.target for n in gm.graph.nodes if n.op == "call_module"]
@@ -206,7 +209,7 @@ def test_fold_precision_with_extreme_statistics() -> None:
         model.bn.running_var.copy_(torch.tensor([1e-6, 1e-2, 1.0, 1e4]))
         model.bn.running_mean.copy_(torch.tensor([1e3, -5.0, 0.0, 2.0]))
     inputs = (torch.randn(2, 3, 6, 6, generator=GEN),)
-    gm = apply(FoldBatchNorm(), traced(model, inputs), inputs).graph
+    gm = run_pass(FoldBatchNorm(), model, inputs).graph
     ref64 = model.double()(inputs[0].double())
     got = gm(inputs[0]).double()
     torch.testing.assert_close(got, ref64, rtol=1e-5, atol=1e-6 * ref64.abs().max().item())

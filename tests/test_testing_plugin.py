@@ -260,3 +260,40 @@ def test_graphcheck_onnx_kinds_are_checked_against_onnx_op_types():
     with pytest.raises(AssertionError, match=r"'Convv': no node has this kind and it is not an ONNX op type.*"
                                              r"Did you mean 'Conv'"):
         GraphCheck(model).count({"Convv": 0})
+
+
+# --------------------------------------------------------------------------- run_pass
+
+
+def test_run_pass_runs_one_pass_on_a_copy_and_checks_exactness() -> None:
+    import torch
+    from torch import nn
+
+    from fxcompress import Pass, PassResult
+    from fxcompress.testing import run_pass
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.ReLU()).eval()
+    x = torch.randn(3, 4)
+    res = run_pass("remove-dropout", model, x)
+    assert [n.op for n in res.graph.graph.nodes].count("call_module") == 2
+    assert isinstance(model[1], nn.Dropout)  # the caller's model is untouched
+    torch.testing.assert_close(res.graph(x), model(x))
+    assert all("tensor_meta" in n.meta for n in res.graph.graph.nodes if n.op != "output")
+
+    class Negate(Pass):  # claims exactness, flips the sign of the last layer's output
+        name = "negate-output"
+        exact = True
+
+        def run(self, gm, ctx):
+            out = next(n for n in gm.graph.nodes if n.op == "output")
+            with gm.graph.inserting_before(out):
+                neg = gm.graph.call_function(torch.neg, (out.args[0],))
+            out.args = (neg,)
+            gm.recompile()
+            return PassResult(graph=gm)
+
+    with pytest.raises(AssertionError, match="negate-output is declared exact.*first divergent node: neg"):
+        run_pass(Negate(), model, x)
+    assert run_pass(Negate(), model, x, check=False).graph(x).neg().allclose(model(x))
+    with pytest.raises(ValueError, match="runs one pass"):
+        run_pass("remove-dropout,eliminate-dead-code", model, x)
