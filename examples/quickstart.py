@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     diff = float((loaded(x) - compiled(x)).abs().max())
     files = sorted(p.name for p in out.iterdir() if p.is_file())
     fp32_file = fxc.compile(model, (example,), "", target="onnx", progress=False).onnx_model.ByteSize()
-    print(f"saved to {out}/ ({', '.join(files)}); model.onnx is {format_count((out / 'model.onnx').stat().st_size, 'B')}, "
+    print(f"saved to {out}/ ({', '.join(files)}); model.onnx is {format_bytes((out / 'model.onnx').stat().st_size)}, "
           f"the FP32 model exported as it is would be {format_bytes(fp32_file)}")
     print(f"loaded: backend {loaded.backend}, accuracy {accuracy(loaded, data.test):.2%}, "
           f"max |loaded - compiled| = {diff:.3g}")

@@ -31,7 +31,7 @@ import fxcompress as fxc
 from fxcompress.backends.onnxruntime import OrtRunner
 from fxcompress.backends.tensorrt import gpu_available, import_trt
 from fxcompress.digits import DigitsResNet, accuracy, digits_loaders, train_classifier
-from fxcompress.report import human
+from fxcompress.units import format_bytes
 from passes import CheckTensorRT, FoldBatchNorm, QuantizeInt8, RemoveDropout, RemoveIdentity
 
 GPU_COMMANDS = """\
@@ -108,10 +108,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{ops.count('DequantizeLinear')} DequantizeLinear, {ops.count('Conv')} Conv, {ops.count('Gemm')} Gemm")
     for name, c in (("FP32", fp32), ("INT8", int8)):
         info = c.engine_info
-        print(f"{name} engine: {len(c.engine)} bytes ({human(len(c.engine), 'B')}), built by {info['module']} "
+        print(f"{name} engine: {len(c.engine)} bytes ({format_bytes(len(c.engine))}), built by {info['module']} "
               f"{info['version']} in {info['build_seconds']:.2f} s, {info['num_layers']} network layers")
     print(f"INT8 engine / FP32 engine: {len(int8.engine) / len(fp32.engine):.2f}x the size "
-          f"(weights: {human(int8.report[-1].bytes, 'B')} INT8 graph vs {human(fp32.report[-1].bytes, 'B')} FP32)")
+          f"(weights: {format_bytes(int8.report[-1].bytes)} INT8 graph vs {format_bytes(fp32.report[-1].bytes)} FP32)")
 
     ort = OrtRunner(int8.onnx_model, threads=1)
     print(f"INT8 Q/DQ graph on ONNX Runtime (the graph inside the engine): accuracy {accuracy(ort, data.test):.2%} "

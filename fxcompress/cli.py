@@ -236,20 +236,23 @@ def check_out(out: Path, overwrite: bool) -> None:
                        "directory") from None
 
 
-def _check_tensorrt(model: Any, shapes: list[tuple[int, ...]] | None) -> list[Any] | None:
-    """CheckTensorRT findings, found through the pass registry (the framework never imports passes/);
-    ``shapes`` (example input shapes) give the optimization profiles for dynamic inputs."""
+def _inspections(model: Any, shapes: list[tuple[int, ...]] | None, target: str | None = None
+                 ) -> list[tuple[str, list[Any]]]:
+    """``(pass name, diagnostics)`` of every registered ONNX pass that declares ``inspects``, run on
+    ``model`` like any pass; ``shapes`` (example input shapes) become its example inputs (e.g. the
+    optimization profiles of dynamic inputs), ``target`` the context's compile target."""
+    import torch
+
+    from .onnx_graph import to_graph
+    from .pass_base import PassContext
     from .registry import available
 
-    cls = available().get("check-tensorrt")
-    if cls is None:
-        return None
-    profiles = None
-    if shapes:
-        from .backends.tensorrt import derive_profiles
-
-        profiles = derive_profiles(model, shapes)
-    return importlib.import_module(cls.__module__).check_tensorrt(model, profiles=profiles)
+    inputs = tuple(torch.zeros(s) for s in shapes or ())
+    out = []
+    for name, cls in available().items():
+        if cls.stage == "onnx" and cls.inspects:
+            out.append((name, cls().run(to_graph(model), PassContext(inputs, target=target or "onnx")).diagnostics))
+    return out
 
 
 @app.command("passes")
@@ -298,39 +301,38 @@ def inspect(path: Path = typer.Argument(..., help="An artifact directory, a .onn
 
         shapes = parse_shapes(input_shape) if input_shape else \
             [tuple(s["shape"]) for s in manifest.get("inputs") or []] or None
-        _print_check_tensorrt(onnx.load_model(str(path / "model.onnx")), shapes, manifest.get("target"))
+        _print_inspections(onnx.load_model(str(path / "model.onnx")), shapes, manifest.get("target"))
         return
     if path.suffix == ".fxg":
         console.print(path.read_text(encoding="utf-8"), markup=False, highlight=False)
         return
     model = _load_onnx(path)
     console.print(to_text(model), markup=False, highlight=False)
-    _print_check_tensorrt(model, parse_shapes(input_shape) if input_shape else None)
+    _print_inspections(model, parse_shapes(input_shape) if input_shape else None)
 
 
-def _print_check_tensorrt(model: Any, shapes: list[tuple[int, ...]] | None, target: str | None = None) -> None:
-    """CheckTensorRT's findings, one line each; findings of one rule with one fix on several nodes
-    print once, naming the nodes. ``target``: what an artifact was compiled for (a note says that an
-    ONNX Runtime artifact is not meant for TensorRT as it is)."""
-    findings = _check_tensorrt(model, shapes)
-    if findings is None:
-        return
-    console.print(f"CheckTensorRT: {len(findings)} finding(s)", markup=False)
-    if findings and target and not target.startswith("tensorrt"):
-        console.print(f"  (this artifact was compiled for {target}; for TensorRT recompile with "
-                      "--target tensorrt-rtx or --target tensorrt)", markup=False, highlight=False)
-    groups: dict[tuple[str, str, str], list[Any]] = {}
-    for f in findings:
-        groups.setdefault((f.severity, f.rule or f.problem, f.fix), []).append(f)
-    for group in groups.values():
-        if len(group) == 1:
-            console.print(f"  {group[0]}", markup=False, highlight=False)
-            continue
-        nodes = [f.node for f in group if f.node]
-        shown = ", ".join(nodes[:4]) + (f" and {len(nodes) - 4} more" if len(nodes) > 4 else "")
-        first = group[0]
-        console.print(f"  {first.severity} on {len(group)} nodes [{shown}]: {first.problem} Fix: {first.fix}",
-                      markup=False, highlight=False)
+def _print_inspections(model: Any, shapes: list[tuple[int, ...]] | None, target: str | None = None) -> None:
+    """The findings (warnings and errors) of every inspection pass (see ``_inspections``), one line
+    each, after its notes (info diagnostics, in parentheses); findings of one rule on several nodes
+    print once, naming the nodes. ``target``: what an artifact was compiled for."""
+    for name, diagnostics in _inspections(model, shapes, target):
+        findings = [d for d in diagnostics if d.severity != "info"]
+        console.print(f"{name}: {len(findings)} finding(s)", markup=False)
+        for note in (d for d in diagnostics if d.severity == "info"):
+            console.print(f"  ({note.message})", markup=False, highlight=False)
+        groups: dict[tuple[str, str], list[Any]] = {}
+        for f in findings:
+            groups.setdefault((f.severity, f.rule or f.message), []).append(f)
+        for group in groups.values():
+            first = group[0]
+            if len(group) == 1:
+                where = f"[{first.node}] " if first.node else ""
+                console.print(f"  {first.severity} {where}{first.message}", markup=False, highlight=False)
+                continue
+            nodes = [f.node for f in group if f.node]
+            shown = ", ".join(nodes[:4]) + (f" and {len(nodes) - 4} more" if len(nodes) > 4 else "")
+            console.print(f"  {first.severity} on {len(group)} nodes [{shown}]: {first.message}",
+                          markup=False, highlight=False)
 
 
 def graph_text(path: Path) -> str:

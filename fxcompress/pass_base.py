@@ -33,6 +33,7 @@ class Diagnostic:
     severity: Severity
     message: str
     node: str | None = None
+    rule: str = ""  # what kind of finding (one rule, several nodes: reports group them)
 
     def __str__(self) -> str:
         where = f" [{self.node}]" if self.node else ""
@@ -178,6 +179,8 @@ class Pass:
       ``provides``  capabilities this pass provides to later passes
       ``preserves`` cached analyses still valid after the pass (default: none)
       ``trains``    True if the pass trains the graph's weights (an instance may decide, e.g. QAT)
+      ``inspects``  True if the pass only reports on the graph (its diagnostics), never changing it;
+                    ``fxcompress inspect`` runs every such ONNX pass on the model it shows
       ``order_preferences``  soft ordering rules (``prefer_before``/``prefer_after``), each with its
                     reason: the pipeline warns before any work starts when the order goes against one
 
@@ -195,6 +198,7 @@ class Pass:
     provides: ClassVar[tuple[str, ...]] = ()
     preserves: ClassVar[tuple[str, ...]] = ()
     trains: ClassVar[bool] = False
+    inspects: ClassVar[bool] = False
     order_preferences: ClassVar[tuple[OrderPreference, ...]] = ()
 
     def __post_init__(self) -> None:

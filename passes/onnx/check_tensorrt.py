@@ -468,6 +468,7 @@ class CheckTensorRT(OnnxPass):
 
     name: ClassVar[str] = "check-tensorrt"
     exact: ClassVar[bool] = True
+    inspects: ClassVar[bool] = True
 
     use_parser: bool = True
     target: str = ""
@@ -497,8 +498,11 @@ class CheckTensorRT(OnnxPass):
             "parser_warnings": report.parser_warnings,
             "operator_matrix": f"TensorRT {operator_matrix()['tensorrt_version']}",
         })
+        if report.findings and ctx.target not in TARGETS and ctx.target not in ("", "fx", "onnx"):
+            result.info(f"this graph was compiled for {ctx.target}; for TensorRT recompile with --target "
+                        f"tensorrt-rtx or --target tensorrt")
         for f in report.findings:
-            result.diagnostics.append(Diagnostic(f.severity, f"{f.problem} Fix: {f.fix}", f.node))
+            result.diagnostics.append(Diagnostic(f.severity, f"{f.problem} Fix: {f.fix}", f.node, f.rule or f.problem))
         for w in report.parser_warnings:
             result.info(f"{report.parser} parser warning: {w}")
         if self.strict and report.errors:
