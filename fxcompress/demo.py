@@ -32,13 +32,13 @@ QUICK_EPOCHS = 2
 
 
 def quick_pipeline(text: str, epochs: int = QUICK_EPOCHS) -> str:
-    """``text`` with every training pass (``distill``, ``fine-tune``) cut to ``epochs`` epochs."""
+    """``text`` with every pass that trains (declares ``trains`` and has ``epochs``) cut to ``epochs`` epochs."""
     import dataclasses
 
     from .registry import format_pipeline, parse_pipeline
 
     passes = [dataclasses.replace(p, epochs=min(p.epochs, epochs))
-              if p.name in ("distill", "fine-tune") and hasattr(p, "epochs") else p for p in parse_pipeline(text)]
+              if p.trains and hasattr(p, "epochs") else p for p in parse_pipeline(text)]
     return format_pipeline(passes)
 
 
