@@ -8,6 +8,8 @@ import copy
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from _passes_util import outputs, traced
 from torch import nn
 
@@ -104,3 +106,44 @@ def test_digits_transformer_static_int8_with_and_without_smooth_quant(digits_tra
     groups = smooth_row.stats["groups"]
     assert len(groups) == 5     # per block: norm1 -> Q/K/V and norm2 -> fc1; the final norm -> head
     assert all(g["act_max_after"] < g["act_max_before"] for g in groups)
+
+
+class Stack(nn.Module):
+    """LayerNorm (affine or not) -> ``fan`` Linears reading it, summed; then Linear -> Linear."""
+
+    def __init__(self, dim: int, fan: int, affine: bool, outliers: list[int], seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.norm = nn.LayerNorm(dim, elementwise_affine=affine)
+        self.heads = nn.ModuleList(nn.Linear(dim, dim) for _ in range(fan))
+        self.up, self.down = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, 3)
+        with torch.no_grad():
+            if affine:
+                self.norm.weight[outliers] *= 30
+            self.up.weight[[o % (2 * dim) for o in outliers]] *= 30
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        return self.down(self.up(sum(head(h) for head in self.heads)))
+
+
+@settings(max_examples=20)
+@given(st.sampled_from([4, 6, 8]), st.integers(1, 3), st.booleans(), st.lists(st.integers(0, 3), max_size=2),
+       st.floats(0.0, 1.0), st.integers(0, 2**16))
+def test_smoothing_random_layernorm_linear_stacks_is_exact(dim: int, fan: int, affine: bool, outliers: list[int],
+                                                           alpha: float, seed: int) -> None:
+    model = Stack(dim, fan, affine, outliers, seed).eval()
+    gen = torch.Generator().manual_seed(seed)
+    calib = [torch.randn(4, 3, dim, generator=gen) * 2 for _ in range(2)]
+    x = (calib[0][:2],)
+    c = fxc.compile(model, x, [SmoothQuant(alpha=alpha)], calibration=calib, target="fx", progress=False)
+    row = c.report[-1]
+    assert row.status in ("ok", "unchanged") and row.name.startswith("smooth-quant")   # verified exact
+    groups = {g["producer"]: g for g in row.stats["groups"]}
+    assert set(groups) == {"norm", "up"} and len(groups["norm"]["linears"]) == fan
+    torch.testing.assert_close(c.graph_module(calib[1]), model(calib[1]), rtol=1e-4, atol=1e-4)
+    for g in groups.values():   # the activation/weight balance moved as alpha asks
+        if alpha == 1.0:
+            assert g["act_max_after"] == pytest.approx(1.0, rel=1e-4)
+        if alpha == 0.0:
+            assert g["weight_max_after"] == pytest.approx(1.0, rel=1e-4)
