@@ -10,20 +10,12 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from _passes_util import (
-    apply,
-    assert_same_outputs,
-    assert_untouched,
-    call_module_types,
-    outputs,
-    randomize_bn,
-    snapshot,
-    traced,
-)
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from _passes_util import (apply, assert_same_outputs, assert_untouched, call_module_types, outputs, randomize_bn,
+                          snapshot, traced)
 from passes.cleanup import EliminateDeadCode, FoldConstants, RemoveDropout, RemoveIdentity
 from passes.fuse import FoldBatchNorm
 from passes.quantize.equalize import EqualizeCrossLayer

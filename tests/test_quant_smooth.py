@@ -8,9 +8,9 @@ import copy
 
 import pytest
 import torch
-from _passes_util import outputs, traced
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from _passes_util import outputs, traced
 from torch import nn
 
 import fxcompress as fxc
