@@ -6,9 +6,9 @@ import copy
 
 import pytest
 import torch
-from _passes_util import traced
 from torch import nn
 
+from _passes_util import traced
 import fxcompress as fxc
 from fxcompress.errors import PassError, PipelineError
 from fxcompress.pass_base import PassContext

@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 import torch
-from _passes_util import apply, assert_untouched, outputs, snapshot, traced
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from _passes_util import apply, assert_untouched, outputs, snapshot, traced
 import fxcompress as fxc
 from fxcompress.errors import PipelineError
 from passes.quantize.equalize import EqualizeCrossLayer, _in_ranges, _out_ranges

@@ -10,9 +10,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from _passes_util import outputs, traced
 from torch import nn
 
+from _passes_util import outputs, traced
 import fxcompress as fxc
 from fxcompress.digits import accuracy
 from fxcompress.errors import PipelineError
