@@ -18,7 +18,7 @@ fine-tunes gently (lr 1e-3) because the pattern is re-applied afterwards (95.6% 
 - ``int8-accurate``: static INT8 with the repairs that keep accuracy without training, each a no-op
   where it finds nothing to do: cross-layer equalization of conv/linear pairs (after BatchNorm is
   folded), SmoothQuant for LayerNorm -> Linear groups, then INT8 and empirical bias correction
-  (``bench/quant_accuracy.py``: +4 to +6 dB logit SNR over plain per-tensor INT8 on the digits CNNs);
+  (``bench/quant_accuracy.py``: +2.5 to +6 dB logit SNR over plain per-tensor INT8 on the digits CNNs);
   needs ``calibration=``.
 - ``sparse24-int8``: 2:4 semi-structured sparsity, fine-tuned, then the 2:4 pattern re-applied
   (training moves the zeroed weights) before INT8, so the result really is 2:4 sparse.
