@@ -1,5 +1,6 @@
-"""Property: every exact clean-up / fusion pass, alone and all in sequence (any order), keeps the
-outputs of random conv / BN / linear / activation stacks, and of every model in the test zoo."""
+"""Property: every exact clean-up / fusion pass (and cross-layer equalization), alone and all in
+sequence (any order), keeps the outputs of random conv / BN / linear / activation stacks, and of
+every model in the test zoo."""
 
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ from _passes_util import (assert_same_outputs, assert_untouched, call_module_typ
                           snapshot)
 from passes.cleanup import EliminateDeadCode, FoldConstants, RemoveDropout, RemoveIdentity
 from passes.fuse import FoldBatchNorm
+from passes.quantize.equalize import EqualizeCrossLayer
 
-EXACT_PASSES = (EliminateDeadCode(), RemoveDropout(), RemoveIdentity(), FoldConstants(), FoldBatchNorm())
+EXACT_PASSES = (EliminateDeadCode(), RemoveDropout(), RemoveIdentity(), FoldConstants(), FoldBatchNorm(),
+                EqualizeCrossLayer())
 BIT_EXACT = (EliminateDeadCode, RemoveDropout, RemoveIdentity)   # they only drop no-ops: same bits
 
 

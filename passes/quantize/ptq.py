@@ -25,6 +25,9 @@ from .rewrite import WeightQuant, apply_plan
 
 #: the ctx analysis key under which ``QuantSensitivity`` leaves its skip list
 SENSITIVITY_KEY = "quant-sensitivity"
+#: the ctx analysis key under which ``QuantizeInt8`` leaves the float weights of the layers it
+#: quantized (node name -> tensor), the float reference ``correct-bias`` needs right after it
+FLOAT_WEIGHTS_KEY = "quantize-int8:float-weights"
 
 
 def _choice(value: str, allowed: tuple[str, ...], option: str, pass_name: str) -> None:
@@ -164,8 +167,13 @@ class QuantizeInt8(Pass):
         weights = {layer.node.name: weight_quant(layer.weight, layer.axis, wmax, self.per_channel, self.weight_observer)
                    for layer in plan.layers if layer.weight.numel()}
         int8_layers = [layer.node.name for layer in plan.layers]
+        float_weights = [(layer, layer.weight.detach()) for layer in plan.layers if layer.weight.numel()]
         summary = apply_plan(gm, plan, act, weights, spec, qat=self.qat, learn=self.learn_scales)
-        result = PassResult(graph=gm)
+        by_name = {layer.node.name: w for layer, w in float_weights}  # names after the rewrite
+        ctx.invalidate(keep=[k for k in ctx.cached_analyses if k != FLOAT_WEIGHTS_KEY])
+        if not self.qat:
+            ctx.analysis(FLOAT_WEIGHTS_KEY, lambda: by_name)
+        result = PassResult(graph=gm, preserved=(FLOAT_WEIGHTS_KEY,))
         if unmatched:
             result.warn(unmatched)
         modules = {n.name: module_path(n) for n in gm.graph.nodes if n.name in plan.float_layers}
