@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from _passes_util import traced
 import fxcompress as fxc
 from fxcompress.errors import PassError, PipelineError
+from fxcompress.trace import trace
 from fxcompress.pass_base import PassContext
 from passes.quantize.bias_correction import CorrectBias, float_graph
 from passes.quantize.ptq import FLOAT_WEIGHTS_KEY
@@ -60,7 +60,7 @@ def test_correction_removes_the_mean_error_and_reports_each_layer() -> None:
 
 def test_float_graph_is_the_graph_before_quantization() -> None:
     model, data = _net(), _data()
-    gm = traced(model, (data[0],))
+    gm = trace(model, (data[0],), frontend="fx")
     ctx = PassContext((data[0],), calibration=data)
     q = fxc.Pipeline.parse(QUANT).apply(gm, ctx).graph_module
     f = float_graph(q, ctx.analysis(FLOAT_WEIGHTS_KEY, lambda: None))
@@ -72,7 +72,7 @@ def test_needs_quantize_int8_right_before() -> None:
     model, data = _net(), _data()
     with pytest.raises(PipelineError, match="requires 'int8'"):
         fxc.compile(model, (data[0],), "correct-bias", calibration=data, target="fx", progress=False)
-    gm = traced(model, (data[0],))
+    gm = trace(model, (data[0],), frontend="fx")
     with pytest.raises(PassError, match="right after quantize-int8"):
         CorrectBias().run(gm, PassContext((data[0],), calibration=data))
     # a pass that changes the graph in between drops the float reference: the error says so

@@ -15,7 +15,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from _passes_util import apply, assert_untouched, outputs, snapshot, traced
+from fxcompress.testing import run_pass
+from _passes_util import assert_untouched, outputs, snapshot
 import fxcompress as fxc
 from fxcompress.errors import PipelineError
 from passes.quantize.equalize import EqualizeCrossLayer, _in_ranges, _out_ranges
@@ -124,8 +125,7 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> None:
 def test_equalization_is_exact_on_random_stacks(stack: tuple, clip: str) -> None:
     model, inputs = build(*stack)
     before = snapshot(model)
-    gm = traced(model, inputs)
-    res = apply(EqualizeCrossLayer(clip=clip), gm, inputs)
+    res = run_pass(EqualizeCrossLayer(clip=clip), model, inputs)
     for x, y in zip(outputs(model, inputs), outputs(res.graph, inputs), strict=True):
         _close(x, y)
     pairs = res.stats["pairs"]
@@ -144,14 +144,13 @@ def test_single_pair_ends_with_equal_ranges() -> None:
     """One pair: A's output channel ranges equal B's input channel ranges afterwards, both
     sqrt(r1 r2) (Nagel et al.), and equalizing again changes nothing."""
     model, inputs = build(3, [("conv", 3, 6, 3, 1, True), ("relu",), ("conv", 6, 4, 3, 1, True)], 5)
-    gm = traced(model, inputs)
     r1, r2 = _out_ranges(model[0].weight.double()), _in_ranges(model[2].weight.double(), model[2])
-    res = apply(EqualizeCrossLayer(), gm, inputs)
+    res = run_pass(EqualizeCrossLayer(), model, inputs)
     a, b = res.graph.get_submodule("0"), res.graph.get_submodule("2")
     ra, rb = _out_ranges(a.weight.double()), _in_ranges(b.weight.double(), b)
     torch.testing.assert_close(ra, rb, rtol=1e-5, atol=0)
     torch.testing.assert_close(ra, (r1 * r2).sqrt(), rtol=1e-5, atol=0)
-    again = apply(EqualizeCrossLayer(), res.graph, inputs)
+    again = run_pass(EqualizeCrossLayer(), res.graph, inputs)
     assert again.stats["pairs"][0]["scale_max"] == pytest.approx(1.0, abs=1e-5)
 
 
@@ -161,8 +160,7 @@ def test_depthwise_chain_is_equalized_and_relu6_gets_a_per_channel_bound() -> No
     model, inputs = build(4, [("conv", 4, 8, 1, 1, True), ("relu6",), ("dw", 8, True), ("relu6",),
                               ("conv", 8, 4, 1, 1, True)], 7)
     inputs = (inputs[0] * 10,)   # drive the clips
-    gm = traced(model, inputs)
-    res = apply(EqualizeCrossLayer(), gm, inputs)
+    res = run_pass(EqualizeCrossLayer(), model, inputs)
     _close(outputs(model, inputs)[0], outputs(res.graph, inputs)[0])
     assert [(p["a"], p["b"]) for p in res.stats["pairs"]] == [("_0", "_2"), ("_2", "_4")]
     for p in res.stats["pairs"]:
@@ -174,7 +172,7 @@ def test_depthwise_chain_is_equalized_and_relu6_gets_a_per_channel_bound() -> No
 
 def test_skip_clip_leaves_relu6_pairs_and_says_why() -> None:
     model, inputs = build(4, [("conv", 4, 8, 1, 1, True), ("relu6",), ("conv", 8, 4, 1, 1, True)], 1)
-    res = apply(EqualizeCrossLayer(clip="skip"), traced(model, inputs), inputs)
+    res = run_pass(EqualizeCrossLayer(clip="skip"), model, inputs)
     assert res.stats["pairs"] == []
     assert "clip=skip" in res.stats["not_equalized"]["_0"]
     assert any("no conv/linear pair qualifies" in d.message for d in res.diagnostics)
@@ -193,11 +191,11 @@ def test_nothing_qualifies_names_the_reasons() -> None:
             return self.b(self.bn(y + x))
 
     x = (torch.randn(2, 3, 4, 4),)
-    res = apply(EqualizeCrossLayer(), traced(Net().eval(), x), x)
+    res = run_pass(EqualizeCrossLayer(), Net().eval(), x)
     reasons = res.stats["not_equalized"]
     assert "add" in reasons["a"] and "graph output" in reasons["b"]
     model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.Conv2d(3, 3, 1)).eval()
-    res = apply(EqualizeCrossLayer(), traced(model, x), x)
+    res = run_pass(EqualizeCrossLayer(), model, x)
     assert "fold-batchnorm" in res.stats["not_equalized"]["_0"]
 
 
@@ -213,12 +211,11 @@ def test_high_bias_absorption_is_exact_and_only_where_provable() -> None:
             model[2].weight.abs_()
             model[2].bias.copy_(torch.tensor([3.0, 5.0, 0.5, 8.0]))
         x = (torch.randn(2, 2, 5, 5) * 3,)
-        gm = traced(model, x)
-        res = apply(EqualizeCrossLayer(), gm, x)
+        res = run_pass(EqualizeCrossLayer(), model, x)
         _close(outputs(model, x)[0], outputs(res.graph, x)[0])
         row = next(p for p in res.stats["pairs"] if p["a"] == "_2")
         assert (row["absorbed_channels"] > 0) is absorbed, row
-        off = apply(EqualizeCrossLayer(absorb_high_bias=False), traced(model, x), x)
+        off = run_pass(EqualizeCrossLayer(absorb_high_bias=False), model, x)
         assert all(p["absorbed_channels"] == 0 for p in off.stats["pairs"])
 
 

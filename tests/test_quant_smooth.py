@@ -12,9 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from _passes_util import outputs, traced
+from _passes_util import outputs
 import fxcompress as fxc
 from fxcompress.digits import accuracy
+from fxcompress.trace import trace
 from fxcompress.errors import PipelineError
 from fxcompress.pass_base import PassContext
 from passes.quantize.smooth_quant import SmoothQuant
@@ -45,7 +46,7 @@ def test_smoothing_is_exact_and_shares_scales_across_qkv() -> None:
     x = (torch.randn(2, 5, 8),)
     model = Block().eval()
     calib = [torch.randn(4, 5, 8) for _ in range(3)]
-    gm = traced(model, x)
+    gm = trace(model, x, frontend="fx")
     res = SmoothQuant().run(gm, PassContext(x, calibration=calib))
     torch.testing.assert_close(outputs(res.graph, x)[0], outputs(model, x)[0], rtol=1e-4, atol=1e-5)
     groups = {g["producer"]: g for g in res.stats["groups"]}
@@ -65,7 +66,7 @@ def test_smoothing_is_exact_and_shares_scales_across_qkv() -> None:
 def test_nothing_to_smooth_says_why() -> None:
     model = nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 2)).eval()
     x = (torch.randn(3, 4),)
-    res = SmoothQuant().run(traced(model, x), PassContext(x, calibration=[x[0]]))
+    res = SmoothQuant().run(trace(model, x, frontend="fx"), PassContext(x, calibration=[x[0]]))
     assert res.stats["groups"] == [] and any("nothing to smooth" in d.message for d in res.diagnostics)
     with pytest.raises(PipelineError, match="alpha"):
         SmoothQuant(alpha=1.5)

@@ -31,7 +31,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -338,14 +338,12 @@ class EqualizeCrossLayer(Pass):
                       reason="equalization rescales float weights; quantized layers are no longer float"),
     )
 
-    clip: str = "rescale"
+    clip: Literal["rescale", "skip"] = "rescale"
     absorb_high_bias: bool = True
     iterations: int = 20
     tolerance: float = 1e-4
 
     def __post_init__(self) -> None:
-        if self.clip not in ("rescale", "skip"):
-            raise PipelineError(f"{self.name}: clip={self.clip!r} is not one of rescale, skip")
         if self.iterations < 1 or not self.tolerance > 0:
             raise PipelineError(f"{self.name}: needs iterations >= 1 and tolerance > 0")
 
