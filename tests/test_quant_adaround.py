@@ -14,6 +14,16 @@ from passes import FoldBatchNorm, QuantizeInt8
 from passes.quantize.adaround import AdaRoundConfig, RoundingTask, learn_rounding, nearest
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():  # type: ignore[no-untyped-def]
+    """Many small graph runs: on 2 shared cores one torch thread is several times faster than two."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+
 def test_learned_rounding_only_moves_to_the_neighbouring_grid_point_and_lowers_the_output_error() -> None:
     gen = torch.Generator().manual_seed(1)
     w = torch.randn(16, 24, generator=gen)
