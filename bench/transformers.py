@@ -4,12 +4,18 @@ random weights, seq 128) through fxcompress vs ONNX Runtime's own quantizers on 
 Variants: FP32 export (``fxcompress.compile`` with no passes), ``quantize-dynamic``,
 ``onnxruntime.quantization.quantize_dynamic`` on the FP32 export, ``quantize-int8`` (static, 8
 calibration batches), ``onnxruntime.quantization.quantize_static`` (QDQ, per-channel, the same
-batches), and ``prune-heads{ratio=0.5},quantize-dynamic``. Latencies are timed in turns at batch 1
+batches), ``prune-heads{ratio=0.5},quantize-dynamic``, and ``quantize-weight-only{bits=4}`` (blockwise
+INT4 Linear and embedding weights, float activations: MatMulNBits / GatherBlockQuantized) beside
+``onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer`` (4 bits, symmetric, block 32,
+MatMul weights: its defaults leave the embedding tables in FP32). Latencies are timed in turns at batch 1
 and 8 (one thread), so load on a shared machine hits all variants alike: read ratios within a
 run, not absolute numbers across runs. Every figure is printed with the issue's target and
 whether it is met.
 
-    python bench/transformers.py [--quick] [--threads 1] [--iters 20] [--rounds 5]
+    python bench/transformers.py [--quick] [--threads 1] [--iters 20] [--rounds 5] [--only weight-only]
+
+``--only weight-only`` builds and times only FP32 and the two weight-only variants (the full bench
+is long).
 """
 
 from __future__ import annotations
@@ -44,7 +50,11 @@ TARGETS = {
     "quantize-dynamic latency / quantize_dynamic": 1.0,
     "quantize-int8 latency / quantize_static": 1.0,
     "prune-heads 0.5 + INT8 latency / quantize_dynamic": 0.6,
+    "quantize-weight-only file / FP32": 0.2,
+    "quantize-weight-only latency / FP32": 1.0,
 }
+WEIGHT_ONLY = "ours quantize-weight-only{bits=4}"
+ORT_NBITS = "ORT MatMulNBitsQuantizer (4 bits)"
 MIN_COSINE = 0.99
 
 
@@ -95,6 +105,19 @@ def ort_quantize(fp32: onnx.ModelProto, calibration: list[tuple[torch.Tensor, ..
         return onnx.load(str(dst))
 
 
+def ort_matmul_nbits(fp32: onnx.ModelProto) -> onnx.ModelProto:
+    """ONNX Runtime's own weight-only quantizer on ``fp32``: 4 bits, symmetric, block 32."""
+    import logging
+
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    quantizer = MatMulNBitsQuantizer(onnx.ModelProto.FromString(fp32.SerializeToString()), bits=4, block_size=32,
+                                     is_symmetric=True)
+    quantizer.process()
+    return quantizer.model.model
+
+
 def ours(model: torch.nn.Module, x: tuple[torch.Tensor, ...], passes: str, calibration: Any = None,
          frontend: str = "auto") -> tuple[onnx.ModelProto, float]:
     """The ONNX model ``fxcompress.compile`` ships for ``passes``, and the compile time in seconds."""
@@ -122,6 +145,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--calibration-batches", type=int, default=8)
+    ap.add_argument("--only", choices=["weight-only"], help="only FP32 and this family of variants")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     shape = QUICK if args.quick else FULL
@@ -136,6 +160,11 @@ def main() -> None:
     fp32, times["FP32 export (export)"] = ours(model, x1, "", frontend="export")
     _, times["FP32 export (auto)"] = ours(model, x1, "", frontend="auto")
     protos: dict[str, onnx.ModelProto] = {"FP32": fp32}
+    protos[WEIGHT_ONLY], times["quantize-weight-only"] = ours(model, x1, "quantize-weight-only{bits=4}")
+    protos[ORT_NBITS] = ort_matmul_nbits(fp32)
+    if args.only == "weight-only":
+        report(protos, model, x1, x8, args, times)
+        return
     protos["ours quantize-dynamic"], times["quantize-dynamic"] = ours(model, x1, "quantize-dynamic")
     protos["ORT quantize_dynamic"] = ort_quantize(fp32, None)
     protos["ours quantize-int8"], times["quantize-int8"] = ours(model, x1, "quantize-int8", calibration=calib)
@@ -143,22 +172,8 @@ def main() -> None:
     protos["ours prune-heads 0.5 + quantize-dynamic"], times["prune-heads+quantize-dynamic"] = ours(
         model, x1, "prune-heads{ratio=0.5},quantize-dynamic", calibration=calib)
 
-    runners = {name: OrtRunner(p, threads=args.threads) for name, p in protos.items()}
-    with torch.no_grad():
-        reference = model(*x8).last_hidden_state
-    lat = {b: interleaved(runners, x, iters=args.iters, rounds=args.rounds) for b, x in ((1, x1), (8, x8))}
-    size = {name: p.ByteSize() for name, p in protos.items()}
-    cos = {name: cosine(r(*x8)[0], reference) for name, r in runners.items()}
-
+    lat, size, cos = report(protos, model, x1, x8, args, times)
     base = "ORT quantize_dynamic"
-    print(f"\n{'variant':42s} {'MB':>7s} {'x FP32':>7s} {'b=1 ms':>8s} {'b=8 ms':>8s} "
-          f"{'b=1 x qd':>9s} {'b=8 x qd':>9s} {'cosine':>8s}")
-    for name in protos:
-        print(f"{name:42s} {size[name] / 2**20:7.2f} {size[name] / size['FP32']:7.3f} {lat[1][name]:8.3f} "
-              f"{lat[8][name]:8.3f} {lat[1][name] / lat[1][base]:9.3f} {lat[8][name] / lat[8][base]:9.3f} "
-              f"{cos[name]:8.5f}")
-    print("\ncompile time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in times.items()))
-
     print("\ntargets:")
     qd, st, pr = "ours quantize-dynamic", "ours quantize-int8", "ours prune-heads 0.5 + quantize-dynamic"
     print(f"  quantize-dynamic file / FP32: {_verdict(size[qd] / size['FP32'], TARGETS['quantize-dynamic file / FP32'])}")
@@ -171,6 +186,36 @@ def main() -> None:
               f"{_verdict(lat[b][pr] / lat[b][base], TARGETS['prune-heads 0.5 + INT8 latency / quantize_dynamic'])}")
     for name in (qd, base, st, "ORT quantize_static"):
         print(f"  cosine vs FP32 eager, {name}: {_verdict(cos[name], MIN_COSINE, '>=')}")
+
+
+def report(protos: dict[str, onnx.ModelProto], model: torch.nn.Module, x1: tuple[torch.Tensor, ...],
+           x8: tuple[torch.Tensor, ...], args: argparse.Namespace,
+           times: dict[str, float]) -> tuple[dict[int, dict[str, float]], dict[str, int], dict[str, float]]:
+    """Time ``protos`` in turns at batch 1 and 8, print the table and the weight-only targets;
+    returns (latencies by batch, file sizes, cosines vs FP32 eager)."""
+    runners = {name: OrtRunner(p, threads=args.threads) for name, p in protos.items()}
+    with torch.no_grad():
+        reference = model(*x8).last_hidden_state
+    lat = {b: interleaved(runners, x, iters=args.iters, rounds=args.rounds) for b, x in ((1, x1), (8, x8))}
+    size = {name: p.ByteSize() for name, p in protos.items()}
+    cos = {name: cosine(r(*x8)[0], reference) for name, r in runners.items()}
+    base = "ORT quantize_dynamic" if "ORT quantize_dynamic" in protos else "FP32"
+    tag = "qd" if base != "FP32" else "fp32"
+    print(f"\n{'variant':42s} {'MB':>7s} {'x FP32':>7s} {'b=1 ms':>8s} {'b=8 ms':>8s} "
+          f"{'b=1 x ' + tag:>9s} {'b=8 x ' + tag:>9s} {'cosine':>8s}")
+    for name in protos:
+        print(f"{name:42s} {size[name] / 2**20:7.2f} {size[name] / size['FP32']:7.3f} {lat[1][name]:8.3f} "
+              f"{lat[8][name]:8.3f} {lat[1][name] / lat[1][base]:9.3f} {lat[8][name] / lat[8][base]:9.3f} "
+              f"{cos[name]:8.5f}")
+    print("\ncompile time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in times.items()))
+    print("\nweight-only targets:")
+    for name in (WEIGHT_ONLY, ORT_NBITS):
+        print(f"  {name} file / FP32: {_verdict(size[name] / size['FP32'], TARGETS['quantize-weight-only file / FP32'])}")
+        for b in (1, 8):
+            print(f"  b={b} {name} latency / FP32: "
+                  f"{_verdict(lat[b][name] / lat[b]['FP32'], TARGETS['quantize-weight-only latency / FP32'])}")
+        print(f"  cosine vs FP32 eager, {name}: {_verdict(cos[name], MIN_COSINE, '>=')}")
+    return lat, size, cos
 
 
 if __name__ == "__main__":

@@ -7,17 +7,23 @@ weights. Exported to ONNX this is QuantizeLinear/DequantizeLinear with INT8 weig
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable
+from typing import Any, ClassVar, Iterable, Literal
 
 import torch
 from torch.fx import GraphModule
 
 from fxcompress.errors import PassError, PipelineError
-from fxcompress.pass_base import Pass, PassContext, PassResult
+from fxcompress.pass_base import Pass, PassContext, PassResult, copy_graph_module
 
+from ..data import claim_data
 from ..distributed import all_reduce_observers, shard, world_size
+from .adaround import AdaRoundConfig, RoundingTask, adaround_layers, calibration_batches
 from .calibrate import observe
+from .fake_quant import _channel_view
 from .observers import INT8, OBSERVERS, UINT8, QSpec, make_observer, per_channel_absmax, per_channel_mse_absmax
 from .patterns import module_path
 from .placement import SCHEMES, Plan, build_plan, scheme_for_target, unmatched_skip
@@ -85,6 +91,13 @@ class QuantizeInt8(Pass):
     16-bit accumulations. ``skip`` takes fnmatch patterns of node names, module paths or module
     types (``"fc"``, ``"layer4.*"``, ``"Linear"``). With ``qat`` the fake-quant is learnable and a
     following ``fine-tune`` pass trains it, then freezes it into this PTQ form.
+
+    ``weight_bits`` (2..8) narrows the symmetric weight grid to ``[-(2^(b-1)-1), 2^(b-1)-1]``
+    (still stored and run as INT8: fewer levels, not fewer bytes; ``quantize-weight-only`` packs
+    4-bit weights). ``rounding`` ``adaround`` learns each weight's rounding layer by layer on the
+    calibration batches (``adaround``, ``adaround_iters`` Adam steps per layer) instead of
+    rounding to nearest; a layer keeps nearest where AdaRound does not lower its reconstruction
+    error on those batches. ``stats["adaround"]`` has the per-layer errors.
     """
 
     name: ClassVar[str] = "quantize-int8"
@@ -105,8 +118,17 @@ class QuantizeInt8(Pass):
     keep_first_last_fp: bool = False
     qat: bool = False
     learn_scales: bool = True
+    weight_bits: int = 8
+    rounding: Literal["nearest", "adaround"] = "nearest"
+    adaround_iters: int = 1000
 
     def __post_init__(self) -> None:
+        if not 2 <= self.weight_bits <= 8:
+            raise PipelineError(f"{self.name}: weight_bits must be 2..8; got {self.weight_bits}")
+        if self.rounding == "adaround" and (self.qat or self.adaround_iters < 1):
+            raise PipelineError(f"{self.name}: rounding='adaround' needs adaround_iters >= 1 and qat=false (QAT "
+                                f"learns its weights in training instead); got adaround_iters="
+                                f"{self.adaround_iters}, qat={self.qat}")
         _choice(self.observer, OBSERVERS, "observer", self.name)
         _choice(self.scheme, ("auto", *SCHEMES), "scheme", self.name)
         _choice(self.activations, ("auto", "int8", "uint8"), "activations", self.name)
@@ -125,7 +147,9 @@ class QuantizeInt8(Pass):
         if scheme == "tensorrt" and acts == "uint8":
             raise PipelineError(f"{self.name}: TensorRT takes symmetric INT8 only; activations='uint8' needs "
                                 f"scheme='onnxruntime'")
-        wmax = 64 if (scheme == "onnxruntime" and self.reduce_range) else 127
+        wmax = 2 ** (self.weight_bits - 1) - 1
+        if scheme == "onnxruntime" and self.reduce_range and self.weight_bits == 8:
+            wmax = 64
         return scheme, (INT8 if acts == "int8" else UINT8), wmax
 
     def plan(self, gm: GraphModule, ctx: PassContext, scheme: str) -> Plan:
@@ -163,9 +187,21 @@ class QuantizeInt8(Pass):
         ensure_shapes(gm, ctx)
         plan = self.plan(gm, ctx, scheme)
         unmatched = unmatched_skip(self.skip, gm)
-        act = self.calibrate(gm, ctx, plan, spec)
-        weights = {layer.node.name: weight_quant(layer.weight, layer.axis, wmax, self.per_channel, self.weight_observer)
-                   for layer in plan.layers if layer.weight.numel()}
+        given = ctx.calibration
+        if self.rounding == "adaround" and isinstance(given, Iterator):  # read twice: calibrate, then AdaRound
+            claim_data(given, argument="calibration", pass_name=self.name)
+            ctx.calibration = list(itertools.islice(given, self.calibration_batches) if self.calibration_batches
+                                   else given)
+        try:
+            act = self.calibrate(gm, ctx, plan, spec)
+            weights = {layer.node.name: weight_quant(layer.weight, layer.axis, wmax, self.per_channel,
+                                                     self.weight_observer)
+                       for layer in plan.layers if layer.weight.numel()}
+            errors: dict[str, dict[str, float]] = {}
+            if self.rounding == "adaround":
+                weights, errors = self.adaround(gm, ctx, scheme, spec, act, weights)
+        finally:
+            ctx.calibration = given
         int8_layers = [layer.node.name for layer in plan.layers]
         float_weights = [(layer, layer.weight.detach()) for layer in plan.layers if layer.weight.numel()]
         summary = apply_plan(gm, plan, act, weights, spec, qat=self.qat, learn=self.learn_scales)
@@ -184,12 +220,44 @@ class QuantizeInt8(Pass):
             result.warn("no Conv/Linear/matmul was quantized; see stats['float_layers']")
         result.stats = self._stats(scheme, spec, wmax, plan, act, int8_layers, summary)
         result.stats["float_layer_modules"] = modules
+        if self.rounding == "adaround":
+            result.stats["adaround"] = errors
+            kept = [name for name, e in errors.items() if e["kept_nearest"]]
+            if kept:
+                result.info(f"AdaRound did not lower the reconstruction error of {len(kept)} layer(s) "
+                            f"({', '.join(kept)}): they keep round-to-nearest")
         return result
+
+    def adaround(self, gm: GraphModule, ctx: PassContext, scheme: str, spec: QSpec, act: dict[str, tuple[float, int]],
+                 weights: dict[str, WeightQuant]) -> tuple[dict[str, WeightQuant], dict[str, dict[str, float]]]:
+        """``weights`` with AdaRound's integers, learned on a copy of ``gm`` whose activations are
+        quantized as ``act`` says; and the per-layer reconstruction errors."""
+        work = copy_graph_module(gm)
+        work_plan = self.plan(work, ctx, scheme)
+        apply_plan(work, work_plan, act, {}, spec)
+        for p in work.parameters():
+            p.requires_grad_(False)
+        tasks = []
+        for layer in work_plan.layers:
+            wq = weights.get(layer.node.name)
+            if wq is None:
+                continue
+            channel_dim = 1 if layer.info.kind in ("conv", "conv_transpose") else -1
+            tasks.append(RoundingTask(layer.node.name, layer.weight, _channel_view(wq.scale, layer.weight.dim(),
+                                                                                   wq.axis), wq.qmin, wq.qmax,
+                                      channel_dim))
+        batches = calibration_batches(gm, ctx, self.calibration_batches, self.name)
+        rounded, errors = adaround_layers(gm, work, tasks, batches, AdaRoundConfig(iters=self.adaround_iters), ctx,
+                                          self.name)
+        return {name: dataclasses.replace(wq, values=rounded[name]) if name in rounded else wq
+                for name, wq in weights.items()}, errors
 
     def _stats(self, scheme: str, spec: QSpec, wmax: int, plan: Plan, act: dict[str, tuple[float, int]],
                int8_layers: list[str], summary: dict[str, Any]) -> dict[str, Any]:
         return {
             "scheme": scheme,
+            "weight_bits": self.weight_bits,
+            "rounding": self.rounding,
             "observer": self.observer,
             "activations": spec.dtype,
             "weight_range": [-wmax, wmax],

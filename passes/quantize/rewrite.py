@@ -26,12 +26,14 @@ _CONV_T = {1: torch.conv_transpose1d, 2: torch.conv_transpose2d, 3: torch.conv_t
 
 @dataclass(frozen=True)
 class WeightQuant:
-    """Per-channel (``axis`` >= 0) or per-tensor (``axis`` -1, scalar scale) symmetric INT8 weight grid."""
+    """Per-channel (``axis`` >= 0) or per-tensor (``axis`` -1, scalar scale) symmetric INT8 weight grid;
+    ``values``: the integers when they were chosen otherwise than by rounding to nearest (AdaRound)."""
 
     scale: torch.Tensor
     axis: int
     qmin: int
     qmax: int
+    values: torch.Tensor | None = None
 
 
 def _base(layer: Layer) -> str:
@@ -53,7 +55,8 @@ def _weight_node(gm: GraphModule, layer: Layer, wq: WeightQuant, anchor: Node, q
             fq = fxu.unique_name(gm, f"{base}_weight_fq")
             gm.add_module(fq, LearnedWeightFakeQuant(wq.scale, wq.axis, wq.qmin, wq.qmax, learn))
             return graph.call_module(fq, (graph.get_attr(wname),))
-        q = quantize_weight(layer.weight, wq.scale, wq.axis, wq.qmin, wq.qmax)
+        q = (wq.values.to(torch.int8) if wq.values is not None
+             else quantize_weight(layer.weight, wq.scale, wq.axis, wq.qmin, wq.qmax))
         qname = fxu.register_tensor(gm, f"{base}_weight_q", q)
         sname = fxu.register_tensor(gm, f"{base}_weight_scale", wq.scale.detach().float().clone())
         return graph.call_function(dequantize, (graph.get_attr(qname), graph.get_attr(sname), wq.axis))

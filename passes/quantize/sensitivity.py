@@ -51,17 +51,19 @@ class QuantSensitivity(Pass):
     reduce_range: bool = True
     calibration_batches: int = 8
     eval_batches: int = 4
+    weight_bits: int = 8
 
     def __post_init__(self) -> None:
         if self.observer not in OBSERVERS:
             raise PipelineError(f"{self.name}: observer={self.observer!r} is not one of {', '.join(OBSERVERS)}")
-        if self.k < 0 or self.eval_batches < 1:
-            raise PipelineError(f"{self.name}: needs k >= 0 and eval_batches >= 1")
+        if self.k < 0 or self.eval_batches < 1 or not 2 <= self.weight_bits <= 8:
+            raise PipelineError(f"{self.name}: needs k >= 0, eval_batches >= 1 and weight_bits 2..8; got k={self.k}, "
+                                f"eval_batches={self.eval_batches}, weight_bits={self.weight_bits}")
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         config = QuantizeInt8(observer=self.observer, percentile=self.percentile, per_channel=self.per_channel,
                               scheme=self.scheme, reduce_range=self.reduce_range,
-                              calibration_batches=self.calibration_batches)
+                              calibration_batches=self.calibration_batches, weight_bits=self.weight_bits)
         if ctx.calibration is None:
             raise PassError(f"{self.name} needs calibration data: pass calibration= to fxcompress.compile() "
                             f"(an iterable of batches, e.g. a DataLoader of (x, y))", pass_name=self.name)
