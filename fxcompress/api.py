@@ -124,8 +124,7 @@ def compile(
                leaf_modules=leaf_modules, concrete_args=concrete_args, on_untraceable=on_untraceable)
     opaque_warning = warn_opaque(gm, logger)
     ctx = PassContext(fresh_inputs(inputs), calibration=calibration, train_data=train_data, original=original, target=target,
-                      device=device, seed=seed, logger=logger,
-                      options={"precision": precision, "dynamic_axes": dynamic_axes, "opset": opset})
+                      device=device, seed=seed, logger=logger)
     input_names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
 
     def lower(graph_module: Any, context: PassContext) -> Any:

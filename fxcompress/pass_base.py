@@ -66,7 +66,9 @@ class PassContext:
 
     ``original`` is an eval-mode copy of the user's model (the default teacher); the user's
     own object is never handed to a pass. Analyses (shapes, dependency graphs, ...) are cached
-    by key until a pass invalidates them.
+    by key until a pass invalidates them. ``facts`` are what a pass hands to later ones (keyed by
+    the producing pass's name, e.g. ``quant-sensitivity``'s ranking for ``quantize-int8``): unlike
+    analyses they survive every later pass.
     """
 
     def __init__(
@@ -80,7 +82,6 @@ class PassContext:
         device: str | torch.device = "cpu",
         seed: int = 0,
         logger: logging.Logger | None = None,
-        options: dict[str, Any] | None = None,
     ) -> None:
         self.example_inputs = tuple(example_inputs)
         self.calibration = calibration
@@ -90,7 +91,7 @@ class PassContext:
         self.device = torch.device(device)
         self.seed = seed
         self.logger = logger or logging.getLogger("fxcompress")
-        self.options: dict[str, Any] = dict(options or {})
+        self.facts: dict[str, Any] = {}
         #: set by the pipeline: ``progress(description, total) -> context manager with advance(n)``
         self.progress: Callable[..., Any] = _no_progress
         self._analyses: dict[str, Any] = {}

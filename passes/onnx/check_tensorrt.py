@@ -462,8 +462,8 @@ class CheckTensorRT(OnnxPass):
     """Report what TensorRT would reject in the ONNX graph; the graph itself is left unchanged.
 
     Findings go to ``stats["findings"]`` (dicts) and to the diagnostics. With ``strict=True`` an
-    error finding stops the pipeline. Profiles come from the ``profiles`` field, else
-    ``ctx.options["profiles"]``, else are derived from the example inputs as the build would.
+    error finding stops the pipeline. Profiles come from the ``profiles`` field, else are derived
+    from the example inputs as the build would.
     """
 
     name: ClassVar[str] = "check-tensorrt"
@@ -482,7 +482,7 @@ class CheckTensorRT(OnnxPass):
             raise PassError(f"check-tensorrt: target must be one of {', '.join(TARGETS)} or empty; got "
                             f"{self.target!r}", pass_name=self.name)
         model = gs.export_onnx(graph)
-        profiles = self.profiles if self.profiles is not None else ctx.options.get("profiles")
+        profiles = self.profiles
         if profiles is None and ctx.example_inputs:
             try:
                 profiles = derive_profiles(model, [tuple(t.shape) for t in ctx.example_inputs])

@@ -154,8 +154,8 @@ class QuantizeInt8(Pass):
 
     def plan(self, gm: GraphModule, ctx: PassContext, scheme: str) -> Plan:
         reasons: dict[str, str] = {}
-        if SENSITIVITY_KEY in ctx.cached_analyses:
-            found = ctx.analysis(SENSITIVITY_KEY, lambda: {})
+        found = ctx.facts.get(SENSITIVITY_KEY)
+        if found:
             for name in found.get("skip", ()):
                 reasons[name] = (f"sensitivity: among the {len(found['skip'])} layers whose quantization "
                                  f"hurts the output most (quant-sensitivity)")

@@ -99,9 +99,7 @@ class QuantSensitivity(Pass):
             row["rank"] = rank
         skip = [r["node"] for r in rows[: self.k]]
         found = {"skip": skip, "layers": rows}
-        others = [key for key in ctx.cached_analyses if key != SENSITIVITY_KEY]
-        ctx.invalidate(keep=others)
-        ctx.analysis(SENSITIVITY_KEY, lambda: found)
+        ctx.facts[SENSITIVITY_KEY] = found
         result = PassResult(graph=gm, stats={"layers": rows, "skip": skip, "scheme": scheme},
                             preserved=tuple(ctx.cached_analyses))
         if rows:
