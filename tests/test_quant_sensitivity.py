@@ -99,3 +99,16 @@ def test_pipeline_carries_the_skip_list_to_quantize_int8() -> None:
     assert "sensitivity" in quant["float_layers"]["_0"]
     x = torch.cat([b[0] for b in batches])
     assert torch.nn.functional.cosine_similarity(c(x).flatten(), model(x).flatten(), dim=0) > 0.999
+
+
+def test_the_ranking_reaches_quantize_int8_across_other_passes() -> None:
+    """The skip list is a fact handed on in the context, not a cached analysis a graph change drops."""
+    mlp, ex, batches = _mlp_with_a_fragile_first_layer()
+    model = nn.Sequential(mlp[0], nn.Dropout(0.1), *mlp[1:]).eval()  # remove-dropout changes the graph
+    compiled = fxc.compile(model, ex, "quant-sensitivity{k=1,observer=minmax},remove-dropout,"
+                                      "quantize-int8{observer=minmax}", calibration=batches, target="fx",
+                           progress=False)
+    assert compiled.report[2].name == "remove-dropout" and compiled.report[2].status == "ok"  # not "unchanged"
+    quant = compiled.report[-1].stats
+    assert "sensitivity" in quant["float_layers"]["_0"]
+    assert set(quant["int8_layers"]) == {"_3", "_5"}
