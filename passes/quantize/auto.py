@@ -25,6 +25,7 @@ from fxcompress.errors import PassError, PipelineError
 from fxcompress.pass_base import Pass, PassContext, PassResult, copy_graph_module, not_in_pipeline_string
 
 from ..data import iter_batches
+from .calibrate import require_calibration
 from .ptq import QuantizeInt8
 from .sensitivity import QuantSensitivity
 
@@ -73,9 +74,7 @@ class QuantizeAuto(Pass):
                             weight_bits=self.weight_bits, calibration_batches=self.calibration_batches, skip=skip)
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
-        if ctx.calibration is None:
-            raise PassError(f"{self.name} needs calibration data: pass calibration= to fxcompress.compile()",
-                            pass_name=self.name)
+        require_calibration(ctx, self.name)
         held_out = self.eval_data is not None
         ev = self._eval_set(gm, self.eval_data if held_out else ctx.calibration)
         metric = self.metric if self.metric != "auto" else ("accuracy" if ev.labels is not None else "cosine")

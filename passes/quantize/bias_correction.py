@@ -32,6 +32,7 @@ from fxcompress.pass_base import Pass, PassContext, PassResult, copy_graph_modul
 
 from .. import _fx_utils as fxu
 from ..data import explain_failure, input_specs, iter_inputs
+from .calibrate import require_calibration
 from .fake_quant import LearnedFakeQuant, dequantize
 from .patterns import module_path
 from .ptq import FLOAT_WEIGHTS_KEY
@@ -197,9 +198,7 @@ class CorrectBias(Pass):
             raise PipelineError(f"{self.name}: calibration_batches must be >= 0 (0 = all)")
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
-        if ctx.calibration is None:
-            raise PassError(f"{self.name} needs calibration data: pass calibration= to fxcompress.compile()",
-                            pass_name=self.name)
+        require_calibration(ctx, self.name)
         weights = ctx.analysis(FLOAT_WEIGHTS_KEY, lambda: None) if FLOAT_WEIGHTS_KEY in ctx.cached_analyses \
             else None
         if not weights:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
+from fxcompress.errors import PassError
 from fxcompress.pass_base import PassContext
 
 from ..data import explain_failure, input_specs, iter_inputs
@@ -30,6 +31,16 @@ class _Probe(nn.Module):
         if isinstance(x, torch.Tensor) and x.is_floating_point():
             self.observer.observe(x)
         return x
+
+
+def require_calibration(ctx: PassContext, pass_name: str, what: str = "") -> Any:
+    """``ctx.calibration``, or a ``PassError`` telling to pass ``calibration=`` (``what``: which
+    option of the pass needs it, e.g. ``rounding='adaround'``)."""
+    if ctx.calibration is None:
+        needs = f"{pass_name}: {what} needs" if what else f"{pass_name} needs"
+        raise PassError(f"{needs} calibration data: pass calibration= to fxcompress.compile() (an iterable "
+                        f"of batches, e.g. a DataLoader of (x, y))", pass_name=pass_name)
+    return ctx.calibration
 
 
 def observe(gm: GraphModule, nodes: Iterable[Node], make: Callable[[Node], Observer], data: Any,

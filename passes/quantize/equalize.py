@@ -42,6 +42,7 @@ from fxcompress.errors import PipelineError
 from fxcompress.pass_base import Pass, PassContext, PassResult, prefer_after, prefer_before
 
 from .. import _fx_utils as fxu
+from .patterns import module_of
 
 __all__ = ["EqualizeCrossLayer"]
 
@@ -98,17 +99,8 @@ class _Stop(Exception):
     """Why the walk from A did not reach a B."""
 
 
-def _module(gm: GraphModule, node: Node) -> nn.Module | None:
-    if node.op != "call_module":
-        return None
-    try:
-        return gm.get_submodule(str(node.target))
-    except AttributeError:
-        return None
-
-
 def _layer(gm: GraphModule, node: Node) -> nn.Module | None:
-    mod = _module(gm, node)
+    mod = module_of(gm, node)
     if isinstance(mod, _LAYERS) and not isinstance(mod, nn.modules.conv._ConvTransposeNd) \
             and mod.weight.is_floating_point() and getattr(mod, "padding_mode", "zeros") == "zeros":
         return mod
@@ -136,9 +128,9 @@ def _scalar(value: Any) -> float | None:
 
 def _classify(gm: GraphModule, node: Node, layout: str, rank: int) -> tuple[str, dict[str, Any]]:
     """The chain kind of ``node`` (relu, clip, cmin, pool, id, flatten) or raise ``_Stop``."""
-    what = f"{node.op} {node.target if node.op != 'call_module' else type(_module(gm, node)).__name__}"
+    what = f"{node.op} {node.target if node.op != 'call_module' else type(module_of(gm, node)).__name__}"
     if node.op == "call_module":
-        mod = _module(gm, node)
+        mod = module_of(gm, node)
         if isinstance(mod, (nn.ReLU, nn.LeakyReLU)):
             return "relu", {}
         if isinstance(mod, nn.ReLU6):
@@ -257,7 +249,7 @@ def _walk(gm: GraphModule, a: Node, mod_a: nn.Module, clip: str) -> _Pair:
 
 
 def _is_relu(gm: GraphModule, node: Node) -> bool:
-    mod = _module(gm, node)
+    mod = module_of(gm, node)
     return isinstance(mod, nn.ReLU) or (node.op == "call_function" and node.target in _RELU_F) or \
         (node.op == "call_method" and node.target in ("relu", "relu_"))
 
@@ -372,7 +364,7 @@ class EqualizeCrossLayer(Pass):
         for p in pairs:
             for n in (p.a, p.b):
                 if n not in weights:
-                    mod = _module(gm, n)
+                    mod = module_of(gm, n)
                     assert mod is not None
                     weights[n] = _Weights(mod, mod.weight.detach().double().clone(),
                                           None if mod.bias is None else mod.bias.detach().double().clone())

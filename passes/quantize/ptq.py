@@ -22,9 +22,17 @@ from fxcompress.pass_base import Pass, PassContext, PassResult, copy_graph_modul
 from ..data import claim_data
 from ..distributed import all_reduce_observers, shard, world_size
 from .adaround import AdaRoundConfig, RoundingTask, adaround_layers, calibration_batches
-from .calibrate import observe
+from .calibrate import observe, require_calibration
 from .fake_quant import _channel_view
-from .observers import INT8, OBSERVERS, UINT8, QSpec, make_observer, per_channel_absmax, per_channel_mse_absmax
+from .observers import (
+    INT8,
+    OBSERVERS,
+    UINT8,
+    QSpec,
+    make_observer,
+    per_channel_absmax,
+    per_channel_mse_absmax,
+)
 from .patterns import module_path
 from .placement import SCHEMES, Plan, build_plan, scheme_for_target, unmatched_skip
 from .rewrite import WeightQuant, apply_plan
@@ -179,10 +187,7 @@ class QuantizeInt8(Pass):
         return out
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
-        if ctx.calibration is None:
-            raise PassError(f"{self.name} needs calibration data: pass calibration= to fxcompress.compile() "
-                            f"(an iterable of batches, e.g. a DataLoader of (x, y); {self.calibration_batches or 'all'}"
-                            f" batches are used)", pass_name=self.name)
+        require_calibration(ctx, self.name)
         scheme, spec, wmax = self.resolve(ctx.target)
         ensure_shapes(gm, ctx)
         plan = self.plan(gm, ctx, scheme)

@@ -17,10 +17,11 @@ from typing import Any, ClassVar
 import torch
 from torch.fx import GraphModule
 
-from fxcompress.errors import PassError, PipelineError
+from fxcompress.errors import PipelineError
 from fxcompress.pass_base import Pass, PassContext, PassResult, copy_graph_module
 
 from ..data import claim_data, explain_failure, input_specs, iter_inputs, model_inputs
+from .calibrate import require_calibration
 from .observers import OBSERVERS
 from .patterns import module_path
 from .placement import build_plan
@@ -64,9 +65,7 @@ class QuantSensitivity(Pass):
         config = QuantizeInt8(observer=self.observer, percentile=self.percentile, per_channel=self.per_channel,
                               scheme=self.scheme, reduce_range=self.reduce_range,
                               calibration_batches=self.calibration_batches, weight_bits=self.weight_bits)
-        if ctx.calibration is None:
-            raise PassError(f"{self.name} needs calibration data: pass calibration= to fxcompress.compile() "
-                            f"(an iterable of batches, e.g. a DataLoader of (x, y))", pass_name=self.name)
+        require_calibration(ctx, self.name)
         scheme, spec, wmax = config.resolve(ctx.target)
         ensure_shapes(gm, ctx)
         full = build_plan(gm, scheme)

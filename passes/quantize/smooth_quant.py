@@ -24,11 +24,12 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from fxcompress.errors import PassError, PipelineError
+from fxcompress.errors import PipelineError
 from fxcompress.pass_base import Pass, PassContext, PassResult, prefer_before
 
 from .. import _fx_utils as fxu
-from .calibrate import observe
+from .calibrate import observe, require_calibration
+from .patterns import module_of
 from .ptq import ensure_shapes
 
 __all__ = ["SmoothQuant"]
@@ -47,17 +48,8 @@ class _AbsMax:
         self.seen = True
 
 
-def _module(gm: GraphModule, node: Node) -> nn.Module | None:
-    if node.op != "call_module":
-        return None
-    try:
-        return gm.get_submodule(str(node.target))
-    except AttributeError:
-        return None
-
-
 def _linear_input(gm: GraphModule, user: Node, src: Node) -> bool:
-    mod = _module(gm, user)
+    mod = module_of(gm, user)
     return (isinstance(mod, nn.Linear) and mod.weight.is_floating_point() and len(user.args) == 1
             and user.args[0] is src and not user.kwargs)
 
@@ -74,7 +66,7 @@ def _groups(gm: GraphModule) -> tuple[list[_Group], dict[str, str]]:
     groups: list[_Group] = []
     reasons: dict[str, str] = {}
     for node in gm.graph.nodes:
-        mod = _module(gm, node)
+        mod = module_of(gm, node)
         if isinstance(mod, nn.LayerNorm):
             kind = "layernorm"
             if len(mod.normalized_shape) != 1:
@@ -130,9 +122,7 @@ class SmoothQuant(Pass):
             raise PipelineError(f"{self.name}: calibration_batches must be >= 0 (0 = all)")
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
-        if ctx.calibration is None:
-            raise PassError(f"{self.name} needs calibration data: pass calibration= to fxcompress.compile()",
-                            pass_name=self.name)
+        require_calibration(ctx, self.name)
         ensure_shapes(gm, ctx)
         result = PassResult(graph=gm)
         groups, reasons = _groups(gm)
@@ -160,12 +150,12 @@ class SmoothQuant(Pass):
         return result
 
     def _smooth(self, gm: GraphModule, g: _Group, amax: torch.Tensor) -> dict[str, Any]:
-        mods = [_module(gm, n) for n in g.linears]
+        mods = [module_of(gm, n) for n in g.linears]
         wmax = torch.stack([m.weight.detach().abs().amax(dim=0).double() for m in mods]).amax(dim=0)  # type: ignore[union-attr]
         ok = (amax > 0) & (wmax > 0)
         s = torch.where(ok, amax.clamp(min=1e-12) ** self.alpha / wmax.clamp(min=1e-12) ** (1 - self.alpha),
                         torch.ones_like(amax)).clamp(min=1e-5, max=1e5)
-        producer = _module(gm, g.producer)
+        producer = module_of(gm, g.producer)
         assert producer is not None
         new = copy.deepcopy(producer)
         if g.kind == "layernorm":

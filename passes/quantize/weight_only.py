@@ -25,11 +25,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from fxcompress.errors import PassError, PipelineError
+from fxcompress.errors import PipelineError
 from fxcompress.pass_base import Pass, PassContext, PassResult, copy_graph_module
 
 from .. import _fx_utils as fxu
 from .adaround import AdaRoundConfig, RoundingTask, adaround_layers, calibration_batches
+from .calibrate import require_calibration
 from .patterns import classify, module_path
 from .placement import matches_skip, unmatched_skip
 
@@ -232,9 +233,7 @@ class QuantizeWeightOnly(Pass):
                   targets: list[_Target]) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, float]]]:
         """AdaRound integers ``[N, K]`` by node: inputs from the float graph whose earlier layers
         already carry their rounded weights."""
-        if ctx.calibration is None:
-            raise PassError(f"{self.name}: rounding='adaround' needs calibration data: pass calibration= to "
-                            f"fxcompress.compile()", pass_name=self.name)
+        require_calibration(ctx, self.name, "rounding='adaround'")
         work = copy_graph_module(gm)
         for p in work.parameters():
             p.requires_grad_(False)
