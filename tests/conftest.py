@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import os
 import tempfile
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import pytest
 import torch
@@ -102,3 +102,13 @@ def zoo_case(request: pytest.FixtureRequest) -> ZooCase:
     """Every zoo model in turn, freshly built: ``(name, model, example_inputs)``."""
     model, inputs = ZOO[request.param]()
     return ZooCase(request.param, model, inputs)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One torch thread meanwhile: for tests of many small graph runs, where on 2 shared cores one
+    thread is several times faster than two (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

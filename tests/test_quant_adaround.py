@@ -14,13 +14,7 @@ from passes import FoldBatchNorm, QuantizeInt8
 from passes.quantize.adaround import AdaRoundConfig, RoundingTask, learn_rounding, nearest
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():  # type: ignore[no-untyped-def]
-    """Many small graph runs: on 2 shared cores one torch thread is several times faster than two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

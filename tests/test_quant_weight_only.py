@@ -17,13 +17,7 @@ from fxcompress.errors import PipelineError
 from passes.quantize.weight_only import QuantizeWeightOnly, pack, unpack
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():  # type: ignore[no-untyped-def]
-    """Many small graph runs: on 2 shared cores one torch thread is several times faster than two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 
