@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 from typing import Any, Iterable, Sequence
@@ -12,7 +11,7 @@ from torch import nn
 
 from .artifact import Compiled, tensor_specs
 from .errors import BackendUnavailable, ExportError, FxCompressError, PipelineError
-from .pass_base import Pass, PassContext
+from .pass_base import Pass, PassContext, own_parameters, shared_copy
 from .pipeline import Pipeline
 from .verify import fresh_inputs
 
@@ -119,7 +118,7 @@ def compile(
         instruments = (*instruments, ProgressBar())
     pipeline = _as_pipeline(passes, verify, on_error, instruments)
 
-    original = copy.deepcopy(model).eval()
+    original = shared_copy(model).eval()
     gm = trace(model, inputs, frontend=frontend, dynamic_axes=dynamic_axes,  # type: ignore[arg-type]
                leaf_modules=leaf_modules, concrete_args=concrete_args, on_untraceable=on_untraceable)
     opaque_warning = warn_opaque(gm, logger)
@@ -135,6 +134,7 @@ def compile(
 
     outcome = pipeline.apply(gm, ctx, lower=None if target == "fx" else lower, lower_at_end=target != "fx",
                              handed_over=True)
+    own_parameters(outcome.graph_module, model)
     report = outcome.report
     report.meta.update({
         "target": target, "pipeline": str(pipeline), "precision": precision,

@@ -13,7 +13,6 @@ with its name, position, node and graph diff (``on_error="raise"``).
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import time
 import warnings
@@ -26,7 +25,7 @@ from torch.fx import GraphModule
 from .errors import FxCompressError, PassError, PassOrderWarning, PassVerificationError, PipelineError
 from .instruments import validate_instrument
 from .pass_base import (Diagnostic, OrderPreference, Pass, PassContext, PassResult, checks_options_itself,
-                        copy_graph_module, not_in_pipeline_string)
+                        copy_graph_module, not_in_pipeline_string, parameter_versions, written_in_place)
 from .report import PassRecord, Report
 from .verify import (check_exact, error_metrics, first_divergent_node, first_divergent_onnx_node, fresh_inputs,
                      lint, output_mismatch, propagate_shapes)
@@ -441,7 +440,7 @@ class _Run:
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self, gm: GraphModule, handed_over: bool = False) -> None:
-        self.gm = gm if handed_over else copy_graph_module(gm)
+        self.gm = gm if handed_over else copy_graph_module(gm, share_parameters=True)
         if not handed_over:
             propagate_shapes(self.gm, self.ctx.example_inputs)
         if self.lower is not None:  # before any pass runs: outputs ONNX cannot hold
@@ -586,19 +585,27 @@ class _Run:
             err.__cause__ = cause
             return err
 
+        shares = p.stage == "fx" and bool(p.shares_weights) and not p.trains
+        versions = parameter_versions(self.gm) if shares else {}
         try:
             if p.stage == "fx":
-                work = copy_graph_module(self.gm)
+                work = copy_graph_module(self.gm, share_parameters=shares)
                 result = p.run(work, self.ctx)
             else:
                 from .onnx_graph import to_graph
 
-                work = to_graph(copy.deepcopy(self.model))
+                work = to_graph(self.model)
                 result = p.run(work, self.ctx)
         except PassError as exc:
             raise fail(f"failed: {exc}", exc.node, exc, work) from exc
         except Exception as exc:
             raise fail(f"raised {type(exc).__name__}: {exc}", None, exc, work) from exc
+        written = written_in_place(versions)
+        if written:
+            raise fail(f"wrote into parameter(s) {', '.join(written[:5])} of the graph it was given in place, "
+                       "but declares shares_weights = True (those tensors are the graph before it too, which "
+                       "could not be kept): replace what it changes (module.weight = nn.Parameter(new)) or "
+                       "drop shares_weights", None, None)
         if not isinstance(result, PassResult):
             raise fail(f"returned {type(result).__name__}, not a PassResult", None, None)
 

@@ -11,7 +11,6 @@ pass can look into, with the reason.
 from __future__ import annotations
 
 import contextlib
-import copy
 import inspect
 import io
 import linecache
@@ -441,9 +440,12 @@ def _symbolic_trace(model: nn.Module, inputs: tuple[torch.Tensor, ...], user_typ
 
 
 def deep_copy(model: nn.Module) -> nn.Module:
-    """A deep copy of the user's model (fxcompress never captures the user's own object)."""
+    """A copy of the user's model (fxcompress never captures the user's own object) whose parameters
+    share storage with the user's (``shared_copy``): passes that write into weights get a deep copy."""
+    from .pass_base import shared_copy
+
     try:
-        return copy.deepcopy(model)
+        return shared_copy(model)
     except Exception as exc:
         raise TraceError(f"cannot deep-copy {type(model).__name__} for tracing ({_short(exc)}); "
                          f"fxcompress never traces the user's own object. Make the model "

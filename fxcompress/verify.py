@@ -337,10 +337,10 @@ def _as_float64(value: Any) -> Any:
 
 def to_float64(gm: GraphModule) -> GraphModule:
     """A copy of ``gm`` computing in float64: floating parameters, buffers and plain tensor
-    attributes converted; ``gm`` itself is untouched."""
-    import copy
+    attributes converted; ``gm`` itself is untouched (its parameters are not copied in float32 first)."""
+    from .pass_base import shared_copy
 
-    g = copy.deepcopy(gm)
+    g = shared_copy(gm)
     g.double()
     for module in g.modules():
         for name, value in list(vars(module).items()):

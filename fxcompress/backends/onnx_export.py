@@ -156,7 +156,7 @@ def export_onnx(
     if any(m.training for m in gm.modules()):
         from ..pass_base import copy_graph_module
 
-        gm = copy_graph_module(gm).eval()
+        gm = copy_graph_module(gm, share_parameters=True).eval()
     root = _ExportRoot(gm)
     buffer = io.BytesIO()
     try:
