@@ -624,13 +624,11 @@ class _Run:
                 raise fail(f"left a graph that does not run: {type(exc).__name__}: {exc}", None, exc, new) from exc
             text, digest = self._text(new), _weights_digest(new)
         else:
-            import onnx
-
-            from .onnx_graph import to_model
+            from .onnx_graph import check_model, to_model
 
             try:
                 new = to_model(result.graph, like=self.model)
-                onnx.checker.check_model(new)
+                check_model(new)
                 outputs = self._run_onnx(new)
             except Exception as exc:
                 raise fail(f"left an invalid ONNX graph: {type(exc).__name__}: {exc}", None, exc) from exc

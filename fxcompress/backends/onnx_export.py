@@ -57,7 +57,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import ExportError
-from ..onnx_graph import FX_NODE_KEY, fx_node_of, fx_node_outputs, stamp_fx_nodes
+from ..onnx_graph import FX_NODE_KEY, check_model, fx_node_of, fx_node_outputs, infer_shapes_into, stamp_fx_nodes
 from ..verify import fresh_inputs
 
 __all__ = ["check_outputs", "export_onnx", "fx_node_of", "fx_node_outputs", "FX_NODE_KEY", "MIN_OPSET", "MAX_OPSET"]
@@ -179,15 +179,18 @@ def export_onnx(
     except Exception as exc:  # noqa: BLE001 - every exporter failure becomes an ExportError
         raise _export_error(gm, root, args, exc) from exc
 
-    model = onnx.load_from_string(buffer.getvalue())
+    model = onnx.ModelProto()
+    with buffer.getbuffer() as view:  # parsed in place: no second copy of the serialized model
+        model.ParseFromString(view)
+    buffer.close()
     _name_outputs(model, output_names, out_axes_spec)
     _drop_unused_initializers(model)
     _share_tied_initializers(model, gm)
     _name_folded_initializers(model, opset)
     stamp_fx_nodes(model)
     try:
-        onnx.checker.check_model(model)
-        model = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        check_model(model)
+        infer_shapes_into(model, strict_mode=False, data_prop=True)
     except Exception as exc:  # noqa: BLE001
         raise ExportError(f"the exported ONNX model failed onnx.checker / shape inference: {exc}") from exc
     return model
