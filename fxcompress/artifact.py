@@ -234,7 +234,6 @@ class Compiled:
 
     def _write(self, out: Path, model: Any) -> None:
         """Every file of the artifact, manifest last, into the (new, empty) directory ``out``."""
-        import onnx
 
         (out / "graphs").mkdir()
         inputs, outputs = self._io_specs(model)
@@ -655,7 +654,6 @@ def load(directory: str | Path, *, backend: str | None = None, providers: Sequen
     was saved) is one of ``BACKENDS`` the artifact can run on; ``Compiled.backend`` names what it
     runs on (an artifact compiled for ``fx`` or ``onnx`` runs on ONNX Runtime), ``target`` the
     target it was compiled for."""
-    import onnx
 
     root = Path(directory)
     manifest, contents = _consistent(root, _read_checked)

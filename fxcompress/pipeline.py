@@ -28,7 +28,7 @@ from .pass_base import (Diagnostic, OrderPreference, Pass, PassContext, PassResu
                         copy_graph_module, not_in_pipeline_string, parameter_versions, written_in_place)
 from .report import PassRecord, Report
 from .verify import (check_exact, error_metrics, first_divergent_node, first_divergent_onnx_node, fresh_inputs,
-                     lint, output_mismatch, propagate_shapes)
+                     lint, output_mismatch, propagate_shapes, run_with_shapes)
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
@@ -616,8 +616,7 @@ class _Run:
             try:
                 new.recompile()
                 lint(new)
-                propagate_shapes(new, self.ctx.example_inputs)
-                outputs = self._run_fx(new)
+                outputs = run_with_shapes(new, self.ctx.example_inputs)
             except PassError as exc:
                 raise fail(f"left a broken graph: {exc}", exc.node, exc, new) from exc
             except Exception as exc:
