@@ -234,11 +234,10 @@ class Compiled:
 
     def _write(self, out: Path, model: Any) -> None:
         """Every file of the artifact, manifest last, into the (new, empty) directory ``out``."""
+        from .onnx_graph import needs_external_data, with_external_data
 
         (out / "graphs").mkdir()
         inputs, outputs = self._io_specs(model)
-        from .onnx_graph import needs_external_data, with_external_data
-
         files: list[str] = ["model.onnx"]
         if needs_external_data(model):
             with (out / ONNX_DATA).open("wb") as data:
