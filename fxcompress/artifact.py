@@ -653,7 +653,6 @@ def load(directory: str | Path, *, backend: str | None = None, providers: Sequen
     was saved) is one of ``BACKENDS`` the artifact can run on; ``Compiled.backend`` names what it
     runs on (an artifact compiled for ``fx`` or ``onnx`` runs on ONNX Runtime), ``target`` the
     target it was compiled for."""
-
     root = Path(directory)
     manifest, contents = _consistent(root, _read_checked)
     try:
