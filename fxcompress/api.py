@@ -142,8 +142,7 @@ def compile(
     })
     if opaque_warning and report.rows:
         report.rows[0].diagnostics.append({"severity": "warning", "message": opaque_warning, "node": None})
-    with torch.no_grad():
-        sample_out = outcome.graph_module(*fresh_inputs(inputs))
+    sample_out = outcome.outputs
     compiled = Compiled(
         graph_module=outcome.graph_module, onnx_model=outcome.onnx_model, report=report,
         snapshots=outcome.snapshots, pipeline=str(pipeline), target=target,

@@ -322,6 +322,8 @@ class Outcome:
     onnx_model: "onnx.ModelProto | None"
     report: Report
     snapshots: list[Snapshot]
+    #: ``graph_module``'s outputs on the example inputs (no caller has to run a large graph again)
+    outputs: Any = None
 
 
 def _emit_order_warnings(diagnostics: list[Diagnostic], ctx: PassContext) -> None:
@@ -371,6 +373,8 @@ class _Run:
         self.gm: GraphModule
         self.model: "onnx.ModelProto | None" = None
         self.outputs: Any = None
+        #: outputs of ``self.gm`` (``self.outputs`` are the ONNX model's once lowered)
+        self.fx_outputs: Any = None
         self.text = ""
         self.digest = ""
         self.started = False
@@ -450,7 +454,7 @@ class _Run:
         if self.reference is None and self.ctx.original is not None:
             with torch.no_grad():
                 self.reference = self.ctx.original(*fresh_inputs(self.ctx.example_inputs))
-        self.outputs = self._run_fx(self.gm)
+        self.outputs = self.fx_outputs = self._run_fx(self.gm)
         self.text = self._text(self.gm)
         self.digest = _weights_digest(self.gm)
         self.started = True
@@ -478,7 +482,7 @@ class _Run:
                 self.ctx.logger.warning("instrument %s failed in on_pipeline_end: %s", type(instrument).__name__, exc)
 
     def finish(self) -> Outcome:
-        return Outcome(self.gm, self.model, self.report, self.snapshots)
+        return Outcome(self.gm, self.model, self.report, self.snapshots, self.fx_outputs)
 
     def lower_now(self) -> None:
         assert self.lower is not None
@@ -542,7 +546,7 @@ class _Run:
             self.ctx.invalidate(keep)
         previous = current
         if p.stage == "fx":
-            self.gm = new
+            self.gm, self.fx_outputs = new, outputs
         else:
             self.model = new
         self.outputs, self.text, self.digest = outputs, text, digest
