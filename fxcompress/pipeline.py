@@ -25,7 +25,8 @@ from torch.fx import GraphModule
 from .errors import FxCompressError, PassError, PassOrderWarning, PassVerificationError, PipelineError
 from .instruments import validate_instrument
 from .pass_base import (Diagnostic, OrderPreference, Pass, PassContext, PassResult, checks_options_itself,
-                        copy_graph_module, not_in_pipeline_string, parameter_versions, written_in_place)
+                        copy_graph_module, not_in_pipeline_string, own_parameters, parameter_versions,
+                        written_in_place)
 from .report import PassRecord, Report
 from .verify import (check_exact, error_metrics, first_divergent_node, first_divergent_onnx_node, fresh_inputs,
                      lint, output_mismatch, propagate_shapes, run_with_shapes)
@@ -183,7 +184,8 @@ class Pipeline(Pass):
         first ONNX pass comes (or at the end with ``lower_at_end``). ``reference`` is the original
         model's output on the example inputs (computed from ``ctx.original`` when omitted).
         ``handed_over``: the caller just traced ``gm`` on ``ctx.example_inputs`` (shapes propagated)
-        and gives it away, so it is neither copied nor propagated again (``compile`` does this)."""
+        and gives it away, so it is neither copied nor propagated again (``compile`` does this).
+        Otherwise the result shares no parameter with ``gm``."""
         order_warnings = self.check(ctx)
         _emit_order_warnings(order_warnings, ctx)
         if any(p.stage == "onnx" for p in self.leaves()) and lower is None:
@@ -200,7 +202,10 @@ class Pipeline(Pass):
             run.end(quiet=True)
             raise
         run.end()
-        return run.finish()
+        outcome = run.finish()
+        if not handed_over:  # the result must not change when the caller's graph does
+            own_parameters(outcome.graph_module, gm)
+        return outcome
 
 
 @dataclass(frozen=True)

@@ -93,7 +93,7 @@ def test_untouched_parameters_are_shared_between_graph_versions(setup: Any) -> N
     _, _, gm, ctx = setup
     graphs = Graphs()
     b_before = gm.b.weight.detach().clone()
-    out = run_passes(gm, [ReplaceB()], ctx, instruments=[graphs])
+    out = fxc.Pipeline((ReplaceB(),), instruments=(graphs,)).apply(gm, ctx, handed_over=True)
     before, after = _ptrs(graphs.before[0]), _ptrs(out.graph_module)
     assert {n for n in before if before[n] == after[n]} == {"a.weight", "a.bias", "b.bias"}
     assert before["b.weight"] != after["b.weight"]
@@ -106,7 +106,9 @@ def test_a_pass_that_writes_in_place_gets_its_own_copy(setup: Any) -> None:
     a_before = gm.a.weight.detach().clone()
     graphs = Graphs()
     out = run_passes(gm, [ScaleInPlace()], ctx, instruments=[graphs])
-    assert torch.equal(graphs.before[0].a.weight, a_before)
+    assert torch.equal(graphs.before[0].a.weight, a_before) and torch.equal(gm.a.weight, a_before)
+    theirs = {p.untyped_storage().data_ptr() for p in gm.parameters()}
+    assert not theirs & {p.untyped_storage().data_ptr() for p in out.graph_module.parameters()}
     torch.testing.assert_close(out.graph_module.a.weight, a_before * 2, rtol=0, atol=0)
 
 
