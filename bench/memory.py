@@ -178,6 +178,14 @@ def run_child(spec: dict[str, str]) -> dict[str, Any]:
     return json.loads(lines[-1])
 
 
+def _combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One figure from repeated runs: the fastest time, the highest peak (a failed run wins)."""
+    failed = [r for r in runs if "error" in r]
+    if failed:
+        return failed[0]
+    return {**runs[0], "seconds": min(r["seconds"] for r in runs), "peak_gb": max(r["peak_gb"] for r in runs)}
+
+
 def _fmt(r: dict[str, Any], base: dict[str, Any] | None) -> str:
     if "error" in r:
         return f"FAILED {r['error'].splitlines()[-1] if r['error'] else ''}"
@@ -200,6 +208,8 @@ def main() -> None:
     ap.add_argument("--llama", action="store_true", help="also the ~1B Llama quantize-dynamic compile (last, alone)")
     ap.add_argument("--only-llama", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=1, help="runs per variant, in turns; the fastest time and the "
+                                                          "highest peak are kept (a shared machine's load only adds)")
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(json.loads(args.child))), flush=True)
@@ -213,11 +223,15 @@ def main() -> None:
         if args.growth:
             todo.update({k: v for k, v in GROWTH.items() if v not in todo.values()})
             todo.setdefault("five", PIPELINES["five"])
-        for v, pipeline in todo.items():
-            spec = {"model": m, "variant": v, "threads": str(args.threads)}
-            if pipeline is not None:
-                spec["pipeline"] = pipeline
-            r = results[m, v] = run_child(spec)
+        runs: dict[str, list[dict[str, Any]]] = {v: [] for v in todo}
+        for _ in range(args.repeat):
+            for v, pipeline in todo.items():
+                spec = {"model": m, "variant": v, "threads": str(args.threads)}
+                if pipeline is not None:
+                    spec["pipeline"] = pipeline
+                runs[v].append(run_child(spec))
+        for v in todo:
+            r = results[m, v] = _combine(runs[v])
             print(f"  {m:5s} {v:18s} {_fmt(r, results.get((m, 'plain')) if v != 'plain' else None)}", flush=True)
     print("\ntargets:")
     for m in [] if args.only_llama else args.models:
