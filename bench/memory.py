@@ -207,6 +207,7 @@ def main() -> None:
     ap.add_argument("--growth", action="store_true", help="also quantize-dynamic with 1..4 passes in all")
     ap.add_argument("--llama", action="store_true", help="also the ~1B Llama quantize-dynamic compile (last, alone)")
     ap.add_argument("--only-llama", action="store_true")
+    ap.add_argument("--llama-pipeline", default="quantize-dynamic")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=1, help="runs per variant, in turns; the fastest time and the "
                                                           "highest peak are kept (a shared machine's load only adds)")
@@ -245,13 +246,13 @@ def main() -> None:
             print(f"  {m} peak 5-pass - 1-pass: {grow:.2f} GB (target <= one model's weights, "
                   f"{one['weights_gb']:.2f} GB: {'met' if grow <= one['weights_gb'] else 'NOT met'})")
     if args.llama or args.only_llama:
-        r = run_child({"model": "llama", "variant": "quantize-dynamic", "pipeline": "quantize-dynamic",
+        r = run_child({"model": "llama", "variant": "quantize-dynamic", "pipeline": args.llama_pipeline,
                        "target": "onnxruntime", "threads": str(args.threads)})
         if "error" in r:
             print(f"  llama quantize-dynamic -> onnxruntime: FAILED {r['error']}")
         else:
             ok = r["cosine"] >= LLAMA_MIN_COSINE
-            print(f"  llama ({r['params_m']:.0f}M params, {r['weights_gb']:.2f} GB) quantize-dynamic -> onnxruntime: "
+            print(f"  llama ({r['params_m']:.0f}M params, {r['weights_gb']:.2f} GB) {args.llama_pipeline} -> onnxruntime: "
                   f"{r['peak_gb']:.2f} GB peak, {r['seconds']:.0f} s; logits vs eager cosine {r['cosine']:.4f} "
                   f"(target >= {LLAMA_MIN_COSINE}: {'met' if ok else 'NOT met'}), top-1 {r['top1']:.3f}, "
                   f"max abs {r['max_abs']:.3g} of {r['eager_max_abs']:.3g}; artifact {r['artifact_files']}, "

@@ -120,7 +120,8 @@ def compile(
 
     original = shared_copy(model).eval()
     gm = trace(model, inputs, frontend=frontend, dynamic_axes=dynamic_axes,  # type: ignore[arg-type]
-               leaf_modules=leaf_modules, concrete_args=concrete_args, on_untraceable=on_untraceable)
+               leaf_modules=leaf_modules, concrete_args=concrete_args, on_untraceable=on_untraceable,
+               share_parameters=True)
     opaque_warning = warn_opaque(gm, logger)
     ctx = PassContext(fresh_inputs(inputs), calibration=calibration, train_data=train_data, original=original, target=target,
                       device=device, seed=seed, logger=logger,
