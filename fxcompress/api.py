@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 from typing import Any, Iterable, Sequence
@@ -12,7 +11,7 @@ from torch import nn
 
 from .artifact import Compiled, tensor_specs
 from .errors import BackendUnavailable, ExportError, FxCompressError, PipelineError
-from .pass_base import Pass, PassContext
+from .pass_base import Pass, PassContext, own_parameters, shared_copy
 from .pipeline import Pipeline
 from .verify import fresh_inputs
 
@@ -119,9 +118,10 @@ def compile(
         instruments = (*instruments, ProgressBar())
     pipeline = _as_pipeline(passes, verify, on_error, instruments)
 
-    original = copy.deepcopy(model).eval()
+    original = shared_copy(model).eval()
     gm = trace(model, inputs, frontend=frontend, dynamic_axes=dynamic_axes,  # type: ignore[arg-type]
-               leaf_modules=leaf_modules, concrete_args=concrete_args, on_untraceable=on_untraceable)
+               leaf_modules=leaf_modules, concrete_args=concrete_args, on_untraceable=on_untraceable,
+               share_parameters=True)
     opaque_warning = warn_opaque(gm, logger)
     ctx = PassContext(fresh_inputs(inputs), calibration=calibration, train_data=train_data, original=original, target=target,
                       device=device, seed=seed, logger=logger)
@@ -134,6 +134,7 @@ def compile(
 
     outcome = pipeline.apply(gm, ctx, lower=None if target == "fx" else lower, lower_at_end=target != "fx",
                              handed_over=True)
+    own_parameters(outcome.graph_module, model)
     report = outcome.report
     report.meta.update({
         "target": target, "pipeline": str(pipeline), "precision": precision,
@@ -141,8 +142,7 @@ def compile(
     })
     if opaque_warning and report.rows:
         report.rows[0].diagnostics.append({"severity": "warning", "message": opaque_warning, "node": None})
-    with torch.no_grad():
-        sample_out = outcome.graph_module(*fresh_inputs(inputs))
+    sample_out = outcome.outputs
     compiled = Compiled(
         graph_module=outcome.graph_module, onnx_model=outcome.onnx_model, report=report,
         snapshots=outcome.snapshots, pipeline=str(pipeline), target=target,

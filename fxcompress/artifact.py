@@ -1,6 +1,7 @@
 """``Compiled``: the runnable result of ``compile``, and its save/load (never pickle).
 
-An artifact directory holds ``model.onnx``, ``model.engine`` (TensorRT targets),
+An artifact directory holds ``model.onnx`` (and ``model.onnx.data``, its weights as ONNX external data, over
+protobuf's 2 GiB), ``model.engine`` (TensorRT targets),
 ``report.json``, ``graphs/NN_<step>.fxg`` and ``manifest.json``: format version, library
 versions, the pipeline string (canonical, defaults dropped) and ``pipeline_full`` (every option
 written out, so the artifact reproduces even if a default changes), target and backend,
@@ -45,6 +46,8 @@ from .verify import flatten_outputs
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 ENGINE = "model.engine"
+#: the initializers of a model over protobuf's 2 GiB (``onnx_graph.EXTERNAL_DATA_THRESHOLD``), as ONNX external data
+ONNX_DATA = "model.onnx.data"
 #: what ``Compiled.use_backend`` accepts
 BACKENDS = ("fx", "onnxruntime", "tensorrt", "tensorrt-rtx", "none")
 _ENGINE_MODULES = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}
@@ -231,13 +234,16 @@ class Compiled:
 
     def _write(self, out: Path, model: Any) -> None:
         """Every file of the artifact, manifest last, into the (new, empty) directory ``out``."""
-        import onnx
+        from .onnx_graph import needs_external_data, with_external_data
 
         (out / "graphs").mkdir()
         inputs, outputs = self._io_specs(model)
-        files: list[str] = []
-        onnx.save_model(model, str(out / "model.onnx"))
-        files.append("model.onnx")
+        files: list[str] = ["model.onnx"]
+        if needs_external_data(model):
+            with (out / ONNX_DATA).open("wb") as data:
+                model = with_external_data(model, ONNX_DATA, write=data.write)
+            files.append(ONNX_DATA)
+        (out / "model.onnx").write_bytes(model.SerializeToString())
         if self.engine is not None:
             (out / ENGINE).write_bytes(self.engine)
             files.append(ENGINE)
@@ -379,7 +385,7 @@ def parse_manifest(data: bytes, path: Path) -> dict[str, Any]:
 # -- reading one directory consistently --------------------------------------------------------------
 def _artifact_kind(rel: str) -> bool:
     """Whether ``rel`` is named like one of an artifact's own files (which load refuses unlisted)."""
-    return rel in ("model.onnx", ENGINE, "report.json", MANIFEST) or \
+    return rel in ("model.onnx", ONNX_DATA, ENGINE, "report.json", MANIFEST) or \
         (rel.startswith("graphs/") and rel.endswith(".fxg"))
 
 
@@ -618,6 +624,25 @@ def _swap(new: Path, target: Path) -> None:
     raise ArtifactError(f"could not move the new artifact into {target}: other processes keep replacing it")
 
 
+def _onnx_model(contents: dict[str, bytes], root: Path) -> Any:
+    """``model.onnx`` with its external data (if any) filled in from the verified bytes of ``ONNX_DATA``."""
+    import onnx
+
+    from .onnx_graph import load_external_data
+
+    model = onnx.load_model_from_string(contents["model.onnx"])
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        if ONNX_DATA not in contents:
+            raise ArtifactError(f"{root / 'model.onnx'} keeps its weights in external data, but the manifest lists no "
+                                f"{ONNX_DATA}, so they cannot be verified; re-save the artifact")
+        locations = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
+        if locations - {ONNX_DATA}:
+            raise ArtifactError(f"{root / 'model.onnx'} refers to external data {sorted(locations - {ONNX_DATA})}; an "
+                                f"artifact keeps its weights only in {ONNX_DATA}; re-save the artifact")
+        load_external_data(model, contents.pop(ONNX_DATA))
+    return model
+
+
 def load(directory: str | Path, *, backend: str | None = None, providers: Sequence[str] | None = None,
          threads: int | None = None) -> Compiled:
     """Rebuild a runnable ``Compiled`` from an artifact directory, without the source model.
@@ -628,12 +653,10 @@ def load(directory: str | Path, *, backend: str | None = None, providers: Sequen
     was saved) is one of ``BACKENDS`` the artifact can run on; ``Compiled.backend`` names what it
     runs on (an artifact compiled for ``fx`` or ``onnx`` runs on ONNX Runtime), ``target`` the
     target it was compiled for."""
-    import onnx
-
     root = Path(directory)
     manifest, contents = _consistent(root, _read_checked)
     try:
-        model = onnx.load_model_from_string(contents["model.onnx"])
+        model = _onnx_model(contents, root)
         report = Report.from_dict(json.loads(contents["report.json"].decode("utf-8")))
         snapshots = [Snapshot(s["index"], s["name"], s["stage"], contents[s["file"]].decode("utf-8"))
                      for s in manifest["snapshots"]]

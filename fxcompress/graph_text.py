@@ -413,14 +413,12 @@ def as_onnx_model(obj: Any) -> "onnx.ModelProto | None":
 
 
 def _inferred(model: "onnx.ModelProto") -> "onnx.ModelProto":
-    import onnx
+    from .onnx_graph import infer_shapes, without_weights
 
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
     try:
-        return onnx.shape_inference.infer_shapes(copy)
+        return infer_shapes(model)
     except Exception:
-        return copy
+        return without_weights(model)
 
 
 def _onnx_type(type_proto: Any) -> str:

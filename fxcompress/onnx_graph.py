@@ -3,6 +3,9 @@
 * ``to_graph`` / ``to_model``: ``onnx.ModelProto`` <-> ``onnx_graphsurgeon.Graph`` (the form
   ONNX passes work on), keeping the IR version, opsets and the FX-node provenance of every node.
 * ``load_model``: a model given as a proto, serialized bytes or a path.
+* ``without_weights`` / ``infer_shapes`` / ``check_model``: shape inference and the checker on a copy
+  without the initializers' values, so neither copies a large model's weights (twice, through
+  serialization) nor meets protobuf's 2 GB limit.
 * ``run_onnx``: run a model once in ONNX Runtime on torch/numpy inputs (pipeline verification).
 * ``fx_node_of`` / ``fx_node_outputs`` / ``expose_outputs``: map ONNX nodes and tensors back to the
   FX node they were exported from, and make intermediate tensors observable (per-layer ``compare``).
@@ -18,6 +21,7 @@ so ``fx_node_of`` falls back to the name and ``to_model`` writes the metadata ag
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
@@ -140,6 +144,150 @@ def expose_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelPr
             vi.name = name
         present.add(name)
     return out
+
+
+# ----------------------------------------------------------------------------- without the weights
+
+#: initializers of up to this many elements keep their values in ``without_weights`` (shape
+#: arithmetic and the canonical text read small integer tensors)
+KEEP_VALUES_UP_TO = 1024
+
+
+def without_weights(model: onnx.ModelProto, as_inputs: bool = False) -> onnx.ModelProto:
+    """A copy of ``model`` whose initializers of more than ``KEEP_VALUES_UP_TO`` elements keep
+    name, dtype and shape but no values (``as_inputs``: become typed graph inputs instead, which the
+    checker accepts). Shape inference gives the same shapes on it as on ``model``."""
+    out = onnx.ModelProto()
+    for fd, value in model.ListFields():
+        if fd.name != "graph":
+            _copy_field(out, fd, value)
+    for fd, value in model.graph.ListFields():
+        if fd.name != "initializer":
+            _copy_field(out.graph, fd, value)
+    listed = {i.name for i in model.graph.input}
+    for init in model.graph.initializer:
+        if math.prod(init.dims) <= KEEP_VALUES_UP_TO:
+            out.graph.initializer.add().CopyFrom(init)
+        elif as_inputs:
+            if init.name not in listed:
+                out.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+        else:
+            out.graph.initializer.add(name=init.name, data_type=init.data_type, dims=init.dims)
+    return out
+
+
+def _copy_field(message: Any, fd: Any, value: Any) -> None:
+    if fd.is_repeated:
+        getattr(message, fd.name).extend(value)
+    elif fd.message_type is not None:
+        getattr(message, fd.name).CopyFrom(value)
+    else:
+        setattr(message, fd.name, value)
+
+
+def infer_shapes(model: onnx.ModelProto, **options: Any) -> onnx.ModelProto:
+    """``onnx.shape_inference.infer_shapes(model, **options)`` run on ``without_weights(model)``:
+    the result has the shapes, not the large initializers' values."""
+    return onnx.shape_inference.infer_shapes(without_weights(model), **options)
+
+
+def infer_shapes_into(model: onnx.ModelProto, **options: Any) -> onnx.ModelProto:
+    """``model`` with what ``onnx.shape_inference.infer_shapes`` adds (value_info, output and
+    subgraph types) written into it, in place; returns it."""
+    inferred = infer_shapes(model, **options)
+    for name in ("node", "value_info", "output"):
+        field = getattr(model.graph, name)
+        del field[:]
+        field.extend(getattr(inferred.graph, name))
+    return model
+
+
+#: a model whose serialized size would exceed this is saved with its initializers in an external data
+#: file and given to ONNX Runtime without serializing them (protobuf's 2 GiB, minus room for the graph)
+EXTERNAL_DATA_THRESHOLD = 2**31 - 2**24
+
+
+def initializer_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the initializers' values, from their shapes and dtypes (nothing is serialized)."""
+    sizes = {t: onnx.helper.tensor_dtype_to_np_dtype(t).itemsize for t in (
+        onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT8,
+        onnx.TensorProto.UINT8, onnx.TensorProto.INT32, onnx.TensorProto.INT64, onnx.TensorProto.BOOL)}
+    return sum(math.prod(t.dims) * sizes.get(t.data_type, 4) for t in model.graph.initializer)
+
+
+def needs_external_data(model: onnx.ModelProto) -> bool:
+    """Whether ``model``'s weights are too large for one protobuf message (``EXTERNAL_DATA_THRESHOLD``)."""
+    return initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
+
+
+def _raw_bytes(tensor: onnx.TensorProto) -> bytes:
+    if tensor.HasField("raw_data"):
+        return tensor.raw_data
+    from onnx import numpy_helper
+
+    return numpy_helper.to_array(tensor).tobytes()
+
+
+def with_external_data(model: onnx.ModelProto, location: str, write: Any = None) -> onnx.ModelProto:
+    """A copy of ``model`` whose initializers over ``KEEP_VALUES_UP_TO`` elements refer to
+    ``location`` (ONNX external data: offset and length, 64-byte aligned) instead of holding their
+    values; ``write(bytes)`` is called with the data file's content in order, one tensor at a time."""
+    out = without_weights(model)
+    offset = 0
+    for lean, init in zip(out.graph.initializer, model.graph.initializer):
+        if math.prod(init.dims) <= KEEP_VALUES_UP_TO:
+            continue
+        data = _raw_bytes(init)
+        pad = -offset % 64
+        if write is not None:
+            write(b"\0" * pad)
+            write(data)
+        offset += pad
+        lean.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(data)))):
+            lean.external_data.add(key=key, value=value)
+        offset += len(data)
+    return out
+
+
+def load_external_data(model: onnx.ModelProto, data: Any) -> onnx.ModelProto:
+    """Fill, in place, every initializer of ``model`` stored externally from ``data`` (the bytes of
+    its one data file, already verified); returns ``model``."""
+    for init in model.graph.initializer:
+        if init.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        where = {e.key: e.value for e in init.external_data}
+        start = int(where.get("offset", 0))
+        end = start + int(where["length"]) if "length" in where else len(data)
+        if end > len(data):
+            raise ValueError(f"initializer {init.name!r} refers to bytes {start}..{end} of a {len(data)}-byte data file")
+        init.raw_data = bytes(data[start:end])
+        del init.external_data[:]
+        init.data_location = onnx.TensorProto.DEFAULT
+    return model
+
+
+def session_source(model: onnx.ModelProto) -> tuple[bytes, list[str], list[Any]]:
+    """What ``onnxruntime.InferenceSession`` is built from: the serialized model, and (for a model
+    over ``EXTERNAL_DATA_THRESHOLD``) the names and ``OrtValue``s of the initializers left out of it,
+    for ``SessionOptions.add_external_initializers`` (no serialized copy of the weights, no 2 GB limit)."""
+    if not needs_external_data(model):
+        return model.SerializeToString(), [], []
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    lean = with_external_data(model, "in-memory")
+    names, values = [], []
+    for init, full in zip(lean.graph.initializer, model.graph.initializer):
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            names.append(init.name)
+            values.append(ort.OrtValue.ortvalue_from_numpy(numpy_helper.to_array(full)))
+    return lean.SerializeToString(), names, values
+
+
+def check_model(model: onnx.ModelProto) -> None:
+    """``onnx.checker.check_model`` on ``without_weights(model, as_inputs=True)``."""
+    onnx.checker.check_model(without_weights(model, as_inputs=True))
 
 
 # ----------------------------------------------------------------------------- conversion

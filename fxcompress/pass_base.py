@@ -182,6 +182,11 @@ class Pass:
       ``trains``    True if the pass trains the graph's weights (an instance may decide, e.g. QAT)
       ``inspects``  True if the pass only reports on the graph (its diagnostics), never changing it;
                     ``fxcompress inspect`` runs every such ONNX pass on the model it shows
+      ``shares_weights``  True if the pass never writes into the parameters of the graph it is given
+                    (it replaces what it changes: ``module.weight = nn.Parameter(new)``): the pipeline
+                    then hands it a copy whose parameters share storage with the graph before, instead
+                    of a deep copy, so a pass costs memory for what it replaces, not for the model
+                    (default False: a deep copy, safe for passes that write in place, ``w.mul_(mask)``)
       ``order_preferences``  soft ordering rules (``prefer_before``/``prefer_after``), each with its
                     reason: the pipeline warns before any work starts when the order goes against one
 
@@ -200,6 +205,7 @@ class Pass:
     preserves: ClassVar[tuple[str, ...]] = ()
     trains: ClassVar[bool] = False
     inspects: ClassVar[bool] = False
+    shares_weights: ClassVar[bool] = False
     order_preferences: ClassVar[tuple[OrderPreference, ...]] = ()
 
     def __post_init__(self) -> None:
@@ -278,18 +284,53 @@ def not_in_pipeline_string(default: Any = None) -> Any:
     return field(default=default, metadata={"pipeline": False}, compare=False, repr=False)
 
 
-def copy_graph_module(gm: "GraphModule") -> "GraphModule":
-    """A deep copy that keeps node meta (shapes) and the module-level meta dict.
+def copy_graph_module(gm: "GraphModule", share_parameters: bool = False) -> "GraphModule":
+    """A deep copy that keeps node meta (shapes) and the module-level meta dict; with
+    ``share_parameters`` its parameters share storage with ``gm``'s (see ``shared_copy``).
 
     The submodules are cloned first (``_clone_module``) into the memo ``copy.deepcopy`` then uses:
     the same result as deep-copying them, without reconstructing every module's empty hook
     dictionaries through the generic protocol (most of a large graph's copy time)."""
-    memo: dict[int, Any] = {}
+    memo = _parameter_aliases(gm) if share_parameters else {}
     for child in gm.children():
         _clone_module(child, memo)
     new = copy.deepcopy(gm, memo)
     new.meta = copy.deepcopy(getattr(gm, "meta", {}))
     return new
+
+
+def shared_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` whose parameters are new ``nn.Parameter`` objects over the same
+    storage (and version counter) as ``module``'s: no weight memory, and nothing done to the copy's
+    modules, parameter objects (``requires_grad``, ``.grad``, ``param.data = ...``) or buffers
+    reaches ``module``; only a write into a parameter's values in place would. Tied parameters stay tied."""
+    return copy.deepcopy(module, _parameter_aliases(module))
+
+
+def _parameter_aliases(module: nn.Module) -> dict[int, Any]:
+    """A ``copy.deepcopy`` memo mapping every plain ``nn.Parameter`` of ``module`` to an alias of it."""
+    return {id(p): nn.Parameter(p.detach(), requires_grad=p.requires_grad)
+            for p in module.parameters() if type(p) is nn.Parameter}
+
+
+def own_parameters(module: nn.Module, source: nn.Module) -> None:
+    """Give each parameter of ``module`` that still shares storage with one of ``source``'s a copy of
+    its own, in place (tied parameters stay tied): copy-on-write, deferred to the end, of what no
+    pass replaced, so ``module`` no longer changes when ``source`` does."""
+    theirs = {p.untyped_storage().data_ptr() for p in source.parameters()}
+    for p in module.parameters():
+        if p.untyped_storage().data_ptr() in theirs:
+            p.data = p.data.clone()
+
+
+def parameter_versions(module: nn.Module) -> dict[str, tuple[torch.Tensor, int]]:
+    """Every parameter with its version counter (bumped by any in-place write, also through an alias)."""
+    return {name: (p, p._version) for name, p in module.named_parameters()}
+
+
+def written_in_place(versions: dict[str, tuple[torch.Tensor, int]]) -> list[str]:
+    """Names of the parameters recorded by ``parameter_versions`` written in place since."""
+    return [name for name, (p, v) in versions.items() if p._version != v]
 
 
 _ATOMIC = (type(None), bool, int, float, complex, str, bytes, type, torch.dtype, torch.device)

@@ -13,7 +13,6 @@ with its name, position, node and graph diff (``on_error="raise"``).
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import time
 import warnings
@@ -26,10 +25,11 @@ from torch.fx import GraphModule
 from .errors import FxCompressError, PassError, PassOrderWarning, PassVerificationError, PipelineError
 from .instruments import validate_instrument
 from .pass_base import (Diagnostic, OrderPreference, Pass, PassContext, PassResult, checks_options_itself,
-                        copy_graph_module, not_in_pipeline_string)
+                        copy_graph_module, not_in_pipeline_string, own_parameters, parameter_versions,
+                        written_in_place)
 from .report import PassRecord, Report
 from .verify import (check_exact, error_metrics, first_divergent_node, first_divergent_onnx_node, fresh_inputs,
-                     lint, output_mismatch, propagate_shapes)
+                     lint, output_mismatch, propagate_shapes, run_with_shapes)
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
@@ -184,7 +184,8 @@ class Pipeline(Pass):
         first ONNX pass comes (or at the end with ``lower_at_end``). ``reference`` is the original
         model's output on the example inputs (computed from ``ctx.original`` when omitted).
         ``handed_over``: the caller just traced ``gm`` on ``ctx.example_inputs`` (shapes propagated)
-        and gives it away, so it is neither copied nor propagated again (``compile`` does this)."""
+        and gives it away, so it is neither copied nor propagated again (``compile`` does this).
+        Otherwise the result shares no parameter with ``gm``."""
         order_warnings = self.check(ctx)
         _emit_order_warnings(order_warnings, ctx)
         if any(p.stage == "onnx" for p in self.leaves()) and lower is None:
@@ -201,7 +202,10 @@ class Pipeline(Pass):
             run.end(quiet=True)
             raise
         run.end()
-        return run.finish()
+        outcome = run.finish()
+        if not handed_over:  # the result must not change when the caller's graph does
+            own_parameters(outcome.graph_module, gm)
+        return outcome
 
 
 @dataclass(frozen=True)
@@ -323,6 +327,8 @@ class Outcome:
     onnx_model: "onnx.ModelProto | None"
     report: Report
     snapshots: list[Snapshot]
+    #: ``graph_module``'s outputs on the example inputs (no caller has to run a large graph again)
+    outputs: Any = None
 
 
 def _emit_order_warnings(diagnostics: list[Diagnostic], ctx: PassContext) -> None:
@@ -372,6 +378,8 @@ class _Run:
         self.gm: GraphModule
         self.model: "onnx.ModelProto | None" = None
         self.outputs: Any = None
+        #: outputs of ``self.gm`` (``self.outputs`` are the ONNX model's once lowered)
+        self.fx_outputs: Any = None
         self.text = ""
         self.digest = ""
         self.started = False
@@ -441,7 +449,7 @@ class _Run:
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self, gm: GraphModule, handed_over: bool = False) -> None:
-        self.gm = gm if handed_over else copy_graph_module(gm)
+        self.gm = gm if handed_over else copy_graph_module(gm, share_parameters=True)
         if not handed_over:
             propagate_shapes(self.gm, self.ctx.example_inputs)
         if self.lower is not None:  # before any pass runs: outputs ONNX cannot hold
@@ -451,7 +459,7 @@ class _Run:
         if self.reference is None and self.ctx.original is not None:
             with torch.no_grad():
                 self.reference = self.ctx.original(*fresh_inputs(self.ctx.example_inputs))
-        self.outputs = self._run_fx(self.gm)
+        self.outputs = self.fx_outputs = self._run_fx(self.gm)
         self.text = self._text(self.gm)
         self.digest = _weights_digest(self.gm)
         self.started = True
@@ -479,7 +487,7 @@ class _Run:
                 self.ctx.logger.warning("instrument %s failed in on_pipeline_end: %s", type(instrument).__name__, exc)
 
     def finish(self) -> Outcome:
-        return Outcome(self.gm, self.model, self.report, self.snapshots)
+        return Outcome(self.gm, self.model, self.report, self.snapshots, self.fx_outputs)
 
     def lower_now(self) -> None:
         assert self.lower is not None
@@ -543,7 +551,7 @@ class _Run:
             self.ctx.invalidate(keep)
         previous = current
         if p.stage == "fx":
-            self.gm = new
+            self.gm, self.fx_outputs = new, outputs
         else:
             self.model = new
         self.outputs, self.text, self.digest = outputs, text, digest
@@ -586,19 +594,27 @@ class _Run:
             err.__cause__ = cause
             return err
 
+        shares = p.stage == "fx" and bool(p.shares_weights) and not p.trains
+        versions = parameter_versions(self.gm) if shares else {}
         try:
             if p.stage == "fx":
-                work = copy_graph_module(self.gm)
+                work = copy_graph_module(self.gm, share_parameters=shares)
                 result = p.run(work, self.ctx)
             else:
                 from .onnx_graph import to_graph
 
-                work = to_graph(copy.deepcopy(self.model))
+                work = to_graph(self.model)
                 result = p.run(work, self.ctx)
         except PassError as exc:
             raise fail(f"failed: {exc}", exc.node, exc, work) from exc
         except Exception as exc:
             raise fail(f"raised {type(exc).__name__}: {exc}", None, exc, work) from exc
+        written = written_in_place(versions)
+        if written:
+            raise fail(f"wrote into parameter(s) {', '.join(written[:5])} of the graph it was given in place, "
+                       "but declares shares_weights = True (those tensors are the graph before it too, which "
+                       "could not be kept): replace what it changes (module.weight = nn.Parameter(new)) or "
+                       "drop shares_weights", None, None)
         if not isinstance(result, PassResult):
             raise fail(f"returned {type(result).__name__}, not a PassResult", None, None)
 
@@ -609,21 +625,18 @@ class _Run:
             try:
                 new.recompile()
                 lint(new)
-                propagate_shapes(new, self.ctx.example_inputs)
-                outputs = self._run_fx(new)
+                outputs = run_with_shapes(new, self.ctx.example_inputs)
             except PassError as exc:
                 raise fail(f"left a broken graph: {exc}", exc.node, exc, new) from exc
             except Exception as exc:
                 raise fail(f"left a graph that does not run: {type(exc).__name__}: {exc}", None, exc, new) from exc
             text, digest = self._text(new), _weights_digest(new)
         else:
-            import onnx
-
-            from .onnx_graph import to_model
+            from .onnx_graph import check_model, to_model
 
             try:
                 new = to_model(result.graph, like=self.model)
-                onnx.checker.check_model(new)
+                check_model(new)
                 outputs = self._run_onnx(new)
             except Exception as exc:
                 raise fail(f"left an invalid ONNX graph: {type(exc).__name__}: {exc}", None, exc) from exc

@@ -20,6 +20,7 @@ import os
 import sys
 import sysconfig
 import traceback
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Literal, Sequence
 
@@ -367,6 +368,7 @@ def trace(
     concrete_args: dict[str, Any] | None = None,
     on_untraceable: OnUntraceable = "leaf",
     train: bool = False,
+    share_parameters: bool = False,
 ) -> GraphModule:
     """Capture a deep copy of ``model`` into a canonical GraphModule whose nodes carry shapes and dtypes.
 
@@ -378,8 +380,21 @@ def trace(
     (``fxcompress.canonicalize``) so every front end gives the same dialect. ``dynamic_axes``
     (``"batch"``, None or ``{input name: axes}``) says which input axes export keeps symbolic.
     ``gm.meta["opaque_modules"]`` maps each module no pass can look into to the reason;
-    ``gm.meta["frontend"]`` says what captured the graph.
+    ``gm.meta["frontend"]`` says what captured the graph. ``share_parameters``: the copy's parameters
+    share storage with ``model``'s (no weight memory; ``compile`` does this and gives its result
+    copies of its own at the end); nothing fxcompress does writes into them.
     """
+    token = _SHARE_PARAMETERS.set(share_parameters)
+    try:
+        return _capture(model, example_inputs, frontend, dynamic_axes, leaf_modules, concrete_args, on_untraceable,
+                        train)
+    finally:
+        _SHARE_PARAMETERS.reset(token)
+
+
+def _capture(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor, frontend: Frontend,
+             dynamic_axes: Any, leaf_modules: Iterable[type[nn.Module] | str], concrete_args: dict[str, Any] | None,
+             on_untraceable: OnUntraceable, train: bool) -> GraphModule:
     if on_untraceable not in ("leaf", "error"):
         raise InputError(f"on_untraceable must be 'leaf' or 'error', got {on_untraceable!r}")
     if frontend not in FRONTENDS:
@@ -440,10 +455,17 @@ def _symbolic_trace(model: nn.Module, inputs: tuple[torch.Tensor, ...], user_typ
     return gm
 
 
+#: set by ``trace(share_parameters=True)`` for the capture it runs
+_SHARE_PARAMETERS: ContextVar[bool] = ContextVar("fxcompress_share_parameters", default=False)
+
+
 def deep_copy(model: nn.Module) -> nn.Module:
-    """A deep copy of the user's model (fxcompress never captures the user's own object)."""
+    """A deep copy of the user's model (fxcompress never captures the user's own object); under
+    ``trace(share_parameters=True)`` its parameters share storage with the user's (``shared_copy``)."""
+    from .pass_base import shared_copy
+
     try:
-        return copy.deepcopy(model)
+        return shared_copy(model) if _SHARE_PARAMETERS.get() else copy.deepcopy(model)
     except Exception as exc:
         raise TraceError(f"cannot deep-copy {type(model).__name__} for tracing ({_short(exc)}); "
                          f"fxcompress never traces the user's own object. Make the model "

@@ -72,14 +72,20 @@ def propagate_shapes(gm: GraphModule, example_inputs: Sequence[Any]) -> GraphMod
     """Run ShapeProp so every node carries ``meta["tensor_meta"]`` (shape, dtype); returns ``gm``.
 
     A failure raises ``PassError`` naming the node that could not run."""
+    run_with_shapes(gm, example_inputs)
+    return gm
+
+
+def run_with_shapes(gm: GraphModule, example_inputs: Sequence[Any]) -> Any:
+    """``propagate_shapes`` returning the graph's outputs on ``example_inputs``: one run of a large
+    graph gives both (the pass manager needs both after every pass)."""
     try:
         with torch.no_grad():
-            _TrackingShapeProp(gm).propagate(*fresh_inputs(example_inputs))
+            return _TrackingShapeProp(gm).propagate(*fresh_inputs(example_inputs))
     except _NodeError as err:
         raise PassError(
             f"node '{err.node.name}' ({_describe_target(gm, err.node)}) fails on the example inputs: "
             f"{type(err.cause).__name__}: {err.cause}", node=err.node.name) from err.cause
-    return gm
 
 
 def lint(gm: GraphModule) -> None:
@@ -337,10 +343,10 @@ def _as_float64(value: Any) -> Any:
 
 def to_float64(gm: GraphModule) -> GraphModule:
     """A copy of ``gm`` computing in float64: floating parameters, buffers and plain tensor
-    attributes converted; ``gm`` itself is untouched."""
-    import copy
+    attributes converted; ``gm`` itself is untouched (its parameters are not copied in float32 first)."""
+    from .pass_base import shared_copy
 
-    g = copy.deepcopy(gm)
+    g = shared_copy(gm)
     g.double()
     for module in g.modules():
         for name, value in list(vars(module).items()):

@@ -43,6 +43,7 @@ class EliminateDeadCode(Pass):
     parameters and buffers no node refers to any more. Placeholders are always kept."""
 
     name: ClassVar[str] = "eliminate-dead-code"
+    shares_weights: ClassVar[bool] = True
     exact: ClassVar[bool] = True
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
@@ -92,6 +93,7 @@ class RemoveDropout(Pass):
     and reported."""
 
     name: ClassVar[str] = "remove-dropout"
+    shares_weights: ClassVar[bool] = True
     exact: ClassVar[bool] = True
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
@@ -254,6 +256,7 @@ class RemoveIdentity(Pass):
     """
 
     name: ClassVar[str] = "remove-identity"
+    shares_weights: ClassVar[bool] = True
     exact: ClassVar[bool] = True
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
@@ -325,6 +328,7 @@ class FoldConstants(Pass):
     """
 
     name: ClassVar[str] = "fold-constants"
+    shares_weights: ClassVar[bool] = True
     exact: ClassVar[bool] = True
 
     max_bytes: int = 64 * 2**20

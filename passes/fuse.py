@@ -137,6 +137,7 @@ class FoldBatchNorm(Pass):
     """
 
     name: ClassVar[str] = "fold-batchnorm"
+    shares_weights: ClassVar[bool] = True
     exact: ClassVar[bool] = True
     order_preferences: ClassVar[tuple] = (prefer_after(
         "trait:trains",

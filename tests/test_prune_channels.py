@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -420,6 +421,8 @@ def test_ratio_zero_is_declared_exact_and_the_pipeline_verifies_it() -> None:
 
     @dataclasses.dataclass(frozen=True)
     class Drifting(PruneChannels):
+        shares_weights: ClassVar[bool] = False  # it writes into conv1.weight in place
+
         def run(self, gm: GraphModule, ctx: PassContext):
             result = super().run(gm, ctx)
             with torch.no_grad():

@@ -34,8 +34,10 @@ How it is called:
   traceable to one FX node); eval-mode BN/Dropout still export as inference ops.
 * ``nn.MultiheadAttention``'s fused inference fast path has no ONNX symbolic: it is switched off
   (``torch.backends.mha``) for the duration of the export only.
-* Into memory (``BytesIO``): one self-contained model, no external-data file; then
-  ``onnx.checker`` and ``onnx.shape_inference`` run on it.
+* Into memory (``BytesIO``, parsed in place): one self-contained model; a graph whose weights reach
+  ``onnx_graph.EXTERNAL_DATA_THRESHOLD`` (protobuf's 2 GiB) is exported to a temporary file with
+  external data and read back. ``onnx.checker`` and ``onnx.shape_inference`` then run on a copy
+  without the weights' values (``onnx_graph.without_weights``).
 * Exact clean-ups only: outputs renamed ``output``, ``output_1``... (an Identity where one value
   is returned twice); initializers no node reads are dropped; constants the exporter folded
   (``onnx::MatMul_50``) are renamed ``<fx_node>.<Op>.<input>`` (``q.MatMul.B``). Constant
@@ -46,7 +48,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import re
+import tempfile
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Union
@@ -57,7 +61,8 @@ import torch
 from torch import fx, nn
 
 from ..errors import ExportError
-from ..onnx_graph import FX_NODE_KEY, fx_node_of, fx_node_outputs, stamp_fx_nodes
+from .. import onnx_graph
+from ..onnx_graph import FX_NODE_KEY, check_model, fx_node_of, fx_node_outputs, infer_shapes_into, stamp_fx_nodes
 from ..verify import fresh_inputs
 
 __all__ = ["check_outputs", "export_onnx", "fx_node_of", "fx_node_outputs", "FX_NODE_KEY", "MIN_OPSET", "MAX_OPSET"]
@@ -65,7 +70,6 @@ __all__ = ["check_outputs", "export_onnx", "fx_node_of", "fx_node_outputs", "FX_
 MIN_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear
 MAX_OPSET = 20  # highest opset the TorchScript exporter writes
 
-_PROTO_LIMIT = 2**31 - 2**24  # protobuf's 2 GiB, minus room for the graph itself
 
 DynamicAxes = Union[str, None, Mapping[str, Union[Mapping[int, str], Sequence[int]]]]
 
@@ -149,47 +153,56 @@ def export_onnx(
     in_axes, out_axes_spec = _split_dynamic_axes(dynamic_axes, in_names, args)
 
     param_bytes = sum(t.numel() * t.element_size() for t in [*gm.parameters(), *gm.buffers()])
-    if param_bytes >= _PROTO_LIMIT:
-        raise ExportError(f"the graph holds {param_bytes / 2**30:.2f} GiB of parameters and buffers; a "
-                          f"single-file ONNX model is limited to 2 GiB. Compress it first (quantize/prune) "
-                          f"or export it with external data yourself")
     if any(m.training for m in gm.modules()):
         from ..pass_base import copy_graph_module
 
-        gm = copy_graph_module(gm).eval()
+        gm = copy_graph_module(gm, share_parameters=True).eval()
     root = _ExportRoot(gm)
-    buffer = io.BytesIO()
-    try:
-        with warnings.catch_warnings(), torch.no_grad(), _no_mha_fastpath():
-            warnings.filterwarnings("ignore", message=r".*legacy TorchScript-based ONNX export.*")
-            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
-            warnings.filterwarnings("ignore", message=r".*constant folding be turned off.*")
-            # torch's own size checks inside nn modules; a TracerWarning from user code still shows
-            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"torch(\.|$)")
-            # LSTM h0/c0 follow the input's batch size in the trace (the zoo test runs other batches)
-            warnings.filterwarnings("ignore", message=r".*batch_size other than 1, with a variable length.*")
-            torch.onnx.export(
-                root, args, buffer, dynamo=False, opset_version=opset,
-                input_names=in_names, dynamic_axes=in_axes or None,
-                training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=True,
-                export_params=True, keep_initializers_as_inputs=False,
-            )
-    except ExportError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - every exporter failure becomes an ExportError
-        raise _export_error(gm, root, args, exc) from exc
-
-    model = onnx.load_from_string(buffer.getvalue())
+    with tempfile.TemporaryDirectory(prefix="fxcompress-export-") as tmp:
+        # over protobuf's limit the exporter must write a file (with external data) to read back
+        large = param_bytes >= onnx_graph.EXTERNAL_DATA_THRESHOLD
+        target: Any = os.path.join(tmp, "model.onnx") if large else io.BytesIO()
+        try:
+            with warnings.catch_warnings(), torch.no_grad(), _no_mha_fastpath():
+                warnings.filterwarnings("ignore", message=r".*legacy TorchScript-based ONNX export.*")
+                warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
+                warnings.filterwarnings("ignore", message=r".*constant folding be turned off.*")
+                # torch's own size checks inside nn modules; a TracerWarning from user code still shows
+                warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"torch(\.|$)")
+                # LSTM h0/c0 follow the input's batch size in the trace (the zoo test runs other batches)
+                warnings.filterwarnings("ignore", message=r".*batch_size other than 1, with a variable length.*")
+                torch.onnx.export(
+                    root, args, target, dynamo=False, opset_version=opset,
+                    input_names=in_names, dynamic_axes=in_axes or None,
+                    training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=True,
+                    export_params=True, keep_initializers_as_inputs=False,
+                )
+        except ExportError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every exporter failure becomes an ExportError
+            raise _export_error(gm, root, args, exc) from exc
+        model = _read_back(target)
     _name_outputs(model, output_names, out_axes_spec)
     _drop_unused_initializers(model)
     _share_tied_initializers(model, gm)
     _name_folded_initializers(model, opset)
     stamp_fx_nodes(model)
     try:
-        onnx.checker.check_model(model)
-        model = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        check_model(model)
+        infer_shapes_into(model, strict_mode=False, data_prop=True)
     except Exception as exc:  # noqa: BLE001
         raise ExportError(f"the exported ONNX model failed onnx.checker / shape inference: {exc}") from exc
+    return model
+
+
+def _read_back(target: Any) -> onnx.ModelProto:
+    """The exported model from its file (external data loaded) or buffer (parsed in place, no copy)."""
+    if isinstance(target, str):
+        return onnx.load(target)
+    model = onnx.ModelProto()
+    with target.getbuffer() as view:
+        model.ParseFromString(view)
+    target.close()
     return model
 
 

@@ -111,8 +111,13 @@ def make_session(
     if optimized_model_path is not None:
         Path(optimized_model_path).parent.mkdir(parents=True, exist_ok=True)
         opts.optimized_model_filepath = str(optimized_model_path)
+    external: list[Any] = []
     if isinstance(model, onnx.ModelProto):
-        source: Any = model.SerializeToString()
+        from ..onnx_graph import session_source
+
+        source, names, external = session_source(model)
+        if names:
+            opts.add_external_initializers(names, external)
     elif isinstance(model, (bytes, bytearray)):
         source = bytes(model)
     else:
@@ -120,7 +125,9 @@ def make_session(
         if not path.is_file():
             raise FileNotFoundError(f"ONNX model file not found: {path}")
         source = str(path)
-    return ort.InferenceSession(source, sess_options=opts, providers=resolved)
+    session = ort.InferenceSession(source, sess_options=opts, providers=resolved)
+    session.fxcompress_initializers = external  # ONNX Runtime reads them in place: they live as long as it
+    return session
 
 
 def _spec(arg: Any) -> TensorSpec:

@@ -202,16 +202,20 @@ def onnx_stats(model: onnx.ModelProto | str | os.PathLike[str],
         model = onnx.load(os.fspath(model))
     if not isinstance(model, onnx.ModelProto):
         raise InputError(f"onnx_stats takes an onnx.ModelProto or a path, got {type(model).__name__}")
+    from ..onnx_graph import without_weights
+
+    lean = without_weights(model)
     if input_shapes is not None:
-        model = _pin_input_shapes(model, input_shapes)
+        lean = _pin_input_shapes(lean, input_shapes)
     try:
-        inferred = onnx.shape_inference.infer_shapes(model)
+        inferred = onnx.shape_inference.infer_shapes(lean)
     except Exception:  # inference is best effort; value_info already in the model still helps
-        inferred = model
-    graph, dtypes = inferred.graph, _onnx_dtype_table()
+        inferred = lean
+    graph, dtypes = model.graph, _onnx_dtype_table()
 
     shapes: dict[str, tuple[int, ...]] = {}
-    for info in (*graph.input, *_shapes_through_shape_arithmetic(inferred).graph.value_info, *graph.output):
+    for info in (*inferred.graph.input, *_shapes_through_shape_arithmetic(inferred).graph.value_info,
+                 *inferred.graph.output):
         tensor_type = info.type.tensor_type
         if tensor_type.HasField("shape"):
             shapes[info.name] = tuple(d.dim_value if d.HasField("dim_value") else 1

@@ -51,6 +51,7 @@ class PruneChannels(Pass):
     """
 
     name: ClassVar[str] = "prune-channels"
+    shares_weights: ClassVar[bool] = True
     #: the class is not exact; an instance with ratio 0 everywhere is (set in ``__post_init__``),
     #: so the pipeline verifies its outputs numerically
     exact: ClassVar[bool] = False

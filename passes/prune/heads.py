@@ -467,6 +467,7 @@ class PruneHeads(Pass):
     """
 
     name: ClassVar[str] = "prune-heads"
+    shares_weights: ClassVar[bool] = True
     exact: ClassVar[bool] = False
 
     ratio: float = 0.5

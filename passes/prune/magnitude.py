@@ -58,6 +58,7 @@ class PruneMagnitude(Pass):
     """
 
     name: ClassVar[str] = "prune-magnitude"
+    shares_weights: ClassVar[bool] = True
     exact: ClassVar[bool] = False
 
     amount: float = 0.5

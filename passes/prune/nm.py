@@ -58,6 +58,7 @@ class PruneNM(Pass):
     Idempotent: a layer already N:M sparse keeps its weights (see the module doc)."""
 
     name: ClassVar[str] = "prune-nm"
+    shares_weights: ClassVar[bool] = True
     exact: ClassVar[bool] = False
 
     n: int = 2

@@ -33,6 +33,7 @@ class QuantizeDynamic(Pass):
     dequantized after the lookup (a transformer's vocabulary table is often most of its bytes)."""
 
     name: ClassVar[str] = "quantize-dynamic"
+    shares_weights: ClassVar[bool] = True
 
     reduce_range: bool = True
     skip: tuple[str, ...] = ()

@@ -43,6 +43,7 @@ class ConvertFP16(Pass):
     names, module types, node names or module paths) kept in float32."""
 
     name: ClassVar[str] = "convert-fp16"
+    shares_weights: ClassVar[bool] = True
 
     keep_fp32: tuple[str, ...] = DEFAULT_KEEP
 

@@ -109,6 +109,7 @@ class QuantizeInt8(Pass):
     """
 
     name: ClassVar[str] = "quantize-int8"
+    shares_weights: ClassVar[bool] = True
     requires: ClassVar[tuple[str, ...]] = ("calibration-data",)
     provides: ClassVar[tuple[str, ...]] = ("int8",)
     #: an instance with ``qat`` trains (its learnable fake-quant); set in ``__post_init__``

@@ -78,6 +78,7 @@ class FreezeQuant(Pass):
     """Freeze QAT fake-quant (learned scales) into constant Q/DQ and INT8 weights."""
 
     name: ClassVar[str] = "freeze-quant"
+    shares_weights: ClassVar[bool] = True
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         counts = freeze_qat(gm)

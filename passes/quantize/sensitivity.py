@@ -42,6 +42,7 @@ class QuantSensitivity(Pass):
     """Rank layers by the output error their INT8 quantization alone causes; ``k`` worst -> ``skip``."""
 
     name: ClassVar[str] = "quant-sensitivity"
+    shares_weights: ClassVar[bool] = True
     requires: ClassVar[tuple[str, ...]] = ("calibration-data",)
 
     k: int = 0
