@@ -13,19 +13,10 @@ from .artifact import Compiled, tensor_specs
 from .errors import BackendUnavailable, ExportError, FxCompressError, PipelineError
 from .pass_base import Pass, PassContext, own_parameters, shared_copy
 from .pipeline import Pipeline
-from .verify import fresh_inputs
+from .verify import as_inputs, fresh_inputs
 
 TARGETS = ("fx", "onnx", "onnxruntime", "tensorrt", "tensorrt-rtx")
 PRECISIONS = ("fp32", "fp16", "int8", "best")
-
-
-def _as_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (list, tuple)) and example_inputs:
-        return tuple(example_inputs)
-    raise PipelineError("example_inputs must be a tensor or a non-empty tuple of tensors, e.g. "
-                        f"example_inputs=(torch.randn(1, 3, 32, 32),); got {type(example_inputs).__name__}")
 
 
 def warn_opaque(gm: Any, logger: logging.Logger | None) -> str | None:
@@ -107,7 +98,7 @@ def compile(
         raise PipelineError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if fallback not in (None, "onnxruntime"):
         raise PipelineError(f"fallback must be None or 'onnxruntime'; got {fallback!r}")
-    inputs = _as_inputs(example_inputs)
+    inputs = as_inputs(example_inputs)
     if progress is None:
         import sys
 

@@ -42,7 +42,7 @@ from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
 from .errors import FxCompressError, InputError
-from .verify import flatten_outputs, fresh_inputs, node_values as _fx_values, snapshot as _snapshot
+from .verify import as_inputs, flatten_outputs, fresh_inputs, node_values as _fx_values, snapshot as _snapshot
 
 __all__ = ["STAGES", "Comparison", "LayerRow", "Metric", "Tolerance", "compare", "load_inputs",
            "rebuild_graph"]
@@ -294,17 +294,6 @@ def _fmt_shape(shape: tuple[int, ...] | None) -> str:
 
 
 # ----------------------------------------------------------------------------- running the stages
-
-
-def _as_inputs(inputs: Any) -> tuple[torch.Tensor, ...]:
-    if isinstance(inputs, torch.Tensor):
-        return (inputs,)
-    if isinstance(inputs, np.ndarray):
-        return (torch.from_numpy(inputs),)
-    if isinstance(inputs, Sequence) and inputs:
-        return tuple(torch.from_numpy(np.asarray(x)) if isinstance(x, np.ndarray) else x for x in inputs)
-    raise InputError("compare needs inputs as a tensor or a non-empty tuple of tensors, "
-                     f"got {type(inputs).__name__}")
 
 
 def _eager_outputs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[dict[str, list[Any]], Any]:
@@ -661,7 +650,7 @@ def compare(
     engine and/or target (``"tensorrt"``, ``"tensorrt-rtx"``); on a GPU, a per-layer engine is built
     with ``precision``. A stage without what it needs is reported as not run, never an error.
     """
-    args = _as_inputs(inputs)
+    args = as_inputs(inputs, "inputs")
     tol = tolerance or Tolerance()
     stages: dict[str, str] = {}
     notes: list[str] = []

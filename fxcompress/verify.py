@@ -39,7 +39,7 @@ import torch
 from torch.fx import GraphModule, Interpreter, Node
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .errors import PassError
+from .errors import InputError, PassError
 
 RTOL = 1e-4
 ATOL = 1e-5
@@ -200,6 +200,19 @@ def snapshot(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: snapshot(v) for k, v in value.items()}
     return value
+
+
+def as_inputs(value: Any, argument: str = "example_inputs") -> tuple[torch.Tensor, ...]:
+    """A model's positional inputs from what a user passes: one tensor or array, or a non-empty tuple or
+    list of them (numpy arrays become tensors); an ``InputError`` naming ``argument`` otherwise."""
+    import numpy as np
+
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        value = (value,)
+    if isinstance(value, (list, tuple)) and value:
+        return tuple(torch.from_numpy(np.asarray(x)) if isinstance(x, np.ndarray) else x for x in value)
+    raise InputError(f"{argument} must be a tensor or a non-empty tuple of tensors, e.g. "
+                     f"{argument}=(torch.randn(1, 3, 32, 32),); got {type(value).__name__}")
 
 
 def fresh_inputs(inputs: Sequence[Any]) -> tuple[Any, ...]:

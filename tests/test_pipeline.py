@@ -283,7 +283,7 @@ def test_bad_compile_arguments() -> None:
         fxc.compile(Net(), X, [], target="tpu")
     with pytest.raises(fxc.PipelineError, match="needs a torch.nn.Module"):
         fxc.compile(lambda x: x, X, [])  # type: ignore[arg-type]
-    with pytest.raises(fxc.PipelineError, match="example_inputs must be"):
+    with pytest.raises(fxc.InputError, match="example_inputs must be"):
         fxc.compile(Net(), [], [])
 
 
