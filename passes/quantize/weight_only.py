@@ -201,7 +201,8 @@ class QuantizeWeightOnly(Pass):
             found = _constant_linear(gm, node)
             if found is None:
                 continue
-            pat = matches_skip(tuple(self.skip), node, classify(gm, node).module, classify(gm, node).kind)
+            info = classify(gm, node)
+            pat = matches_skip(tuple(self.skip), node, info.module, info.kind)
             if pat or isinstance(found, str):
                 floats[node.name] = f"skipped by user (skip pattern {pat!r})" if pat else str(found)
                 continue
