@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from .artifact import Compiled, tensor_specs
+from .copying import own_parameters, shared_copy
 from .errors import BackendUnavailable, ExportError, FxCompressError, PipelineError
-from .pass_base import Pass, PassContext, own_parameters, shared_copy
+from .pass_base import Pass, PassContext
 from .pipeline import Pipeline
 from .verify import as_inputs, fresh_inputs
 

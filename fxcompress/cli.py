@@ -258,7 +258,8 @@ def _inspections(model: Any, shapes: list[tuple[int, ...]] | None, target: str |
 @app.command("passes")
 def list_passes(markdown: bool = typer.Option(False, "--markdown", help="Print the catalogue as Markdown.")) -> None:
     """List every registered pass with its options."""
-    from .registry import available, catalogue_markdown, describe_options
+    from .options import describe_options
+    from .registry import available, catalogue_markdown
 
     if markdown:
         console.print(catalogue_markdown(), markup=False, highlight=False)

@@ -104,11 +104,12 @@ def compile_data(model: Any, example: tuple[Any, ...], calibration: Optional[Pat
 CLI_CAPABILITIES: dict[str, str] = {
     "example-inputs": "give --input-shape, e.g. --input-shape 1x3x224x224",
     "calibration-data": "give --calibration samples.npy (or --train-data, whose inputs then calibrate)",
-    "train-data": "give --train-data inputs.npy (and --train-targets targets.npy for fine-tune)",
+    "train-data": "give --train-data inputs.npy (and --train-targets targets.npy for a pass that trains on labels)",
+    "train-labels": "give --train-targets targets.npy (one target per --train-data sample: class indices or float "
+                    "targets), or use a pass that learns from the original model instead (distill)",
     "teacher": "compile provides the original model as the teacher",
 }
-#: passes that train on labels: with --train-data they also need --train-targets
-NEEDS_TARGETS = ("fine-tune",)
+
 def check_data_files(**files: Optional[Path]) -> None:
     """Before the model is built: each given data file (``calibration=``, ``train_data=``, ...: the
     flag's name) exists and is a numpy file."""
@@ -131,12 +132,9 @@ def check_pipeline_data(passes: str, *, calibration: bool, train_data: bool, tra
     command line (the library would find out later, in its own terms)."""
     from .pipeline import Pipeline
 
-    given = {"example-inputs": True, "calibration-data": calibration, "train-data": train_data, "teacher": True}
+    given = {"example-inputs": True, "calibration-data": calibration, "train-data": train_data,
+             "train-labels": train_targets, "teacher": True}
     for p in Pipeline.parse(passes).leaves() if passes else ():
         for need in p.requires:
             if not given.get(need, True):
                 raise CliError(f"pass '{p.name}' needs {need.replace('-', ' ')}: {CLI_CAPABILITIES[need]}")
-        if p.name in NEEDS_TARGETS and train_data and not train_targets:
-            raise CliError(f"pass '{p.name}' trains on labels: give --train-targets targets.npy (one target per "
-                           "--train-data sample: class indices or float targets), or use distill, which learns "
-                           "from the original model instead")

@@ -35,7 +35,8 @@ def quick_pipeline(text: str, epochs: int = QUICK_EPOCHS) -> str:
     """``text`` with every pass that trains (declares ``trains`` and has ``epochs``) cut to ``epochs`` epochs."""
     import dataclasses
 
-    from .registry import format_pipeline, parse_pipeline
+    from .options import format_pipeline
+    from .registry import parse_pipeline
 
     passes = [dataclasses.replace(p, epochs=min(p.epochs, epochs))
               if p.trains and hasattr(p, "epochs") else p for p in parse_pipeline(text)]

@@ -7,6 +7,12 @@ class FxCompressError(Exception):
     """Base class of all fxcompress errors."""
 
 
+def short_reason(exc: BaseException) -> str:
+    """``Type: first line of the message``: an exception as a clause of a longer error message."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
 class TraceError(FxCompressError):
     """torch.fx could not trace the model; the message names the module, the line and the fix."""
 

@@ -16,9 +16,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TextIO
 
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch.fx import GraphModule
+
+from .backends.onnxruntime import OrtRunner
 from .errors import PipelineError
+from .graph_text import to_text
 from .pass_base import Pass, PassContext
-from .report import PassRecord, Report
+from .report import PassRecord, Report, Snapshot
 from .verify import ATOL, RTOL, allclose, error_metrics, output_mismatch
 
 #: the hooks the pass manager calls, in the order of a run
@@ -67,8 +72,6 @@ class PrintAfter:
 
     def after_pass(self, p: Pass | None, graph: Any, record: PassRecord, ctx: PassContext) -> None:
         if _matches(p, self.names):
-            from .graph_text import to_text
-
             print(f"// after {record.name}\n{to_text(graph)}", file=self.stream or sys.stdout)
 
 
@@ -86,9 +89,6 @@ class DumpGraphs:
         self._index = 0
 
     def after_pass(self, p: Pass | None, graph: Any, record: PassRecord, ctx: PassContext) -> None:
-        from .graph_text import to_text
-        from .pipeline import Snapshot
-
         if record.status == "rolled-back":
             return
         snap = Snapshot(self._index, record.name, record.stage, to_text(graph))
@@ -169,8 +169,6 @@ class ProgressBar:
     """A rich progress bar over the pipeline, and ``ctx.progress`` for long passes (calibration, training)."""
 
     def __init__(self, transient: bool = True) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TimeElapsedColumn(), TextColumn("{task.fields[info]}"), transient=transient)
         self._task: Any = None
@@ -220,15 +218,11 @@ class Evaluate:
         self.values: dict[str, float] = {}
 
     def after_pass(self, p: Pass | None, graph: Any, record: PassRecord, ctx: PassContext) -> None:
-        from torch.fx import GraphModule
-
         if record.status == "rolled-back":
             return
         if isinstance(graph, GraphModule):
             run: Callable[..., Any] = graph
         else:
-            from .backends.onnxruntime import OrtRunner
-
             run = OrtRunner(graph)
         value = float(self.metric(run))
         record.stats[self.name] = value

@@ -6,7 +6,6 @@
 * ``without_weights`` / ``infer_shapes`` / ``check_model``: shape inference and the checker on a copy
   without the initializers' values, so neither copies a large model's weights (twice, through
   serialization) nor meets protobuf's 2 GB limit.
-* ``run_onnx``: run a model once in ONNX Runtime on torch/numpy inputs (pipeline verification).
 * ``fx_node_of`` / ``fx_node_outputs`` / ``expose_outputs``: map ONNX nodes and tensors back to the
   FX node they were exported from, and make intermediate tensors observable (per-layer ``compare``).
 
@@ -22,7 +21,7 @@ so ``fx_node_of`` falls back to the name and ``to_model`` writes the metadata ag
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
@@ -31,7 +30,6 @@ import onnx
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx_graphsurgeon as gs
-    import torch
 
 FX_NODE_KEY = "fx_node"
 
@@ -267,24 +265,6 @@ def load_external_data(model: onnx.ModelProto, data: Any) -> onnx.ModelProto:
     return model
 
 
-def session_source(model: onnx.ModelProto) -> tuple[bytes, list[str], list[Any]]:
-    """What ``onnxruntime.InferenceSession`` is built from: the serialized model, and (for a model
-    over ``EXTERNAL_DATA_THRESHOLD``) the names and ``OrtValue``s of the initializers left out of it,
-    for ``SessionOptions.add_external_initializers`` (no serialized copy of the weights, no 2 GB limit)."""
-    if not needs_external_data(model):
-        return model.SerializeToString(), [], []
-    import onnxruntime as ort
-    from onnx import numpy_helper
-
-    lean = with_external_data(model, "in-memory")
-    names, values = [], []
-    for init, full in zip(lean.graph.initializer, model.graph.initializer):
-        if init.data_location == onnx.TensorProto.EXTERNAL:
-            names.append(init.name)
-            values.append(ort.OrtValue.ortvalue_from_numpy(numpy_helper.to_array(full)))
-    return lean.SerializeToString(), names, values
-
-
 def check_model(model: onnx.ModelProto) -> None:
     """``onnx.checker.check_model`` on ``without_weights(model, as_inputs=True)``."""
     onnx.checker.check_model(without_weights(model, as_inputs=True))
@@ -342,45 +322,3 @@ def to_numpy(value: Any) -> np.ndarray:
     if torch is not None and isinstance(value, torch.Tensor):
         return np.ascontiguousarray(value.detach().cpu().numpy())
     return np.ascontiguousarray(np.asarray(value))
-
-
-def run_onnx(
-    model: ModelLike,
-    inputs: "Sequence[torch.Tensor | np.ndarray] | Mapping[str, Any]",
-    *,
-    output_names: Sequence[str] | None = None,
-    optimization: str = "disable",
-) -> list[np.ndarray]:
-    """Run ``model`` once on the CPU in ONNX Runtime and return its outputs as numpy arrays.
-
-    ``inputs`` are positional (graph input order) or a mapping by input name. Graph
-    optimizations are off by default so the result reflects the graph as written (what an exact
-    pass must preserve); ``output_names`` selects outputs (intermediate tensors need
-    ``expose_outputs`` first).
-    """
-    from .backends.onnxruntime import make_session
-
-    proto = load_model(model)
-    session = make_session(proto, optimization=optimization)
-    names = [i.name for i in session.get_inputs()]
-    if isinstance(inputs, Mapping):
-        feed = {k: to_numpy(v) for k, v in inputs.items()}
-    else:
-        if len(inputs) != len(names):
-            raise ValueError(f"run_onnx: the model takes {len(names)} inputs {names}, got {len(inputs)}")
-        feed = {k: to_numpy(v) for k, v in zip(names, inputs)}
-    return list(session.run(list(output_names) if output_names is not None else None, feed))
-
-
-def run_model(
-    model: ModelLike,
-    inputs: "Sequence[torch.Tensor | np.ndarray] | Mapping[str, Any]",
-    *,
-    optimization: str = "disable",
-) -> "torch.Tensor | tuple[torch.Tensor, ...]":
-    """``run_onnx`` returning torch tensors shaped like a module's result: one tensor for a
-    single output, else a tuple (what the pipeline compares against the FX graph)."""
-    import torch
-
-    outs = tuple(torch.from_numpy(np.asarray(o)) for o in run_onnx(model, inputs, optimization=optimization))
-    return outs[0] if len(outs) == 1 else outs

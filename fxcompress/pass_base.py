@@ -8,16 +8,19 @@ is decided by the pipeline (canonical text before/after), never self-reported.
 
 from __future__ import annotations
 
-import collections
-import copy
 import dataclasses
-import functools
 import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Literal
 
 import torch
 from torch import nn
+
+from .copying import copy_graph_module, shared_copy
+from .options import checked_arguments, format_pass, not_in_pipeline_string
+
+__all__ = ["Diagnostic", "OnnxPass", "OrderPreference", "Pass", "PassContext", "PassResult", "copy_graph_module",
+           "not_in_pipeline_string", "prefer_after", "prefer_before", "shared_copy"]
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx_graphsurgeon as gs
@@ -169,8 +172,17 @@ def prefer_after(*others: str, reason: str) -> OrderPreference:
     return OrderPreference("after", others, reason)
 
 
+class _PassType(type):
+    """The metaclass of passes: a pass's options are checked where it is constructed, before the
+    dataclass ``__init__`` (and so any ``__post_init__``) sees them."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        args, kwargs = checked_arguments(cls, args, kwargs)  # type: ignore[arg-type]
+        return super().__call__(*args, **kwargs)
+
+
 @dataclass(frozen=True)
-class Pass:
+class Pass(metaclass=_PassType):
     """Base of every FX pass. Subclasses are frozen dataclasses whose fields are options.
 
     Class attributes a pass declares:
@@ -193,8 +205,8 @@ class Pass:
     Hard constraints (an FX pass after an ONNX pass, an unmet ``requires``) are errors.
 
     Options are type-checked when the pass is constructed, exactly as in a pipeline string
-    (``PruneChannels(ratio="x")`` raises ``PipelineError``: ``... expects a number``), before a
-    subclass's own ``__post_init__`` runs, whether or not that one calls ``super()``.
+    (``PruneChannels(ratio="x")`` raises ``PipelineError``: ``... expects a number``), before the
+    dataclass ``__init__`` runs: a subclass's ``__post_init__`` sees checked, normalized values.
     """
 
     name: ClassVar[str] = ""
@@ -207,24 +219,6 @@ class Pass:
     inspects: ClassVar[bool] = False
     shares_weights: ClassVar[bool] = False
     order_preferences: ClassVar[tuple[OrderPreference, ...]] = ()
-
-    def __post_init__(self) -> None:
-        _check_options(self)
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        """Make a subclass's own ``__post_init__`` check the options first (see the class docstring)."""
-        super().__init_subclass__(**kwargs)
-        own = cls.__dict__.get("__post_init__")
-        if own is None or getattr(own, "_checks_options", False):
-            return
-
-        @functools.wraps(own)
-        def __post_init__(self: Pass, *args: Any, **kw: Any) -> None:
-            _check_options(self)
-            own(self, *args, **kw)
-
-        __post_init__._checks_options = True  # type: ignore[attr-defined]
-        cls.__post_init__ = __post_init__  # type: ignore[method-assign]
 
     def run(self, gm: "GraphModule", ctx: PassContext) -> PassResult:  # pragma: no cover
         raise NotImplementedError(f"{type(self).__name__}.run")
@@ -247,8 +241,6 @@ class Pass:
         return out
 
     def __str__(self) -> str:
-        from .registry import format_pass
-
         return format_pass(self)
 
     def replace(self, **changes: Any) -> "Pass":
@@ -264,112 +256,3 @@ class OnnxPass(Pass):
 
     def run(self, graph: "gs.Graph", ctx: PassContext) -> PassResult:  # type: ignore[override]  # pragma: no cover
         raise NotImplementedError(f"{type(self).__name__}.run")
-
-
-def _check_options(p: Pass) -> None:
-    from .registry import check_options
-
-    check_options(p)
-
-
-def checks_options_itself(post_init: Callable[..., None]) -> Callable[..., None]:
-    """Mark a ``__post_init__`` that calls ``registry.check_options(self)`` itself (e.g. after giving
-    its own, more specific messages), so ``Pass`` does not check the options before it."""
-    post_init._checks_options = True  # type: ignore[attr-defined]
-    return post_init
-
-
-def not_in_pipeline_string(default: Any = None) -> Any:
-    """A pass field that cannot be written in a pipeline string (a model, a data loader)."""
-    return field(default=default, metadata={"pipeline": False}, compare=False, repr=False)
-
-
-def copy_graph_module(gm: "GraphModule", share_parameters: bool = False) -> "GraphModule":
-    """A deep copy that keeps node meta (shapes) and the module-level meta dict; with
-    ``share_parameters`` its parameters share storage with ``gm``'s (see ``shared_copy``).
-
-    The submodules are cloned first (``_clone_module``) into the memo ``copy.deepcopy`` then uses:
-    the same result as deep-copying them, without reconstructing every module's empty hook
-    dictionaries through the generic protocol (most of a large graph's copy time)."""
-    memo = _parameter_aliases(gm) if share_parameters else {}
-    for child in gm.children():
-        _clone_module(child, memo)
-    new = copy.deepcopy(gm, memo)
-    new.meta = copy.deepcopy(getattr(gm, "meta", {}))
-    return new
-
-
-def shared_copy(module: nn.Module) -> nn.Module:
-    """A deep copy of ``module`` whose parameters are new ``nn.Parameter`` objects over the same
-    storage (and version counter) as ``module``'s: no weight memory, and nothing done to the copy's
-    modules, parameter objects (``requires_grad``, ``.grad``, ``param.data = ...``) or buffers
-    reaches ``module``; only a write into a parameter's values in place would. Tied parameters stay tied."""
-    return copy.deepcopy(module, _parameter_aliases(module))
-
-
-def _parameter_aliases(module: nn.Module) -> dict[int, Any]:
-    """A ``copy.deepcopy`` memo mapping every plain ``nn.Parameter`` of ``module`` to an alias of it."""
-    return {id(p): nn.Parameter(p.detach(), requires_grad=p.requires_grad)
-            for p in module.parameters() if type(p) is nn.Parameter}
-
-
-def own_parameters(module: nn.Module, source: nn.Module) -> None:
-    """Give each parameter of ``module`` that still shares storage with one of ``source``'s a copy of
-    its own, in place (tied parameters stay tied): copy-on-write, deferred to the end, of what no
-    pass replaced, so ``module`` no longer changes when ``source`` does."""
-    theirs = {p.untyped_storage().data_ptr() for p in source.parameters()}
-    for p in module.parameters():
-        if p.untyped_storage().data_ptr() in theirs:
-            p.data = p.data.clone()
-
-
-def parameter_versions(module: nn.Module) -> dict[str, tuple[torch.Tensor, int]]:
-    """Every parameter with its version counter (bumped by any in-place write, also through an alias)."""
-    return {name: (p, p._version) for name, p in module.named_parameters()}
-
-
-def written_in_place(versions: dict[str, tuple[torch.Tensor, int]]) -> list[str]:
-    """Names of the parameters recorded by ``parameter_versions`` written in place since."""
-    return [name for name, (p, v) in versions.items() if p._version != v]
-
-
-_ATOMIC = (type(None), bool, int, float, complex, str, bytes, type, torch.dtype, torch.device)
-_CHILD_DICTS = ("_parameters", "_buffers", "_modules")
-
-
-def _plain_module_type(cls: type) -> bool:
-    """Whether ``copy.deepcopy`` copies ``cls`` by the default protocol: ``__getstate__()`` (a dict),
-    deep-copied, into ``__setstate__`` of a new instance (no ``__deepcopy__``/``__reduce__`` of its own)."""
-    return (getattr(cls, "__deepcopy__", None) is None and cls.__reduce_ex__ is object.__reduce_ex__
-            and cls.__reduce__ is object.__reduce__ and not issubclass(cls, (list, dict))
-            and not any("__slots__" in vars(k) for k in cls.__mro__))
-
-
-def _clone_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
-    """``copy.deepcopy(module, memo)``, faster for modules that use ``nn.Module``'s own copy protocol:
-    tensors and unknown attributes still go through ``copy.deepcopy`` (shared tensors stay shared),
-    empty containers are made anew. Other module types are deep-copied as they define."""
-    if id(module) in memo:
-        return memo[id(module)]
-    cls = type(module)
-    if not _plain_module_type(cls):
-        return copy.deepcopy(module, memo)
-    original = module.__getstate__()
-    if type(original) is not dict:
-        return copy.deepcopy(module, memo)
-    new = cls.__new__(cls)
-    memo[id(module)] = new
-    state: dict[str, Any] = {}
-    for key, value in original.items():
-        if key in _CHILD_DICTS and type(value) in (dict, collections.OrderedDict):
-            items = ((k, _clone_module(v, memo) if isinstance(v, nn.Module) else copy.deepcopy(v, memo))
-                     for k, v in value.items())
-            state[key] = type(value)(items)
-        elif isinstance(value, _ATOMIC):
-            state[key] = value
-        elif type(value) in (dict, collections.OrderedDict, set, list) and not value:
-            state[key] = type(value)()
-        else:
-            state[key] = copy.deepcopy(value, memo)
-    new.__setstate__(state)
-    return new

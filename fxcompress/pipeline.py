@@ -16,20 +16,37 @@ from __future__ import annotations
 import hashlib
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Literal, Sequence
 
 import torch
 from torch.fx import GraphModule
 
+from .backends.onnx_export import check_outputs
+from .backends.onnxruntime import run_model
+from .copying import copy_graph_module, own_parameters, parameter_versions, written_in_place
 from .errors import FxCompressError, PassError, PassOrderWarning, PassVerificationError, PipelineError
+from .graph_text import diff as text_diff
+from .graph_text import to_text
 from .instruments import validate_instrument
-from .pass_base import (Diagnostic, OrderPreference, Pass, PassContext, PassResult, checks_options_itself,
-                        copy_graph_module, not_in_pipeline_string, own_parameters, parameter_versions,
-                        written_in_place)
-from .report import PassRecord, Report
-from .verify import (check_exact, error_metrics, first_divergent_node, first_divergent_onnx_node, fresh_inputs,
-                     lint, output_mismatch, propagate_shapes, run_with_shapes)
+from .onnx_graph import check_model, to_graph, to_model
+from .options import format_pass, format_pipeline, nested_passes, not_in_pipeline_string
+from .pass_base import Diagnostic, OrderPreference, Pass, PassContext, PassResult
+from .registry import available, parse_pipeline, register
+from .report import PassRecord, Report, Snapshot
+from .stats import graph_stats, onnx_stats, untied_warnings
+from .trace import opaque_shares
+from .verify import (
+    check_exact,
+    error_metrics,
+    first_divergent_node,
+    first_divergent_onnx_node,
+    fresh_inputs,
+    lint,
+    output_mismatch,
+    propagate_shapes,
+    run_with_shapes,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
@@ -42,30 +59,9 @@ CONTEXT_CAPABILITIES: dict[str, str] = {
     "example-inputs": "pass example_inputs=... to compile()",
     "calibration-data": "pass calibration=<iterable of batches> to compile()",
     "train-data": "pass train_data=<iterable of (inputs, targets) batches> to compile()",
+    "train-labels": "pass train_data=<iterable of (inputs, targets) batches> to compile(): the targets are the labels",
     "teacher": "compile() provides the original model as the teacher",
 }
-
-
-def _children() -> Any:
-    return field(default=(), metadata={"pipeline": "children"})
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """Canonical text of the graph after a pipeline step (``index`` 0 = before the first pass)."""
-
-    index: int
-    name: str
-    stage: str
-    text: str
-
-    @property
-    def filename(self) -> str:
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in self.name.split("{", 1)[0])
-        return f"{self.index:02d}_{safe}.fxg"
-
-    def __str__(self) -> str:
-        return self.text
 
 
 @dataclass(frozen=True)
@@ -73,25 +69,20 @@ class Pipeline(Pass):
     """An ordered list of passes, itself a pass. ``Pipeline.parse("a,b{x=1}")`` builds one."""
 
     name: ClassVar[str] = "pipeline"
-    passes: tuple[Pass, ...] = _children()
+    passes: tuple[Pass, ...] = nested_passes()
     verify: bool = True
     on_error: OnError = "raise"
     instruments: tuple[Any, ...] = not_in_pipeline_string(())
 
-    @checks_options_itself
     def __post_init__(self) -> None:
         passes = self.passes
         if isinstance(passes, str):
-            from .registry import parse_pipeline
-
             passes = parse_pipeline(passes)
         passes = tuple(passes)
         for i, p in enumerate(passes):
             if not isinstance(p, Pass):
                 hint = " (did you pass the class instead of an instance? add '()')" if isinstance(p, type) else ""
                 raise PipelineError(f"item {i} of the pipeline is {p!r}, not a Pass{hint}")
-        if self.on_error not in ("raise", "skip"):
-            raise PipelineError(f"on_error must be 'raise' or 'skip'; got {self.on_error!r}")
         instruments = self.instruments or ()
         if isinstance(instruments, (str, bytes)) or not hasattr(instruments, "__iter__"):
             raise PipelineError(f"instruments must be a list of instrument objects, e.g. "
@@ -101,19 +92,12 @@ class Pipeline(Pass):
             validate_instrument(instrument, f"instrument {i}")
         object.__setattr__(self, "passes", passes)
         object.__setattr__(self, "instruments", instruments)
-        from .registry import check_options
-
-        check_options(self)
 
     @classmethod
     def parse(cls, text: str, **options: Any) -> "Pipeline":
-        from .registry import parse_pipeline
-
         return cls(tuple(parse_pipeline(text)), **options)
 
     def __str__(self) -> str:
-        from .registry import format_pass, format_pipeline
-
         return format_pipeline(self.passes) if not self.options() else format_pass(self)
 
     def leaves(self) -> Iterator[Pass]:
@@ -142,7 +126,8 @@ class Pipeline(Pass):
         ``export-onnx`` row comes before the first ONNX pass), as in run-time errors."""
         provided = {cap for cap, ok in (
             ("example-inputs", bool(ctx.example_inputs)), ("calibration-data", ctx.calibration is not None),
-            ("train-data", ctx.train_data is not None), ("teacher", ctx.original is not None)) if ok}
+            ("train-data", ctx.train_data is not None),
+            ("train-labels", ctx.train_data is not None), ("teacher", ctx.original is not None)) if ok}
         onnx_seen: Pass | None = None
         lowered = stage == "onnx"
         pos = 0
@@ -214,7 +199,7 @@ class Repeat(Pass):
 
     name: ClassVar[str] = "repeat"
     n: int = 1
-    passes: tuple[Pass, ...] = _children()
+    passes: tuple[Pass, ...] = nested_passes()
 
     def __post_init__(self) -> None:
         if not isinstance(self.n, int) or self.n < 1:
@@ -260,8 +245,6 @@ def _order_warnings(steps: list[tuple[int, Pass]], top: list[Pass]) -> list[Diag
         move = (f"move it before '{offenders[0][1]}'" if pref.relation == "before"
                 else f"move it after '{offenders[-1][1]}'")
         if suggested is not None:
-            from .registry import format_pipeline
-
             move += f"; suggested order: {format_pipeline(suggested)}"
         out.append(Diagnostic("warning", f"pass order: '{p}' (#{pos}) comes {side} {names}, but it should run "
                                          f"{pref.relation} {pref.describe()}: {pref.reason} ({move})"))
@@ -311,8 +294,6 @@ def _reaches(edges: set[tuple[int, int]], start: int, goal: int) -> bool:
 
 
 def _providers_of(capability: str) -> list[str]:
-    from .registry import available
-
     try:
         return [name for name, cls in available().items() if capability in cls.provides]
     except FxCompressError:
@@ -396,13 +377,9 @@ class _Run:
             return gm(*fresh_inputs(self.ctx.example_inputs))
 
     def _run_onnx(self, model: "onnx.ModelProto") -> Any:
-        from .onnx_graph import run_model
-
         return run_model(model, self.ctx.example_inputs)
 
     def _text(self, graph: Any) -> str:
-        from .graph_text import to_text
-
         return to_text(graph)
 
     def _stats(self, graph: Any) -> dict[str, int]:
@@ -417,8 +394,6 @@ class _Run:
         return dict(stats)
 
     def _measure(self, graph: Any) -> dict[str, int]:
-        from .stats import graph_stats, onnx_stats
-
         if isinstance(graph, GraphModule):
             s = graph_stats(graph)
         else:
@@ -453,8 +428,6 @@ class _Run:
         if not handed_over:
             propagate_shapes(self.gm, self.ctx.example_inputs)
         if self.lower is not None:  # before any pass runs: outputs ONNX cannot hold
-            from .backends.onnx_export import check_outputs
-
             check_outputs(self.gm, warn_dict=False)
         if self.reference is None and self.ctx.original is not None:
             with torch.no_grad():
@@ -564,8 +537,6 @@ class _Run:
             if why:
                 row.diagnostics.append({"severity": "info", "node": None, "message": why})
         if p.stage == "fx" and not isinstance(p, Pipeline):
-            from .stats import untied_warnings
-
             row.diagnostics += [{"severity": "warning", "message": m, "node": None}
                                 for m in untied_warnings(previous, new)]
         self._hook("after_pass", p, new, row, self.ctx)
@@ -580,7 +551,6 @@ class _Run:
                  cls: type[PassError] = PassError) -> PassError:
             diff = ""
             if after is not None:
-                from .graph_text import diff as text_diff
                 try:
                     diff = text_diff(before_text, self._text(after), "before", f"after {p.name}")
                 except Exception:  # noqa: BLE001 - a graph too broken to print has no diff
@@ -601,8 +571,6 @@ class _Run:
                 work = copy_graph_module(self.gm, share_parameters=shares)
                 result = p.run(work, self.ctx)
             else:
-                from .onnx_graph import to_graph
-
                 work = to_graph(self.model)
                 result = p.run(work, self.ctx)
         except PassError as exc:
@@ -632,8 +600,6 @@ class _Run:
                 raise fail(f"left a graph that does not run: {type(exc).__name__}: {exc}", None, exc, new) from exc
             text, digest = self._text(new), _weights_digest(new)
         else:
-            from .onnx_graph import check_model, to_model
-
             try:
                 new = to_model(result.graph, like=self.model)
                 check_model(new)
@@ -668,8 +634,6 @@ def _why_unchanged(p: Pass, graph: GraphModule, said: bool) -> str | None:
     text = f"'{p.name}' found nothing to rewrite"
     if not opaque:
         return None if said else text
-    from .trace import opaque_shares
-
     shares = opaque_shares(graph)
     names = ", ".join(f"'{k}' ({shares.get(k, 0.0):.0%} of the parameters)" for k in opaque)
     return f"{text} outside opaque modules {names}, which no pass can see into"
@@ -678,3 +642,7 @@ def _why_unchanged(p: Pass, graph: GraphModule, said: bool) -> str | None:
 def run_passes(gm: GraphModule, passes: Sequence[Pass] | str, ctx: PassContext, **options: Any) -> Outcome:
     """Shorthand: ``Pipeline(passes, **options).apply(gm, ctx)``."""
     return Pipeline(passes if isinstance(passes, str) else tuple(passes), **options).apply(gm, ctx)
+
+
+register(Pipeline)
+register(Repeat)

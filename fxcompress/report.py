@@ -15,6 +15,24 @@ from rich.table import Table
 from .units import format_bytes, format_count, format_value
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """Canonical text of the graph after a pipeline step (``index`` 0 = before the first pass)."""
+
+    index: int
+    name: str
+    stage: str
+    text: str
+
+    @property
+    def filename(self) -> str:
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in self.name.split("{", 1)[0])
+        return f"{self.index:02d}_{safe}.fxg"
+
+    def __str__(self) -> str:
+        return self.text
+
+
 @dataclass
 class PassRecord:
     """What one step of the pipeline did (the first row, ``input``, is the traced graph)."""

@@ -26,8 +26,8 @@ from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
 
 from .canonicalize import canonicalize, replace_with_graph
-from .errors import InputError, TraceError
-from .trace import _short, deep_copy
+from .copying import deep_copy
+from .errors import InputError, TraceError, short_reason
 
 _EXPORT_FIX = ("fix: make the data-dependent code tensor ops (torch.where, torch.cond), pass the argument "
                "that decides it via concrete_args=..., or keep the module opaque with leaf_modules=[...]")
@@ -127,10 +127,10 @@ def export_trace(model: nn.Module, inputs: tuple[torch.Tensor, ...], *, dynamic_
         exported = _export(root, _export_args(inputs, axes), kwargs, dyn)
     except Exception as exc:
         hint = _kv_cache_hint(model, inputs)
-        lines = [f"cannot capture {type(model).__name__} with torch.export: {_short(exc)}"]
+        lines = [f"cannot capture {type(model).__name__} with torch.export: {short_reason(exc)}"]
         if fx_reason:
             lines = [f"neither front end captures {type(model).__name__}:",
-                     "  torch.fx: " + fx_reason.replace("\n", "\n  "), f"  torch.export: {_short(exc)}"]
+                     "  torch.fx: " + fx_reason.replace("\n", "\n  "), f"  torch.export: {short_reason(exc)}"]
         lines.append(f"  fix: {hint}" if hint else f"  {_EXPORT_FIX}")
         err = TraceError("\n".join(lines))
         err.module_path = ""  # type: ignore[attr-defined]
@@ -217,7 +217,7 @@ def inline_opaque(gm: GraphModule, inputs: tuple[torch.Tensor, ...], *, dynamic_
         try:
             install = _inline_one(gm, node, path, at2[path], at3[path])
         except Exception as exc:  # noqa: BLE001 - the module stays opaque, with both reasons
-            opaque[path] = f"{opaque[path]}; torch.export: {_short(exc)}"
+            opaque[path] = f"{opaque[path]}; torch.export: {short_reason(exc)}"
             continue
         installs.append(install)
         del opaque[path]

@@ -11,7 +11,6 @@ pass can look into, with the reason.
 from __future__ import annotations
 
 import contextlib
-import copy
 import inspect
 import io
 import linecache
@@ -20,7 +19,6 @@ import os
 import sys
 import sysconfig
 import traceback
-from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Literal, Sequence
 
@@ -28,7 +26,10 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Interpreter, Node, Tracer
 
-from .errors import InputError, TraceError
+from .copying import deep_copy, sharing_parameters
+from .errors import InputError, TraceError, short_reason
+from .torch_export import export_fallback, export_trace, inline_opaque
+from .verify import fresh_inputs, propagate_shapes
 
 OnUntraceable = Literal["leaf", "error"]
 
@@ -146,16 +147,10 @@ def _where(exc: BaseException) -> str:
     return f"{text}: {line}" if line else text
 
 
-def _short(exc: BaseException) -> str:
-    msg = str(exc).strip().splitlines()
-    first = msg[0] if msg else ""
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-
-
 def _trace_error(model: nn.Module, failure: _Failure | None, exc: BaseException,
                  on_untraceable: str) -> TraceError:
     where = _where(failure.exc if failure else exc)
-    reason = _short(failure.exc if failure else exc)
+    reason = short_reason(failure.exc if failure else exc)
     if failure is None:
         msg = (f"cannot trace the top-level forward of {type(model).__name__}: {reason}\n"
                f"  at {where}\n"
@@ -317,8 +312,6 @@ def _erase_guard(gm: GraphModule, node: Node) -> None:
 
 def _propagate(gm: GraphModule, inputs: tuple[Any, ...]) -> None:
     """Shape propagation; a failure becomes a TraceError naming the node and its source line."""
-    from .verify import propagate_shapes
-
     try:
         with contextlib.redirect_stderr(io.StringIO()):
             propagate_shapes(gm, inputs)
@@ -335,7 +328,7 @@ def _propagate(gm: GraphModule, inputs: tuple[Any, ...]) -> None:
     where = _describe(gm, node) if node is not None else "an unknown node"
     loc = node.meta.get("source_location") if node is not None else None
     src = f"\n  created at {loc}" if loc else ""
-    err = TraceError(f"shape propagation failed at {where}: {_short(cause)}{src}\n"
+    err = TraceError(f"shape propagation failed at {where}: {short_reason(cause)}{src}\n"
                      f"  example_inputs had shapes [{shapes}]; check they match what the model expects")
     err.node = node.name if node is not None else None  # type: ignore[attr-defined]
     raise err from cause
@@ -343,8 +336,6 @@ def _propagate(gm: GraphModule, inputs: tuple[Any, ...]) -> None:
 
 def _locate_failure(gm: GraphModule, inputs: tuple[Any, ...], exc: BaseException
                     ) -> tuple[Node | None, BaseException]:
-    from .verify import fresh_inputs
-
     runner = _NodeRunner(gm)
     try:
         with torch.no_grad():
@@ -384,12 +375,9 @@ def trace(
     share storage with ``model``'s (no weight memory; ``compile`` does this and gives its result
     copies of its own at the end); nothing fxcompress does writes into them.
     """
-    token = _SHARE_PARAMETERS.set(share_parameters)
-    try:
+    with sharing_parameters(share_parameters):
         return _capture(model, example_inputs, frontend, dynamic_axes, leaf_modules, concrete_args, on_untraceable,
                         train)
-    finally:
-        _SHARE_PARAMETERS.reset(token)
 
 
 def _capture(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor, frontend: Frontend,
@@ -402,8 +390,6 @@ def _capture(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Te
     inputs = _check_inputs(model, example_inputs, concrete_args)
     user_types, user_paths = _leaf_spec(model, leaf_modules)
     if frontend == "export":
-        from .torch_export import export_trace
-
         gm = export_trace(model, inputs, dynamic_axes=dynamic_axes, concrete_args=concrete_args, train=train)
     else:
         try:
@@ -411,15 +397,11 @@ def _capture(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Te
         except TraceError as fx_error:
             if frontend == "fx" or getattr(fx_error, "module_path", "") != "":
                 raise
-            from .torch_export import export_fallback
-
             gm = export_fallback(model, inputs, fx_error, dynamic_axes=dynamic_axes, concrete_args=concrete_args,
                                  train=train)
         else:
             gm.meta["frontend"] = "fx"
             if frontend == "auto":
-                from .torch_export import inline_opaque
-
                 inline_opaque(gm, inputs, dynamic_axes=dynamic_axes, user_paths=user_paths, user_types=user_types)
     _propagate(gm, inputs)
     return gm
@@ -443,7 +425,7 @@ def _symbolic_trace(model: nn.Module, inputs: tuple[torch.Tensor, ...], user_typ
                 failure = None
             if failure is None or on_untraceable == "error" or failure.path in untraceable:
                 raise _trace_error(model, failure, exc, on_untraceable) from exc
-            untraceable[failure.path] = f"untraceable: {_short(failure.exc)} (at {_where(failure.exc)})"
+            untraceable[failure.path] = f"untraceable: {short_reason(failure.exc)} (at {_where(failure.exc)})"
             continue
         gm = GraphModule(root, graph, class_name=type(model).__name__)
         gm.train(train)  # the containers GraphModule creates for dotted paths start in train mode
@@ -456,22 +438,6 @@ def _symbolic_trace(model: nn.Module, inputs: tuple[torch.Tensor, ...], user_typ
 
 
 #: set by ``trace(share_parameters=True)`` for the capture it runs
-_SHARE_PARAMETERS: ContextVar[bool] = ContextVar("fxcompress_share_parameters", default=False)
-
-
-def deep_copy(model: nn.Module) -> nn.Module:
-    """A deep copy of the user's model (fxcompress never captures the user's own object); under
-    ``trace(share_parameters=True)`` its parameters share storage with the user's (``shared_copy``)."""
-    from .pass_base import shared_copy
-
-    try:
-        return shared_copy(model) if _SHARE_PARAMETERS.get() else copy.deepcopy(model)
-    except Exception as exc:
-        raise TraceError(f"cannot deep-copy {type(model).__name__} for tracing ({_short(exc)}); "
-                         f"fxcompress never traces the user's own object. Make the model "
-                         f"deep-copyable (e.g. drop open files, locks or hooks holding them)") from exc
-
-
 #: ``compile`` warns when opaque modules hold more than this share of the parameters
 OPAQUE_WARN_SHARE = 0.10
 
@@ -502,5 +468,5 @@ def opaque_warning(gm: GraphModule) -> str | None:
             "from leaf_modules=, or make their forward traceable")
 
 
-__all__ = ["DEFAULT_LEAF_TYPES", "FRONTENDS", "OPAQUE_WARN_SHARE", "deep_copy", "opaque_shares", "opaque_warning",
+__all__ = ["DEFAULT_LEAF_TYPES", "FRONTENDS", "OPAQUE_WARN_SHARE", "opaque_shares", "opaque_warning",
            "trace"]

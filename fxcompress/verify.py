@@ -357,7 +357,7 @@ def _as_float64(value: Any) -> Any:
 def to_float64(gm: GraphModule) -> GraphModule:
     """A copy of ``gm`` computing in float64: floating parameters, buffers and plain tensor
     attributes converted; ``gm`` itself is untouched (its parameters are not copied in float32 first)."""
-    from .pass_base import shared_copy
+    from .copying import shared_copy
 
     g = shared_copy(gm)
     g.double()
@@ -489,7 +489,8 @@ def first_divergent_onnx_node(before: Any, after: Any, inputs: Sequence[Any],
     Best effort: None when no such tensor differs or the models cannot be run with it exposed."""
     import numpy as np
 
-    from .onnx_graph import expose_outputs, run_onnx
+    from .backends.onnxruntime import run_onnx
+    from .onnx_graph import expose_outputs
 
     produced = {o for n in before.graph.node for o in n.output if o}
     owners = [(n.name or n.op_type, o) for n in after.graph.node for o in n.output if o in produced]

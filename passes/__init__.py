@@ -14,21 +14,10 @@ import pkgutil
 import sys
 from collections.abc import Callable, Sequence
 from functools import lru_cache
-from types import ModuleType
 from typing import Any
 
 from fxcompress.pipeline import Pipeline as Pipeline, Repeat as Repeat  # re-exported for users
-
-
-def iter_modules(package: str = __name__, path: Sequence[str] | None = None) -> list[ModuleType]:
-    """All public modules of ``package`` (default: this whole library), imported, in a stable order."""
-    mods: list[ModuleType] = []
-    walk = pkgutil.walk_packages(__path__ if path is None else path, prefix=f"{package}.")
-    for info in sorted(walk, key=lambda i: i.name):
-        if info.name.rsplit(".", 1)[-1].startswith("_"):
-            continue
-        mods.append(importlib.import_module(info.name))
-    return mods
+from fxcompress.registry import defined_passes
 
 
 def lazy_exports(package: str, path: Sequence[str]) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
@@ -39,15 +28,7 @@ def lazy_exports(package: str, path: Sequence[str]) -> tuple[Callable[[str], Any
 
     @lru_cache(maxsize=None)
     def classes() -> dict[str, type]:
-        from fxcompress.pass_base import Pass
-
-        found: dict[str, type] = {}
-        for mod in iter_modules(package, path):
-            for attr, obj in vars(mod).items():
-                if (isinstance(obj, type) and issubclass(obj, Pass) and obj.__module__ == mod.__name__
-                        and not attr.startswith("_")):
-                    found[attr] = obj
-        return found
+        return {attr: cls for attr, cls in defined_passes(sys.modules[package]) if not attr.startswith("_")}
 
     def getattr_(name: str) -> Any:
         if name in {info.name for info in pkgutil.iter_modules(path)}:

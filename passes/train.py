@@ -227,6 +227,7 @@ class FineTune(TrainingPass):
     """
 
     name: ClassVar[str] = "fine-tune"
+    requires: ClassVar[tuple[str, ...]] = ("train-data", "train-labels")
 
     loss: Literal["auto", "cross_entropy", "mse"] = "auto"
     max_steps: int = 0

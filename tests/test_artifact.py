@@ -347,7 +347,7 @@ def test_resaving_removes_stale_graph_files(saved: tuple[Path, fxc.Compiled], tm
 def test_manifest_pipeline_full_writes_every_option_and_parses_to_the_same_passes(tmp_path: Path) -> None:
     from passes import FoldBatchNorm, PruneChannels
 
-    from fxcompress.registry import option_names
+    from fxcompress.options import option_names
 
     pipeline = fxc.Pipeline([FoldBatchNorm(), fxc.Repeat(2, (PruneChannels(ratio=0.25),))])
     compiled = fxc.compile(SecretNet().eval(), X, pipeline, target="onnxruntime")

@@ -512,7 +512,8 @@ def test_pass_uses_the_parser_of_the_compile_target():
 
 
 def test_pass_is_registered_and_round_trips_as_a_pipeline_string():
-    from fxcompress.registry import format_pass, parse_pipeline
+    from fxcompress.options import format_pass
+    from fxcompress.registry import parse_pipeline
 
     (p,) = parse_pipeline("check-tensorrt{use-parser=false,strict=true}")
     assert isinstance(p, CheckTensorRT) and p.use_parser is False and p.strict is True

@@ -323,7 +323,7 @@ def test_compile_a_training_recipe_from_npy_files_with_an_html_report(workdir: P
     (("compile", "mymodels:make_model", "--input-shape", "1x3x8x8", "--passes", "fine-tune"),
      "pass 'fine-tune' needs train data: give --train-data inputs.npy (and --train-targets targets.npy"),
     (("compile", "mymodels:make_model", "--input-shape", "1x3x8x8", "--passes", "fold-batchnorm,fine-tune",
-      "--train-data", "x8.npy"), "pass 'fine-tune' trains on labels: give --train-targets targets.npy"),
+      "--train-data", "x8.npy"), "pass 'fine-tune' needs train labels: give --train-targets targets.npy"),
     (("bench", "out", "--backend", "cuda"), "--backend 'cuda': choose one of onnxruntime, tensorrt, tensorrt-rtx"),
     (("compare", "out", "--inputs", "x1.npy", "--target", "onnxruntime"), "--target 'onnxruntime': choose one of"),
     (("bench", "nowhere"), "not an artifact directory"),

@@ -14,7 +14,7 @@ from torch import nn
 
 import fxcompress as fxc
 from fxcompress.errors import PassError
-from fxcompress.pass_base import copy_graph_module, shared_copy
+from fxcompress.copying import copy_graph_module, shared_copy
 from fxcompress.pipeline import run_passes
 from fxcompress.trace import trace
 

@@ -15,7 +15,8 @@ from torch import fx, nn
 from fxcompress.backends.onnx_export import export_onnx, fx_node_of, fx_node_outputs
 from fxcompress.backends.onnxruntime import OrtRunner
 from fxcompress.errors import ExportError, InputError
-from fxcompress.onnx_graph import FX_NODE_KEY, expose_outputs, run_onnx, to_graph, to_model
+from fxcompress.backends.onnxruntime import run_onnx
+from fxcompress.onnx_graph import FX_NODE_KEY, expose_outputs, to_graph, to_model
 from fxcompress.trace import trace
 
 RTOL, ATOL = 1e-4, 1e-5

@@ -13,7 +13,8 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import fx, nn
 
 from fxcompress.backends.onnx_export import export_onnx
-from fxcompress.onnx_graph import run_onnx, to_graph, to_model
+from fxcompress.backends.onnxruntime import run_onnx
+from fxcompress.onnx_graph import to_graph, to_model
 from fxcompress.pass_base import OnnxPass, PassContext, PassResult
 from fxcompress.trace import trace
 from passes.onnx.cleanup import OnnxCleanup, OnnxRemoveIdentity

@@ -428,7 +428,7 @@ def test_compile_verify_and_on_error_apply_to_a_pipeline_object() -> None:
     with pytest.raises(fxc.PassVerificationError):
         compile_fx(fxc.Pipeline([ReluToSigmoid()], on_error="skip"), on_error="raise")
     assert pipe.on_error == "raise" and pipe.verify is True
-    with pytest.raises(fxc.PipelineError, match="on_error must be 'raise' or 'skip'; got 'ignore'"):
+    with pytest.raises(fxc.PipelineError, match="option 'on_error' of pass 'pipeline' must be one of 'raise', 'skip'; got 'ignore'"):
         compile_fx(pipe, on_error="ignore")
 
 

@@ -14,7 +14,8 @@ from torch import Tensor, nn
 
 import fxcompress as fxc
 from fxcompress.errors import PipelineError
-from fxcompress.registry import format_pipeline, parse_pipeline
+from fxcompress.options import format_pipeline
+from fxcompress.registry import parse_pipeline
 from fxcompress.trace import trace
 from fxcompress.verify import propagate_shapes
 from passes import PruneHeads

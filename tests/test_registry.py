@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from torch.fx import GraphModule
 
 import fxcompress as fxc
-from fxcompress.registry import available, format_value, get, parse_pipeline
+from fxcompress.options import format_value
+from fxcompress.registry import available, get, parse_pipeline
 
 
 @fxc.register

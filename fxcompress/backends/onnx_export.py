@@ -154,7 +154,7 @@ def export_onnx(
 
     param_bytes = sum(t.numel() * t.element_size() for t in [*gm.parameters(), *gm.buffers()])
     if any(m.training for m in gm.modules()):
-        from ..pass_base import copy_graph_module
+        from ..copying import copy_graph_module
 
         gm = copy_graph_module(gm, share_parameters=True).eval()
     root = _ExportRoot(gm)

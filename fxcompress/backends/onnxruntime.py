@@ -1,4 +1,5 @@
-"""ONNX Runtime backend: a session runner that takes and returns torch tensors.
+"""ONNX Runtime backend: a session runner that takes and returns torch tensors, and one-shot
+runs (``run_onnx``, ``run_model``) of a graph as written, for verification.
 
 ``OrtRunner`` wraps an ``onnxruntime.InferenceSession`` with graph optimizations on (they fuse
 Conv+BN, Q/DQ into integer kernels, ...), the CPU provider by default and any installed provider
@@ -10,16 +11,17 @@ does a tensor on a device the session cannot take (meta, or CUDA without a GPU p
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Sequence
 
 import numpy as np
 import onnx
+import torch
 
 from ..errors import BackendUnavailable, InputError
-
-ModelLike = Union[onnx.ModelProto, bytes, str, Path]
+from ..onnx_graph import ModelLike, load_model, needs_external_data, to_numpy, with_external_data
 
 _OPT_LEVELS = ("disable", "basic", "extended", "all")
 
@@ -113,8 +115,6 @@ def make_session(
         opts.optimized_model_filepath = str(optimized_model_path)
     external: list[Any] = []
     if isinstance(model, onnx.ModelProto):
-        from ..onnx_graph import session_source
-
         source, names, external = session_source(model)
         if names:
             opts.add_external_initializers(names, external)
@@ -204,8 +204,6 @@ class OrtRunner:
 
     def _check(self, i: int, spec: TensorSpec, value: Any,
                dims_seen: dict[str, tuple[int, str]]) -> np.ndarray:
-        import torch
-
         where = f"input #{i} {spec.name!r}"
         if isinstance(value, torch.Tensor):
             check_device(where, value.device, self._providers)
@@ -239,8 +237,6 @@ class OrtRunner:
 
     def __call__(self, *tensors: Any, **named: Any) -> Any:
         """Run the session; returns a torch tensor, or a tuple of them for several outputs."""
-        import torch
-
         outputs = self.session.run(None, self.feed(*tensors, **named))
         result = tuple(torch.from_numpy(np.asarray(o)) for o in outputs)
         return result[0] if len(result) == 1 else result
@@ -280,3 +276,59 @@ def _fmt(shape: tuple[int | str | None, ...]) -> str:
 def _torch_name(numpy_name: str) -> str:
     return {"float32": "float32", "float64": "float64", "float16": "float16", "bool_": "bool",
             "bool": "bool"}.get(numpy_name, numpy_name)
+
+
+def session_source(model: onnx.ModelProto) -> tuple[bytes, list[str], list[Any]]:
+    """What ``onnxruntime.InferenceSession`` is built from: the serialized model, and (for a model
+    over ``EXTERNAL_DATA_THRESHOLD``) the names and ``OrtValue``s of the initializers left out of it,
+    for ``SessionOptions.add_external_initializers`` (no serialized copy of the weights, no 2 GB limit)."""
+    if not needs_external_data(model):
+        return model.SerializeToString(), [], []
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    lean = with_external_data(model, "in-memory")
+    names, values = [], []
+    for init, full in zip(lean.graph.initializer, model.graph.initializer):
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            names.append(init.name)
+            values.append(ort.OrtValue.ortvalue_from_numpy(numpy_helper.to_array(full)))
+    return lean.SerializeToString(), names, values
+
+
+def run_onnx(
+    model: ModelLike,
+    inputs: "Sequence[torch.Tensor | np.ndarray] | Mapping[str, Any]",
+    *,
+    output_names: Sequence[str] | None = None,
+    optimization: str = "disable",
+) -> list[np.ndarray]:
+    """Run ``model`` once on the CPU in ONNX Runtime and return its outputs as numpy arrays.
+
+    ``inputs`` are positional (graph input order) or a mapping by input name. Graph
+    optimizations are off by default so the result reflects the graph as written (what an exact
+    pass must preserve); ``output_names`` selects outputs (intermediate tensors need
+    ``expose_outputs`` first).
+    """
+    proto = load_model(model)
+    session = make_session(proto, optimization=optimization)
+    names = [i.name for i in session.get_inputs()]
+    if isinstance(inputs, Mapping):
+        feed = {k: to_numpy(v) for k, v in inputs.items()}
+    else:
+        if len(inputs) != len(names):
+            raise ValueError(f"run_onnx: the model takes {len(names)} inputs {names}, got {len(inputs)}")
+        feed = {k: to_numpy(v) for k, v in zip(names, inputs)}
+    return list(session.run(list(output_names) if output_names is not None else None, feed))
+
+
+def run_model(
+    model: ModelLike,
+    inputs: "Sequence[torch.Tensor | np.ndarray] | Mapping[str, Any]",
+    *,
+    optimization: str = "disable",
+) -> "torch.Tensor | tuple[torch.Tensor, ...]":
+    """``run_onnx`` returning torch tensors shaped like a module's result: one tensor for a
+    single output, else a tuple (what the pipeline compares against the FX graph)."""
+    outs = tuple(torch.from_numpy(np.asarray(o)) for o in run_onnx(model, inputs, optimization=optimization))
+    return outs[0] if len(outs) == 1 else outs

@@ -22,7 +22,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
-from fxcompress.onnx_graph import run_onnx
+from fxcompress.backends.onnxruntime import run_onnx
 from fxcompress.pass_base import OnnxPass, PassContext, PassResult
 
 from ._gs_utils import op_counts, redirect_readers, removed_ops
