@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import importlib.metadata as md
 import json
 import os
 import platform
@@ -35,10 +36,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+import onnx
 import torch
 
-from .errors import ArtifactError, BackendUnavailable, InputError
+from .backends.onnxruntime import OrtRunner
+from .errors import ArtifactError, BackendUnavailable, FxCompressError, InputError
+from .onnx_graph import load_external_data, needs_external_data, with_external_data
 from .pipeline import Snapshot
+from .registry import expand_pipeline
 from .report import Report
 from .verify import flatten_outputs
 
@@ -56,9 +61,6 @@ _ENGINE_MODULES = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}
 def full_pipeline(pipeline: str) -> str | None:
     """``pipeline`` with every option written out; None when it names a pass that is not registered
     (a class used only as a Python object), which no pipeline string can rebuild anyway."""
-    from .errors import FxCompressError
-    from .registry import expand_pipeline
-
     try:
         return expand_pipeline(pipeline)
     except FxCompressError:
@@ -97,8 +99,6 @@ def _sha256(path: Path) -> str:
 
 
 def library_versions() -> dict[str, str | None]:
-    import importlib.metadata as md
-
     out: dict[str, str | None] = {"python": platform.python_version()}
     for dist in ("fxcompress", "torch", "onnx", "onnxruntime", "onnx-graphsurgeon", "tensorrt",
                  "tensorrt-rtx-cu12"):
@@ -175,8 +175,6 @@ class Compiled:
         if backend == "fx":
             self._runner = self.graph_module
         elif backend == "onnxruntime":
-            from .backends.onnxruntime import OrtRunner
-
             self._runner = OrtRunner(self.onnx_model, providers=providers, threads=threads)
         elif backend in ("tensorrt", "tensorrt-rtx"):
             self._runner = _LazyTrtRunner(self.engine, backend, runnable)
@@ -234,8 +232,6 @@ class Compiled:
 
     def _write(self, out: Path, model: Any) -> None:
         """Every file of the artifact, manifest last, into the (new, empty) directory ``out``."""
-        from .onnx_graph import needs_external_data, with_external_data
-
         (out / "graphs").mkdir()
         inputs, outputs = self._io_specs(model)
         files: list[str] = ["model.onnx"]
@@ -626,10 +622,6 @@ def _swap(new: Path, target: Path) -> None:
 
 def _onnx_model(contents: dict[str, bytes], root: Path) -> Any:
     """``model.onnx`` with its external data (if any) filled in from the verified bytes of ``ONNX_DATA``."""
-    import onnx
-
-    from .onnx_graph import load_external_data
-
     model = onnx.load_model_from_string(contents["model.onnx"])
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
         if ONNX_DATA not in contents:

@@ -10,15 +10,33 @@ import importlib
 import json
 import re
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+import onnx
+import torch
 import typer
 from rich.console import Console
+from rich.table import Table
 
+from . import bench as b
+from . import compare as cmp
+from .api import compile as fx_compile
+from .artifact import check_save_target, load, read_manifest
 from .cli_data import CLI_CAPABILITIES, CliError, check_data_files, check_pipeline_data, compile_data
-from .errors import FxCompressError, PassOrderWarning
+from .demo import run_demo
+from .errors import ArtifactError, BackendUnavailable, FxCompressError, InputError, PassOrderWarning
+from .graph_text import diff as text_diff
+from .graph_text import read_fxg, to_text
+from .onnx_graph import to_graph
+from .options import describe_options
+from .pass_base import PassContext
+from .pipeline import CONTEXT_CAPABILITIES
+from .registry import available, catalogue_markdown, recipes
+from .report import Report
+from .report_html import write_html
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compress PyTorch models through torch.fx passes, lowered to ONNX Runtime and TensorRT.")
@@ -80,8 +98,6 @@ def load_factory(spec: str) -> Any:
 
 
 def _model_and_inputs(spec: str, input_shape: Optional[str]) -> tuple[Any, tuple[Any, ...]]:
-    import torch
-
     shapes = parse_shapes(input_shape) if input_shape else None
     made = load_factory(spec)
     example = None
@@ -114,8 +130,6 @@ _KEYWORD_FLAG = re.compile(r"\b(target|fallback|precision)='([\w-]+)'")
 def cli_hints(message: str) -> str:
     """``message`` with the Python API's advice (``calibration=``, ``fallback=...``) replaced by the
     command-line flags that do the same."""
-    from .pipeline import CONTEXT_CAPABILITIES
-
     for cap, fix in CONTEXT_CAPABILITIES.items():
         if cap in CLI_CAPABILITIES:
             message = message.replace(fix, CLI_CAPABILITIES[cap])
@@ -153,8 +167,6 @@ def compile_cmd(
     report_html: Optional[Path] = typer.Option(None, "--report-html", help="Also write an HTML report here."),
 ) -> None:
     """Compile a model and save the artifact (model.onnx, manifest.json, report.json, graphs/)."""
-    from .registry import recipes
-
     if list_recipes:
         for name, text in recipes().items():
             console.print(f"{name:22s} {text}", markup=False, highlight=False)
@@ -168,7 +180,6 @@ def compile_cmd(
         if recipe not in table:
             raise CliError(f"unknown recipe {recipe!r}; known: {', '.join(table)}")
         passes = table[recipe]
-    from .api import compile as fx_compile
 
     check_out(out, overwrite)
     check_data_files(calibration=calibration, train_data=train_data, train_targets=train_targets)
@@ -186,8 +197,6 @@ def compile_cmd(
     console.print(compiled.report.table())
     console.print(f"backend: {compiled.backend}", markup=False)
     if report_html:
-        from .report_html import write_html
-
         write_html(compiled.report, report_html, snapshots=compiled.snapshots)
         console.print(f"wrote {report_html}", markup=False)
     console.print(f"wrote {out}/", markup=False)
@@ -214,11 +223,6 @@ def _order_warnings_to_stderr() -> Iterator[None]:
 def check_out(out: Path, overwrite: bool) -> None:
     """Before any long work: ``--out`` can be written as an artifact directory (the checks
     ``Compiled.save`` makes, and a writable parent), in ``--out``'s terms."""
-    import tempfile
-
-    from .artifact import check_save_target
-    from .errors import ArtifactError
-
     try:
         check_save_target(out.resolve(), overwrite)
     except ArtifactError as exc:
@@ -241,12 +245,6 @@ def _inspections(model: Any, shapes: list[tuple[int, ...]] | None, target: str |
     """``(pass name, diagnostics)`` of every registered ONNX pass that declares ``inspects``, run on
     ``model`` like any pass; ``shapes`` (example input shapes) become its example inputs (e.g. the
     optimization profiles of dynamic inputs), ``target`` the context's compile target."""
-    import torch
-
-    from .onnx_graph import to_graph
-    from .pass_base import PassContext
-    from .registry import available
-
     inputs = tuple(torch.zeros(s) for s in shapes or ())
     out = []
     for name, cls in available().items():
@@ -258,13 +256,9 @@ def _inspections(model: Any, shapes: list[tuple[int, ...]] | None, target: str |
 @app.command("passes")
 def list_passes(markdown: bool = typer.Option(False, "--markdown", help="Print the catalogue as Markdown.")) -> None:
     """List every registered pass with its options."""
-    from .options import describe_options
-    from .registry import available, catalogue_markdown
-
     if markdown:
         console.print(catalogue_markdown(), markup=False, highlight=False)
         return
-    from rich.table import Table
 
     table = Table(title="passes")
     for col in ("pass", "stage", "exact", "options"):
@@ -282,14 +276,9 @@ def inspect(path: Path = typer.Argument(..., help="An artifact directory, a .onn
                                             "default: the shapes it was compiled with).")
             ) -> None:
     """Print a graph's canonical text, for artifacts the per-pass report, and TensorRT compatibility."""
-    from .graph_text import to_text
-
     if not path.exists():
         raise CliError(f"{path}: no such file or directory")
     if path.is_dir():
-        from .artifact import read_manifest
-        from .report import Report
-
         manifest = read_manifest(path)
         snaps = manifest.get("snapshots") or []
         if snaps:
@@ -298,8 +287,6 @@ def inspect(path: Path = typer.Argument(..., help="An artifact directory, a .onn
         console.print(report.table())
         console.print(f"target: {manifest['target']}  backend: {manifest['backend']}", markup=False)
         console.print(f"pipeline: {manifest['pipeline']}", markup=False, highlight=False)
-        import onnx
-
         shapes = parse_shapes(input_shape) if input_shape else \
             [tuple(s["shape"]) for s in manifest.get("inputs") or []] or None
         _print_inspections(onnx.load_model(str(path / "model.onnx")), shapes, manifest.get("target"))
@@ -339,13 +326,9 @@ def _print_inspections(model: Any, shapes: list[tuple[int, ...]] | None, target:
 def graph_text(path: Path) -> str:
     """The canonical graph text of ``path``: an ``.fxg`` file as it is, a ``.onnx`` model rendered,
     an artifact directory's final graph (its ``model.onnx``, rendered)."""
-    from .graph_text import read_fxg
-
     if not path.exists():
         raise CliError(f"{path}: no such file or directory")
     if path.is_dir():
-        from .artifact import read_manifest
-
         read_manifest(path)
         return _onnx_text(path / "model.onnx")
     if path.suffix == ".onnx":
@@ -358,8 +341,6 @@ def graph_text(path: Path) -> str:
 
 
 def _load_onnx(path: Path) -> Any:
-    import onnx
-
     try:
         return onnx.load_model(str(path))
     except Exception as exc:  # noqa: BLE001 - any decode failure is the same user error
@@ -367,8 +348,6 @@ def _load_onnx(path: Path) -> Any:
 
 
 def _onnx_text(path: Path) -> str:
-    from .graph_text import to_text
-
     return to_text(_load_onnx(path))
 
 
@@ -377,8 +356,6 @@ def diff(a: Path = typer.Argument(..., help="Before: a .fxg file, a .onnx model 
          b: Path = typer.Argument(..., help="After: the same kinds."),
          ) -> None:
     """Unified diff of two canonical graph texts; exit status 0 when identical, 1 when they differ."""
-    from .graph_text import diff as text_diff
-
     out = text_diff(graph_text(a), graph_text(b), str(a), str(b))
     console.print(out or "(no differences)", markup=False, highlight=False)
     if out:
@@ -406,12 +383,6 @@ def bench(
                                 "on); onnxruntime runs a TensorRT artifact's model.onnx on the CPU."),
 ) -> None:
     """Latency (median, p90), throughput, process peak RSS, weight and file bytes; side by side with eager."""
-    import torch
-
-    from . import bench as b
-    from .artifact import load
-    from .errors import BackendUnavailable
-
     if not path.is_dir():
         raise CliError(f"{path}: not an artifact directory (make one with `fxcompress compile ... --out DIR`)")
     if backend is not None and backend not in BENCH_BACKENDS:
@@ -474,12 +445,6 @@ def compare_cmd(
                                "the artifact's target when it is one of these)."),
 ) -> None:
     """Per-layer error: original torch vs rewritten FX vs ONNX Runtime (vs TensorRT on a GPU)."""
-    import torch
-
-    from . import compare as cmp
-    from .artifact import load
-    from .errors import InputError
-
     if not path.is_dir():
         raise CliError(f"{path}: not an artifact directory (make one with `fxcompress compile ... --out DIR`)")
     if target is not None and target not in cmp.TRT_TARGETS:
@@ -534,8 +499,6 @@ def demo(
     quick: bool = typer.Option(False, "--quick", help="Fewer training and distillation epochs (for CI)."),
 ) -> None:
     """The whole story on scikit-learn's digits: train, compress, lower, measure."""
-    from .demo import run_demo
-
     run_demo(out=out, quick=quick, console=console)
 
 

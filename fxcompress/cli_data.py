@@ -4,9 +4,18 @@ cut into batches; and, before anything is traced, whether every pass gets the da
 
 from __future__ import annotations
 
+import inspect as pyinspect
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from . import compare as cmp
+from .compare import not_numpy
+from .errors import InputError
+from .pipeline import Pipeline
 
 
 class CliError(Exception):
@@ -15,8 +24,6 @@ class CliError(Exception):
 
 def _input_names(model: Any, count: int) -> list[str]:
     """The names of ``model.forward``'s first ``count`` parameters (the keys of an ``.npz`` file)."""
-    import inspect as pyinspect
-
     try:
         params = [p.name for p in pyinspect.signature(model.forward).parameters.values()
                   if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
@@ -28,9 +35,6 @@ def _input_names(model: Any, count: int) -> list[str]:
 def _load_samples(path: Path, option: str, model: Any, example: tuple[Any, ...]) -> tuple[Any, ...]:
     """Samples for every model input from ``path`` (.npy: one input; .npz: keyed by forward's parameter
     names), cast to the example inputs' dtypes and checked against their per-sample shapes."""
-    from . import compare as cmp
-    from .errors import InputError
-
     names = _input_names(model, len(example))
     specs = [{"name": n, "dtype": str(x.dtype).replace("torch.", "")} for n, x in zip(names, example)]
     try:
@@ -50,9 +54,6 @@ def _load_samples(path: Path, option: str, model: Any, example: tuple[Any, ...])
 
 
 def _load_targets(path: Path, samples: int) -> Any:
-    import numpy as np
-    import torch
-
     if not path.is_file():
         raise CliError(f"--train-targets {path}: no such file (save the targets with numpy.save)")
     try:
@@ -110,11 +111,10 @@ CLI_CAPABILITIES: dict[str, str] = {
     "teacher": "compile provides the original model as the teacher",
 }
 
+
 def check_data_files(**files: Optional[Path]) -> None:
     """Before the model is built: each given data file (``calibration=``, ``train_data=``, ...: the
     flag's name) exists and is a numpy file."""
-    from .compare import not_numpy
-
     for name, path in files.items():
         if path is None:
             continue
@@ -130,8 +130,6 @@ def check_data_files(**files: Optional[Path]) -> None:
 def check_pipeline_data(passes: str, *, calibration: bool, train_data: bool, train_targets: bool) -> None:
     """Before anything is loaded or traced: every pass in ``passes`` gets the data it needs from the
     command line (the library would find out later, in its own terms)."""
-    from .pipeline import Pipeline
-
     given = {"example-inputs": True, "calibration-data": calibration, "train-data": train_data,
              "train-labels": train_targets, "teacher": True}
     for p in Pipeline.parse(passes).leaves() if passes else ():

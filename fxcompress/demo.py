@@ -8,6 +8,7 @@ RSS, weight and file bytes) of the final ONNX Runtime session next to eager torc
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,11 +18,19 @@ from rich.console import Console
 from rich.table import Table
 from torch.fx import GraphModule
 
+from . import api
+from .backends.onnx_export import export_onnx
+from .backends.onnxruntime import OrtRunner
 from .bench import BenchResult, benchmark, file_size, weight_size
 from .bench import table as bench_table
+from .digits import DigitsResNet, accuracy, digits_loaders, train_classifier
+from .graph_text import diff
 from .instruments import Evaluate
+from .options import format_pipeline
 from .pass_base import Pass, PassContext
+from .registry import parse_pipeline, recipes
 from .report import PassRecord
+from .report_html import write_html
 from .units import format_bytes, format_count
 
 DEMO_RECIPE = "distill-prune-int8"
@@ -33,11 +42,6 @@ QUICK_EPOCHS = 2
 
 def quick_pipeline(text: str, epochs: int = QUICK_EPOCHS) -> str:
     """``text`` with every pass that trains (declares ``trains`` and has ``epochs``) cut to ``epochs`` epochs."""
-    import dataclasses
-
-    from .options import format_pipeline
-    from .registry import parse_pipeline
-
     passes = [dataclasses.replace(p, epochs=min(p.epochs, epochs))
               if p.trains and hasattr(p, "epochs") else p for p in parse_pipeline(text)]
     return format_pipeline(passes)
@@ -73,9 +77,6 @@ class _OrtLatency:
         self.x, self.iters = x, iters
 
     def after_pass(self, p: Pass | None, graph: Any, record: PassRecord, ctx: PassContext) -> None:
-        from .backends.onnx_export import export_onnx
-        from .backends.onnxruntime import OrtRunner
-
         if record.status == "rolled-back":
             return
         model = export_onnx(graph, ctx.example_inputs) if isinstance(graph, GraphModule) else graph
@@ -112,11 +113,6 @@ def run_demo(out: Path = Path("demo_out"), *, quick: bool = False, console: Cons
 
 
 def _run_demo(out: Path, quick: bool, console: Console | None, pipeline: str | None) -> DemoResult:
-    from . import api
-    from .backends.onnxruntime import OrtRunner
-    from .digits import DigitsResNet, accuracy, digits_loaders, train_classifier
-    from .registry import recipes
-
     console = console or Console()
     pipeline = pipeline or (quick_pipeline(recipes()[DEMO_RECIPE]) if quick else recipes()[DEMO_RECIPE])
     data = digits_loaders(batch_size=64, seed=0)
@@ -161,15 +157,11 @@ def _run_demo(out: Path, quick: bool, console: Console | None, pipeline: str | N
                                                          "(batch 1, one thread)"))
     console.print(compiled.report.table(title="per-pass report"))
 
-    from .graph_text import diff
-
     last_fx = [s for s in compiled.snapshots if s.stage == "fx"][-1]
     console.print("[bold]3. graph diff[/bold] (traced input -> last FX stage)")
     console.print(diff(compiled.snapshots[0].text, last_fx.text, "input", last_fx.name), markup=False,
                   highlight=False)
     result.artifact = compiled.save(out)
-    from .report_html import write_html
-
     write_html(compiled.report, out / "report.html", snapshots=compiled.snapshots)
     console.print(f"wrote {out / 'report.html'}", markup=False)
     console.print(f"wrote {out}/ (model.onnx, manifest.json, report.json, graphs/)", markup=False)
