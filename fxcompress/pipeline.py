@@ -544,35 +544,32 @@ class _Run:
     def _attempt(self, p: Pass, label: str, position: int, verify: bool
                  ) -> tuple[Any, PassResult, Any, str, str]:
         """Run ``p`` on a copy of the current graph and check it; raises PassError (nothing changed)."""
-        before_text = self.text
-        work: Any = None
+        fail = _Failure(self, p, label, position)
+        result = self._run_on_copy(p, fail)
+        if p.stage == "fx":
+            new, outputs = self._settle_fx(result, fail)
+            text, digest = self._text(new), _weights_digest(new)
+        else:
+            new, outputs = self._settle_onnx(result, fail)
+            text, digest = self._text(new), _onnx_digest(new)
+        if verify and p.exact:
+            self._verify_exact(p, new, outputs, result, fail)
+        for d in result.diagnostics:
+            if not isinstance(d, Diagnostic):
+                raise fail(f"returned a diagnostic that is not a Diagnostic: {d!r}")
+        for problem in self._hook("check", p, new, outputs, self.reference, self.ctx):
+            if problem:
+                raise fail(f"failed check: {problem}", after=new, cls=PassVerificationError)
+        return new, result, outputs, text, digest
 
-        def fail(message: str, node: str | None, cause: BaseException | None, after: Any = None,
-                 cls: type[PassError] = PassError) -> PassError:
-            diff = ""
-            if after is not None:
-                try:
-                    diff = text_diff(before_text, self._text(after), "before", f"after {p.name}")
-                except Exception:  # noqa: BLE001 - a graph too broken to print has no diff
-                    diff = ""
-            where = "" if not node else (f" (first divergent node: '{node}')" if cls is PassVerificationError
-                                         else f" at node '{node}'")
-            msg = f"pass '{label}' (#{position}) {message}{where}; it was rolled back"
-            if diff:
-                msg += "\n" + diff
-            err = cls(msg, pass_name=p.name, position=position, node=node, diff=diff)
-            err.__cause__ = cause
-            return err
-
+    def _run_on_copy(self, p: Pass, fail: "_Failure") -> PassResult:
+        """``p.run`` on a copy of the current graph (sharing parameters when ``p`` declares it may)."""
         shares = p.stage == "fx" and bool(p.shares_weights) and not p.trains
         versions = parameter_versions(self.gm) if shares else {}
+        work: Any = None
         try:
-            if p.stage == "fx":
-                work = copy_graph_module(self.gm, share_parameters=shares)
-                result = p.run(work, self.ctx)
-            else:
-                work = to_graph(self.model)
-                result = p.run(work, self.ctx)
+            work = copy_graph_module(self.gm, share_parameters=shares) if p.stage == "fx" else to_graph(self.model)
+            result = p.run(work, self.ctx)
         except PassError as exc:
             raise fail(f"failed: {exc}", exc.node, exc, work) from exc
         except Exception as exc:
@@ -582,49 +579,71 @@ class _Run:
             raise fail(f"wrote into parameter(s) {', '.join(written[:5])} of the graph it was given in place, "
                        "but declares shares_weights = True (those tensors are the graph before it too, which "
                        "could not be kept): replace what it changes (module.weight = nn.Parameter(new)) or "
-                       "drop shares_weights", None, None)
+                       "drop shares_weights")
         if not isinstance(result, PassResult):
-            raise fail(f"returned {type(result).__name__}, not a PassResult", None, None)
+            raise fail(f"returned {type(result).__name__}, not a PassResult")
+        return result
 
+    def _settle_fx(self, result: PassResult, fail: "_Failure") -> tuple[GraphModule, Any]:
+        """What the manager owns after an FX pass: recompile, lint, shapes (and outputs, same run)."""
+        new = result.graph
+        if not isinstance(new, GraphModule):
+            raise fail(f"returned a {type(new).__name__} graph, not a torch.fx.GraphModule")
+        try:
+            new.recompile()
+            lint(new)
+            outputs = run_with_shapes(new, self.ctx.example_inputs)
+        except PassError as exc:
+            raise fail(f"left a broken graph: {exc}", exc.node, exc, new) from exc
+        except Exception as exc:
+            raise fail(f"left a graph that does not run: {type(exc).__name__}: {exc}", None, exc, new) from exc
+        return new, outputs
+
+    def _settle_onnx(self, result: PassResult, fail: "_Failure") -> tuple[Any, Any]:
+        """After an ONNX pass: back to a checked ``ModelProto``, and its outputs in ONNX Runtime."""
+        try:
+            new = to_model(result.graph, like=self.model)
+            check_model(new)
+            return new, self._run_onnx(new)
+        except Exception as exc:
+            raise fail(f"left an invalid ONNX graph: {type(exc).__name__}: {exc}", None, exc) from exc
+
+    def _verify_exact(self, p: Pass, new: Any, outputs: Any, result: PassResult, fail: "_Failure") -> None:
+        """An exact pass must reproduce the previous graph's outputs; else name the first divergent node."""
+        verdict = check_exact(self.gm if p.stage == "fx" else None, self.ctx.example_inputs, self.outputs, outputs)
+        if verdict.ok:
+            return
         if p.stage == "fx":
-            new = result.graph
-            if not isinstance(new, GraphModule):
-                raise fail(f"returned a {type(new).__name__} graph, not a torch.fx.GraphModule", None, None)
-            try:
-                new.recompile()
-                lint(new)
-                outputs = run_with_shapes(new, self.ctx.example_inputs)
-            except PassError as exc:
-                raise fail(f"left a broken graph: {exc}", exc.node, exc, new) from exc
-            except Exception as exc:
-                raise fail(f"left a graph that does not run: {type(exc).__name__}: {exc}", None, exc, new) from exc
-            text, digest = self._text(new), _weights_digest(new)
+            node = first_divergent_node(self.gm, new, self.ctx.example_inputs, result.replaces)
         else:
-            try:
-                new = to_model(result.graph, like=self.model)
-                check_model(new)
-                outputs = self._run_onnx(new)
-            except Exception as exc:
-                raise fail(f"left an invalid ONNX graph: {type(exc).__name__}: {exc}", None, exc) from exc
-            text, digest = self._text(new), _onnx_digest(new)
+            node = first_divergent_onnx_node(self.model, new, self.ctx.example_inputs)
+        raise fail(f"is declared exact but changed the outputs ({verdict.reason})", node, None, new,
+                   cls=PassVerificationError)
 
-        if verify and p.exact:
-            verdict = check_exact(self.gm if p.stage == "fx" else None, self.ctx.example_inputs, self.outputs,
-                                  outputs)
-            if not verdict.ok:
-                if p.stage == "fx":
-                    node = first_divergent_node(self.gm, new, self.ctx.example_inputs, result.replaces)
-                else:
-                    node = first_divergent_onnx_node(self.model, new, self.ctx.example_inputs)
-                raise fail(f"is declared exact but changed the outputs ({verdict.reason})", node, None, new,
-                           cls=PassVerificationError)
-        for d in result.diagnostics:
-            if not isinstance(d, Diagnostic):
-                raise fail(f"returned a diagnostic that is not a Diagnostic: {d!r}", None, None)
-        for problem in self._hook("check", p, new, outputs, self.reference, self.ctx):
-            if problem:
-                raise fail(f"failed check: {problem}", None, None, new, cls=PassVerificationError)
-        return new, result, outputs, text, digest
+
+class _Failure:
+    """Builds the ``PassError`` of one pass attempt: its name, position, node and a diff of the graph."""
+
+    def __init__(self, run: _Run, p: Pass, label: str, position: int) -> None:
+        self.run, self.p, self.label, self.position = run, p, label, position
+        self.before_text = run.text
+
+    def __call__(self, message: str, node: str | None = None, cause: BaseException | None = None,
+                 after: Any = None, cls: type[PassError] = PassError) -> PassError:
+        diff = ""
+        if after is not None:
+            try:
+                diff = text_diff(self.before_text, self.run._text(after), "before", f"after {self.p.name}")
+            except Exception:  # noqa: BLE001 - a graph too broken to print has no diff
+                diff = ""
+        where = "" if not node else (f" (first divergent node: '{node}')" if cls is PassVerificationError
+                                     else f" at node '{node}'")
+        msg = f"pass '{self.label}' (#{self.position}) {message}{where}; it was rolled back"
+        if diff:
+            msg += "\n" + diff
+        err = cls(msg, pass_name=self.p.name, position=self.position, node=node, diff=diff)
+        err.__cause__ = cause
+        return err
 
 
 def _why_unchanged(p: Pass, graph: GraphModule, said: bool) -> str | None:
