@@ -12,6 +12,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from .errors import InputError
+
 NUM_CLASSES = 10
 TEST_FRACTION = 0.2
 CALIBRATION_SAMPLES = 256
@@ -246,7 +248,7 @@ def accuracy(fn: Callable[[Tensor], Any], loader: Iterable[tuple[Tensor, Tensor]
         for m, mode in modes:
             m.training = mode
     if total == 0:
-        raise ValueError("accuracy: the loader yielded no samples")
+        raise InputError("accuracy: the loader yielded no samples")
     return correct / total
 
 

@@ -1,4 +1,16 @@
-"""Every error fxcompress raises: one base class, so callers can catch them all."""
+"""Every error fxcompress raises: one base class, so callers can catch them all, and one class per
+kind of mistake or failure:
+
+* ``InputError``: something the caller handed over has the wrong type, value or form (a model that is
+  not a module, inputs or batches that do not fit, a missing model file, a function argument out of
+  range). It is a ``ValueError`` and a ``TypeError``, so code catching either still does.
+* ``PipelineError``: what to run is wrong: an unknown pass, option, target or precision, an option of
+  the wrong type, an order that breaks a constraint, an unmet ``requires``, a bad instrument.
+* ``TraceError`` / ``ExportError``: a model cannot be captured / a graph cannot be lowered to ONNX.
+* ``PassError`` (``PassVerificationError``): a pass failed or changed what it must not; rolled back.
+* ``BackendUnavailable``: a module, GPU or provider a step needs is missing.
+* ``ArtifactError``: a saved artifact is missing, tampered with or of an unknown format.
+"""
 
 from __future__ import annotations
 
@@ -49,9 +61,9 @@ class ArtifactError(FxCompressError):
     """A saved artifact is missing, tampered with, or of an unknown format version."""
 
 
-class InputError(FxCompressError, ValueError):
-    """Bad input given to fxcompress: inputs that do not match what a model was compiled for, or a
-    graph without the shape metadata a function needs."""
+class InputError(FxCompressError, ValueError, TypeError):
+    """Bad input given to fxcompress: inputs that do not match what a model was compiled for, a
+    graph without the shape metadata a function needs, an argument of the wrong type or value."""
 
 
 class OpaqueModuleWarning(UserWarning):

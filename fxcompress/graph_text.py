@@ -34,6 +34,8 @@ import torch
 from torch import nn
 from torch.fx import Graph, GraphModule, Node
 
+from .errors import InputError
+
 if TYPE_CHECKING:  # pragma: no cover
     import networkx
     import onnx
@@ -548,7 +550,7 @@ def onnx_to_text(model: Any) -> str:
     """Canonical text of an ONNX model, GraphProto or graphsurgeon Graph (see the module docstring)."""
     proto = as_onnx_model(model)
     if proto is None:
-        raise TypeError(f"expected an onnx.ModelProto or onnx_graphsurgeon.Graph, got {type(model).__name__}")
+        raise InputError(f"expected an onnx.ModelProto or onnx_graphsurgeon.Graph, got {type(model).__name__}")
     proto = _inferred(proto)
     lines = [f"# fxg {FORMAT_VERSION} onnx"]
     if proto.opset_import:
@@ -577,7 +579,7 @@ def to_text(graph: Any) -> str:
         return fx_to_text(graph)
     if as_onnx_model(graph) is not None:
         return onnx_to_text(graph)
-    raise TypeError(f"to_text needs a torch.fx GraphModule/Graph, an onnx.ModelProto or an "
+    raise InputError(f"to_text needs a torch.fx GraphModule/Graph, an onnx.ModelProto or an "
                     f"onnx_graphsurgeon Graph, got {type(graph).__name__}; trace nn.Modules first "
                     f"(fxcompress.trace.trace)")
 
@@ -632,7 +634,7 @@ def to_networkx(graph: Any) -> "networkx.DiGraph":
         return g
     model = as_onnx_model(graph)
     if model is None:
-        raise TypeError(f"to_networkx needs an FX or ONNX graph, got {type(graph).__name__}")
+        raise InputError(f"to_networkx needs an FX or ONNX graph, got {type(graph).__name__}")
     model = _inferred(model)
     info = {v.name: v.type for v in (*model.graph.input, *model.graph.output, *model.graph.value_info)}
     producers: dict[str, str] = {}

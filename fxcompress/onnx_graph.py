@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any, Union
 import numpy as np
 import onnx
 
+from .errors import InputError
+
 if TYPE_CHECKING:  # pragma: no cover
     import onnx_graphsurgeon as gs
 
@@ -134,7 +136,7 @@ def expose_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelPr
         if name in present:
             continue
         if name not in produced:
-            raise KeyError(f"expose_outputs: no tensor named {name!r} in the ONNX graph")
+            raise InputError(f"expose_outputs: no tensor named {name!r} in the ONNX graph")
         vi = out.graph.output.add()
         if name in infos:
             vi.CopyFrom(infos[name])
@@ -282,9 +284,9 @@ def load_model(model: ModelLike) -> onnx.ModelProto:
     if isinstance(model, (str, Path)):
         path = Path(model)
         if not path.is_file():
-            raise FileNotFoundError(f"ONNX model file not found: {path}")
+            raise InputError(f"ONNX model file not found: {path}")
         return onnx.load(str(path))
-    raise TypeError(f"expected onnx.ModelProto, bytes or a path, got {type(model).__name__}")
+    raise InputError(f"expected onnx.ModelProto, bytes or a path, got {type(model).__name__}")
 
 
 def to_graph(model: onnx.ModelProto) -> "gs.Graph":

@@ -56,7 +56,7 @@ def test_runs_from_proto_bytes_and_path(net, tmp_path) -> None:
         out = OrtRunner(source)(x, b)
         assert isinstance(out, torch.Tensor) and out.dtype == torch.float32
         torch.testing.assert_close(out, want, rtol=RTOL, atol=ATOL)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(InputError, match="ONNX model file not found"):
         OrtRunner(tmp_path / "missing.onnx")
 
 

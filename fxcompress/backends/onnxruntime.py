@@ -70,7 +70,7 @@ def _resolve_providers(providers: Sequence[Any] | None) -> list[Any]:
     for p in providers:
         name = p[0] if isinstance(p, tuple) else p
         if not isinstance(name, str):
-            raise TypeError(f"an execution provider is a name or (name, options), got {p!r}")
+            raise InputError(f"an execution provider is a name or (name, options), got {p!r}")
         if name not in available:
             raise BackendUnavailable(
                 f"ONNX Runtime execution provider {name!r} is not available in this onnxruntime "
@@ -96,9 +96,9 @@ def make_session(
     except ImportError as e:  # pragma: no cover - onnxruntime is a dependency
         raise BackendUnavailable("onnxruntime is not installed: pip install onnxruntime") from e
     if optimization not in _OPT_LEVELS:
-        raise ValueError(f"optimization must be one of {', '.join(_OPT_LEVELS)}, got {optimization!r}")
+        raise InputError(f"optimization must be one of {', '.join(_OPT_LEVELS)}, got {optimization!r}")
     if threads is not None and (not isinstance(threads, int) or threads < 0):
-        raise ValueError(f"threads must be a non-negative int (0 = ONNX Runtime default), got {threads!r}")
+        raise InputError(f"threads must be a non-negative int (0 = ONNX Runtime default), got {threads!r}")
     resolved = _resolve_providers(providers)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = {
@@ -123,7 +123,7 @@ def make_session(
     else:
         path = Path(model)
         if not path.is_file():
-            raise FileNotFoundError(f"ONNX model file not found: {path}")
+            raise InputError(f"ONNX model file not found: {path}")
         source = str(path)
     session = ort.InferenceSession(source, sess_options=opts, providers=resolved)
     session.fxcompress_initializers = external  # ONNX Runtime reads them in place: they live as long as it
@@ -317,7 +317,7 @@ def run_onnx(
         feed = {k: to_numpy(v) for k, v in inputs.items()}
     else:
         if len(inputs) != len(names):
-            raise ValueError(f"run_onnx: the model takes {len(names)} inputs {names}, got {len(inputs)}")
+            raise InputError(f"run_onnx: the model takes {len(names)} inputs {names}, got {len(inputs)}")
         feed = {k: to_numpy(v) for k, v in zip(names, inputs)}
     return list(session.run(list(output_names) if output_names is not None else None, feed))
 
