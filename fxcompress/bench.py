@@ -23,6 +23,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from .errors import InputError
+from .stats import onnx_stats
 from .units import MIB, format_bytes
 from .verify import fresh_inputs
 
@@ -81,8 +82,6 @@ def weight_size(obj: Any) -> int | None:
     """Bytes of the weights (parameters and buffers, in their dtypes) of an ``nn.Module``, an ONNX
     model, anything with an ``onnx_model`` (a ``Compiled``), or an artifact directory's model.onnx."""
     import onnx
-
-    from .stats import onnx_stats
 
     if isinstance(obj, torch.nn.Module):
         return sum(t.numel() * t.element_size() for t in list(obj.parameters()) + list(obj.buffers()))

@@ -35,6 +35,7 @@ from torch import nn
 from torch.fx import Graph, GraphModule, Node
 
 from .errors import InputError
+from .onnx_graph import infer_shapes, iter_nodes, without_weights
 
 if TYPE_CHECKING:  # pragma: no cover
     import networkx
@@ -415,8 +416,6 @@ def as_onnx_model(obj: Any) -> "onnx.ModelProto | None":
 
 
 def _inferred(model: "onnx.ModelProto") -> "onnx.ModelProto":
-    from .onnx_graph import infer_shapes, without_weights
-
     try:
         return infer_shapes(model)
     except Exception:
@@ -504,8 +503,6 @@ def onnx_op_name(node: Any) -> str:
 
 def iter_onnx_nodes(graph: Any) -> Iterator[Any]:
     """Every node of an ONNX GraphProto, including those of subgraphs (If/Loop/Scan bodies)."""
-    from .onnx_graph import iter_nodes
-
     return iter(iter_nodes(graph))
 
 

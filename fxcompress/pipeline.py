@@ -36,17 +36,8 @@ from .registry import available, parse_pipeline, register
 from .report import PassRecord, Report, Snapshot
 from .stats import graph_stats, onnx_stats, untied_warnings
 from .trace import opaque_shares
-from .verify import (
-    check_exact,
-    error_metrics,
-    first_divergent_node,
-    first_divergent_onnx_node,
-    fresh_inputs,
-    lint,
-    output_mismatch,
-    propagate_shapes,
-    run_with_shapes,
-)
+from .verify import (check_exact, error_metrics, first_divergent_node, first_divergent_onnx_node, fresh_inputs, lint,
+                     output_mismatch, propagate_shapes, run_with_shapes)
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx

@@ -60,8 +60,9 @@ import onnx
 import torch
 from torch import fx, nn
 
-from ..errors import ExportError
 from .. import onnx_graph
+from ..copying import copy_graph_module
+from ..errors import ExportError
 from ..onnx_graph import FX_NODE_KEY, check_model, fx_node_of, fx_node_outputs, infer_shapes_into, stamp_fx_nodes
 from ..verify import fresh_inputs
 
@@ -154,8 +155,6 @@ def export_onnx(
 
     param_bytes = sum(t.numel() * t.element_size() for t in [*gm.parameters(), *gm.buffers()])
     if any(m.training for m in gm.modules()):
-        from ..copying import copy_graph_module
-
         gm = copy_graph_module(gm, share_parameters=True).eval()
     root = _ExportRoot(gm)
     with tempfile.TemporaryDirectory(prefix="fxcompress-export-") as tmp:
