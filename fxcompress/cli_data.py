@@ -28,13 +28,13 @@ def _input_names(model: Any, count: int) -> list[str]:
 def _load_samples(path: Path, option: str, model: Any, example: tuple[Any, ...]) -> tuple[Any, ...]:
     """Samples for every model input from ``path`` (.npy: one input; .npz: keyed by forward's parameter
     names), cast to the example inputs' dtypes and checked against their per-sample shapes."""
-    from . import compare as cmp
     from .errors import InputError
+    from .input_files import load_inputs
 
     names = _input_names(model, len(example))
     specs = [{"name": n, "dtype": str(x.dtype).replace("torch.", "")} for n, x in zip(names, example)]
     try:
-        arrays = cmp.load_inputs(path, specs)
+        arrays = load_inputs(path, specs)
     except InputError as exc:
         raise CliError(f"{option}: {exc}") from exc
     for name, array, x in zip(names, arrays, example):
@@ -112,7 +112,7 @@ NEEDS_TARGETS = ("fine-tune",)
 def check_data_files(**files: Optional[Path]) -> None:
     """Before the model is built: each given data file (``calibration=``, ``train_data=``, ...: the
     flag's name) exists and is a numpy file."""
-    from .compare import not_numpy
+    from .input_files import not_numpy
 
     for name, path in files.items():
         if path is None:
