@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
+from fxcompress.attrs import fetch_attr
+
 from .._fx_utils import unmatched_patterns
 from .patterns import COMPUTE, OpInfo, classify, module_of, module_path
 
@@ -77,9 +79,7 @@ def _weight_of(gm: GraphModule, node: Node, info: OpInfo) -> torch.Tensor | None
         w = getattr(info.module, "weight", None)
         return w if isinstance(w, torch.Tensor) else None
     if info.weight is not None and info.weight.op == "get_attr":
-        obj = gm
-        for part in str(info.weight.target).split("."):
-            obj = getattr(obj, part, None)
+        obj = fetch_attr(gm, str(info.weight.target), None)
         return obj if isinstance(obj, torch.Tensor) else None
     return None
 
