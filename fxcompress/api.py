@@ -91,24 +91,9 @@ def compile(
     """
     from .trace import trace
 
-    if not isinstance(model, nn.Module):
-        raise PipelineError(f"compile() needs a torch.nn.Module; got {type(model).__name__}")
-    if target not in TARGETS:
-        raise PipelineError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
-    if precision not in PRECISIONS:
-        raise PipelineError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if fallback not in (None, "onnxruntime"):
-        raise PipelineError(f"fallback must be None or 'onnxruntime'; got {fallback!r}")
+    _check_arguments(model, target, precision, fallback)
     inputs = as_inputs(example_inputs)
-    if progress is None:
-        import sys
-
-        progress = sys.stderr.isatty()
-    if progress:
-        from .instruments import ProgressBar
-
-        instruments = (*instruments, ProgressBar())
-    pipeline = _as_pipeline(passes, verify, on_error, instruments)
+    pipeline = _as_pipeline(passes, verify, on_error, _with_progress(instruments, progress))
 
     original = shared_copy(model).eval()
     gm = trace(model, inputs, frontend=frontend, dynamic_axes=dynamic_axes,  # type: ignore[arg-type]
@@ -128,22 +113,52 @@ def compile(
                              handed_over=True)
     own_parameters(outcome.graph_module, model)
     report = outcome.report
+    _describe_run(report, gm, pipeline, target, precision, opaque_warning)
+    compiled = Compiled(
+        graph_module=outcome.graph_module, onnx_model=outcome.onnx_model, report=report,
+        snapshots=outcome.snapshots, pipeline=str(pipeline), target=target,
+        inputs=tensor_specs(inputs, input_names), outputs=tensor_specs(outcome.outputs, None),
+        lower=lambda g: lower(g, ctx),
+    )
+    _attach_backend(compiled, target, precision=precision, fallback=fallback, providers=providers,
+                    threads=threads, tensorrt_options=tensorrt_options or {}, example_inputs=inputs)
+    return compiled
+
+
+def _check_arguments(model: Any, target: str, precision: str, fallback: str | None) -> None:
+    """``compile``'s argument checks that need no tracing (a wrong one is a ``PipelineError``)."""
+    if not isinstance(model, nn.Module):
+        raise PipelineError(f"compile() needs a torch.nn.Module; got {type(model).__name__}")
+    if target not in TARGETS:
+        raise PipelineError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    if precision not in PRECISIONS:
+        raise PipelineError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if fallback not in (None, "onnxruntime"):
+        raise PipelineError(f"fallback must be None or 'onnxruntime'; got {fallback!r}")
+
+
+def _with_progress(instruments: Sequence[Any], progress: bool | None) -> Sequence[Any]:
+    """``instruments`` plus a progress bar when ``progress`` (None: when stderr is a terminal)."""
+    if progress is None:
+        import sys
+
+        progress = sys.stderr.isatty()
+    if not progress:
+        return instruments
+    from .instruments import ProgressBar
+
+    return (*instruments, ProgressBar())
+
+
+def _describe_run(report: Any, gm: Any, pipeline: Pipeline, target: str, precision: str,
+                  opaque_warning: str | None) -> None:
+    """Record in ``report`` how the model was compiled, and the opaque-module warning on its first row."""
     report.meta.update({
         "target": target, "pipeline": str(pipeline), "precision": precision,
         "opaque_modules": dict(gm.meta.get("opaque_modules", {})), "frontend": gm.meta.get("frontend", "fx"),
     })
     if opaque_warning and report.rows:
         report.rows[0].diagnostics.append({"severity": "warning", "message": opaque_warning, "node": None})
-    sample_out = outcome.outputs
-    compiled = Compiled(
-        graph_module=outcome.graph_module, onnx_model=outcome.onnx_model, report=report,
-        snapshots=outcome.snapshots, pipeline=str(pipeline), target=target,
-        inputs=tensor_specs(inputs, input_names), outputs=tensor_specs(sample_out, None),
-        lower=lambda g: lower(g, ctx),
-    )
-    _attach_backend(compiled, target, precision=precision, fallback=fallback, providers=providers,
-                    threads=threads, tensorrt_options=tensorrt_options or {}, example_inputs=inputs)
-    return compiled
 
 
 def _attach_backend(compiled: Compiled, target: str, *, precision: str, fallback: str | None,

@@ -29,6 +29,7 @@ from torch.fx.node import map_arg
 from torch.utils import _pytree as pytree
 
 from . import ops
+from .attrs import fetch_attr
 
 aten = torch.ops.aten
 
@@ -162,7 +163,7 @@ def rewrite_exported(exported: GraphModule, root: nn.Module, graph: Graph, args:
             continue
         if node.op == "get_attr":
             path = prefix + str(node.target)
-            attrs.setdefault(path, _attr(exported, str(node.target)))
+            attrs.setdefault(path, fetch_attr(exported, str(node.target)))
             new = graph.get_attr(path)
             env[node] = new
             _copy_meta(node, new)
@@ -231,13 +232,6 @@ def _emit_diff(graph: Graph, node: Node, env: dict[Node, Any]) -> Node:
     hi = graph.call_function(aten.slice.Tensor, (x, dim, 1, 2**63 - 1))
     lo = graph.call_function(aten.slice.Tensor, (x, dim, 0, -1))
     return graph.call_function(torch.sub, (hi, lo))
-
-
-def _attr(module: nn.Module, path: str) -> Any:
-    obj: Any = module
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def canonicalize(exported: GraphModule, root: nn.Module, class_name: str) -> GraphModule:

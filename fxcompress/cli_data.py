@@ -12,9 +12,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from . import compare as cmp
-from .compare import not_numpy
 from .errors import InputError
+from .input_files import load_inputs, not_numpy
 from .pipeline import Pipeline
 
 
@@ -38,7 +37,7 @@ def _load_samples(path: Path, option: str, model: Any, example: tuple[Any, ...])
     names = _input_names(model, len(example))
     specs = [{"name": n, "dtype": str(x.dtype).replace("torch.", "")} for n, x in zip(names, example)]
     try:
-        arrays = cmp.load_inputs(path, specs)
+        arrays = load_inputs(path, specs)
     except InputError as exc:
         raise CliError(f"{option}: {exc}") from exc
     for name, array, x in zip(names, arrays, example):

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from torch.fx import Graph, GraphModule, Node
 
+from .attrs import fetch_attr
 from .errors import InputError
 from .onnx_graph import infer_shapes, iter_nodes, without_weights
 
@@ -307,20 +308,11 @@ def _output_meta(node: Node) -> Any:
     return val if isinstance(val, (torch.Tensor, tuple, list)) else None
 
 
-def _resolve(root: nn.Module | None, target: str) -> Any:
-    obj: Any = root
-    for atom in target.split("."):
-        if obj is None or not hasattr(obj, atom):
-            return None
-        obj = getattr(obj, atom)
-    return obj
-
-
 def fx_node_kinds(node: Node) -> tuple[str, ...]:
     """What a node is, most specific first: ``("Conv2d", "torch.nn.modules.conv.Conv2d")``,
     ``("torch.relu", "relu")``, ``("Tensor.view", "view")``, ``("placeholder",)``."""
     if node.op == "call_module":
-        module = _resolve(node.graph.owning_module, node.target)
+        module = fetch_attr(node.graph.owning_module, node.target, None)
         if module is None:
             return ("?",)
         return (type(module).__name__, _qualified(type(module)))
@@ -340,7 +332,7 @@ def _fx_line(node: Node, root: nn.Module | None) -> str:
     elif node.op == "get_attr":
         target = node.target
     elif node.op == "call_module":
-        module = _resolve(root, node.target)
+        module = fetch_attr(root, node.target, None)
         if isinstance(module, nn.Module):
             target = f"{node.target}:{describe_module(module)}"
             params = _module_tensors(module)
@@ -364,7 +356,7 @@ def _fx_line(node: Node, root: nn.Module | None) -> str:
         line += f" {params}"
     meta = _output_meta(node)
     if meta is None and node.op == "get_attr":
-        attr = _resolve(root, node.target)
+        attr = fetch_attr(root, node.target, None)
         meta = attr if isinstance(attr, torch.Tensor) else None
     if meta is not None:
         line += f" -> {_format_meta(meta)}"

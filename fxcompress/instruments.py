@@ -140,9 +140,9 @@ class NumericCheck:
         if self.exact and not allclose(reference, outputs, RTOL, ATOL):
             return (f"outputs differ from the original model beyond rtol {RTOL:g}, atol {ATOL:g} (max abs error "
                     f"{m.max_abs:.3g}); give NumericCheck limits such as max_abs= or min_cosine= for a lossy pass")
-        if self.max_abs is not None and m.max_abs > self.max_abs:
+        if self.max_abs is not None and not m.max_abs <= self.max_abs:  # a NaN error fails too
             return f"max abs error {m.max_abs:.3g} > {self.max_abs:g} vs the original model"
-        if self.min_cosine is not None and m.cosine < self.min_cosine:
+        if self.min_cosine is not None and not m.cosine >= self.min_cosine:
             return f"cosine similarity {m.cosine:.6f} < {self.min_cosine:g} vs the original model"
         if self.min_top1 is not None and m.top1 is not None and m.top1 < self.min_top1:
             return f"top-1 agreement {m.top1:.3f} < {self.min_top1:g} vs the original model"

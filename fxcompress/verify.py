@@ -40,6 +40,7 @@ from torch.fx import GraphModule, Interpreter, Node
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import InputError, PassError
+from .metrics import AGREE, tensor_error, worst
 
 RTOL = 1e-4
 ATOL = 1e-5
@@ -153,32 +154,23 @@ def output_mismatch(reference: Any, actual: Any) -> str | None:
 
 
 def error_metrics(reference: Any, actual: Any) -> ErrorMetrics:
-    """Max/mean absolute error, cosine similarity, and top-1 agreement for 2-D logits.
+    """Max/mean absolute error, cosine similarity, and top-1 agreement for 2-D logits: the worst
+    over all output tensors, by the rules of ``fxcompress.metrics`` (a NaN gives NaN, an infinity
+    gives an infinite error and a NaN cosine; the cosine never exceeds 1).
 
     Raises ``ValueError`` (the ``output_mismatch`` text) when the outputs cannot be compared."""
     mismatch = output_mismatch(reference, actual)
     if mismatch is not None:
         raise ValueError(mismatch)
     refs, outs = flatten_outputs(reference), flatten_outputs(actual)
-    max_abs, mean_abs, cosine, top1 = 0.0, 0.0, 1.0, None
+    total = worst([AGREE, *(tensor_error(r, a) for r, a in zip(refs, outs))])
+    top1 = None
     for r, a in zip(refs, outs):
-        r = r.detach().to("cpu", torch.float64)
-        a = a.detach().to("cpu", torch.float64)
-        if r.numel() == 0:
-            continue
-        diff = (r - a).abs()
-        max_abs = max(max_abs, float(diff.max()))
-        mean_abs = max(mean_abs, float(diff.mean()))
-        rn, an = r.flatten(), a.flatten()
-        denom = float(rn.norm() * an.norm())
-        cos = float(rn @ an) / denom if denom > 0 else (1.0 if float(diff.max()) == 0 else 0.0)
-        cosine = min(cosine, cos)
-        if r.ndim == 2 and r.shape[1] > 1:
+        if r.ndim == 2 and r.shape[1] > 1 and r.numel():
+            r, a = (t.detach().to("cpu", torch.float64) for t in (r, a))
             agree = float((r.argmax(1) == a.argmax(1)).double().mean())
             top1 = agree if top1 is None else min(top1, agree)
-    if math.isnan(max_abs):
-        cosine = float("nan")
-    return ErrorMetrics(max_abs, mean_abs, cosine, top1)
+    return ErrorMetrics(total.max_abs, total.mean_abs, total.cosine, top1)
 
 
 def allclose(reference: Any, actual: Any, rtol: float = RTOL, atol: float = ATOL) -> bool:

@@ -17,6 +17,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
+from fxcompress.attrs import fetch_attr
 from fxcompress.errors import PassError
 
 __all__ = [
@@ -52,12 +53,10 @@ def get_module(gm: nn.Module, target: Node | str) -> nn.Module:
 
 def get_attr_value(gm: nn.Module, qualname: str) -> Any:
     """The object at a dotted attribute path (parameter, buffer, constant or module)."""
-    obj: Any = gm
-    for part in qualname.split("."):
-        if not hasattr(obj, part):
-            raise PassError(f"graph refers to attribute {qualname!r}, which the GraphModule does not have")
-        obj = getattr(obj, part)
-    return obj
+    try:
+        return fetch_attr(gm, qualname)
+    except AttributeError:
+        raise PassError(f"graph refers to attribute {qualname!r}, which the GraphModule does not have") from None
 
 
 def set_module(gm: nn.Module, qualname: str, module: nn.Module) -> None:

@@ -79,6 +79,26 @@ def _n_steps(data: Iterable[Any], epochs: int, max_steps: int) -> int | None:
     return min(total, max_steps) if max_steps else total
 
 
+def _check_settings(data: Iterable[Any] | None, *, optimizer: str, schedule: str, epochs: int,
+                    lr: float) -> None:
+    """``train_loop``'s settings (a ``PipelineError``) and data (a ``PassError``), checked before any work."""
+    if optimizer not in OPTIMIZERS:
+        raise PipelineError(f"optimizer={optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+    if schedule not in SCHEDULES:
+        raise PipelineError(f"schedule={schedule!r} is not one of {', '.join(SCHEDULES)}")
+    if epochs < 1 or lr <= 0:
+        raise PipelineError(f"training needs epochs >= 1 and lr > 0; got epochs={epochs}, lr={lr}")
+    if data is None:
+        raise PassError("training needs data: pass train_data= to fxcompress.compile()")
+
+
+def _optimizer(name: str, params: list[nn.Parameter], *, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW, or SGD with momentum 0.9."""
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+
+
 def train_loop(model: nn.Module, data: Iterable[Any], loss_fn: LossFn, *, epochs: int = 1, lr: float = 1e-3,
                optimizer: str = "adamw", schedule: str = "cosine", warmup: int = 0, grad_clip: float = 1.0,
                weight_decay: float = 0.0, device: str | torch.device = "cpu",
@@ -93,14 +113,7 @@ def train_loop(model: nn.Module, data: Iterable[Any], loss_fn: LossFn, *, epochs
     ``specs`` (``data.input_specs`` of the traced graph) lets a batch shaped unlike the example
     inputs fail with an error naming ``train_data=``, the input and both shapes.
     """
-    if optimizer not in OPTIMIZERS:
-        raise PipelineError(f"optimizer={optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
-    if schedule not in SCHEDULES:
-        raise PipelineError(f"schedule={schedule!r} is not one of {', '.join(SCHEDULES)}")
-    if epochs < 1 or lr <= 0:
-        raise PipelineError(f"training needs epochs >= 1 and lr > 0; got epochs={epochs}, lr={lr}")
-    if data is None:
-        raise PassError("training needs data: pass train_data= to fxcompress.compile()")
+    _check_settings(data, optimizer=optimizer, schedule=schedule, epochs=epochs, lr=lr)
     if n_inputs is None:
         names = graph_inputs(model) if isinstance(model, GraphModule) else list(input_names)
         n_inputs, input_names = max(1, len(names)), names
@@ -108,11 +121,7 @@ def train_loop(model: nn.Module, data: Iterable[Any], loss_fn: LossFn, *, epochs
     params = [p for p in (parameters if parameters is not None else model.parameters()) if p.requires_grad]
     if not params:
         raise PassError("training found no trainable parameters in the model")
-    opt: torch.optim.Optimizer
-    if optimizer == "adamw":
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    else:
-        opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    opt = _optimizer(optimizer, params, lr=lr, weight_decay=weight_decay)
     total = _n_steps(data, epochs, max_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, total, warmup, schedule))
     progress = progress or _no_progress

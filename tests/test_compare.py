@@ -17,15 +17,16 @@ import pytest
 import torch
 from onnx import numpy_helper
 from torch import nn
+from zoo import ZOO
 
 import fxcompress as fxc
 from fxcompress.backends.onnx_export import export_onnx
 from fxcompress.backends.tensorrt import gpu_available
-from fxcompress.compare import Comparison, Tolerance, _Backends, compare, load_inputs
+from fxcompress.compare import Comparison, Tolerance, compare, load_inputs
+from fxcompress.compare.backends import Backends
 from fxcompress.errors import InputError
 from fxcompress.onnx_graph import fx_node_of
 from fxcompress.trace import trace
-from zoo import ZOO
 
 TESTS = Path(__file__).resolve().parent
 CORRUPT_NODE = "layers_0_conv2"
@@ -178,7 +179,7 @@ def test_int8_graph_within_the_documented_int8_tolerance() -> None:
     compiled = fxc.compile(model, inputs, "fold-batchnorm,quantize-int8", calibration=calibration,
                            progress=False)
     dq = [n for n in compiled.onnx_model.graph.node if n.op_type == "DequantizeLinear"]
-    steps = _Backends.of(compiled.onnx_model).steps
+    steps = Backends.of(compiled.onnx_model).steps
     assert len(dq) >= 8 and all(steps.get(n.output[0], 0.0) > 0 for n in dq)
     result = compare(model, compiled.graph_module, compiled.onnx_model, inputs,
                      tolerance=Tolerance(max_abs_rel=5e-2))
@@ -213,7 +214,7 @@ def _trt_target() -> str | None:
                     "(torch.cuda.is_available() is False)")
 @pytest.mark.skipif(_trt_target() is None, reason="neither tensorrt nor tensorrt_rtx is installed")
 def test_tensorrt_per_layer_agrees_with_onnxruntime_on_a_corrupted_graph(case: Case) -> None:
-    """The per-layer TensorRT path (``_run_trt``): an engine of the exposed graph gives every
+    """The per-layer TensorRT path (``run_trt``): an engine of the exposed graph gives every
     layer's value; with one corrupted weight ORT diverges from FX at that layer, and TensorRT
     (same corrupted graph) agrees with ORT on every layer and on the engine's output."""
     from fxcompress.backends.tensorrt import BuildOptions, build_engine
@@ -243,7 +244,7 @@ def test_per_layer_tensorrt_rtx_engine_builds_without_a_gpu() -> None:
     compiled = fxc.compile(model, inputs, "fold-batchnorm,quantize-int8", calibration=[inputs],
                            target="tensorrt-rtx", progress=False, verify=False)
     ops = {n.op_type for n in compiled.onnx_model.graph.node}
-    names = [t for ts in _Backends.of(compiled.onnx_model).layers.values() for t in ts]
+    names = [t for ts in Backends.of(compiled.onnx_model).layers.values() for t in ts]
     assert "DequantizeLinear" in ops and len(names) > 20
     build = layer_engine(compiled.onnx_model, names, inputs, "tensorrt-rtx", precision="int8")
     assert build.size > 0 and build.strongly_typed

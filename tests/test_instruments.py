@@ -107,6 +107,13 @@ def test_numeric_check_without_limits_uses_the_exact_fp32_tolerances() -> None:
     assert [r.status for r in c.report] == ["ok", "ok"]
 
 
+@pytest.mark.parametrize("limits", [{"max_abs": 10.0}, {"min_cosine": 0.5}])
+def test_numeric_check_rolls_back_a_pass_that_makes_the_outputs_nan(limits: dict[str, float]) -> None:
+    c = compile_fx([Scale(factor=float("nan"))], on_error="skip", instruments=[fxc.NumericCheck(**limits)])
+    assert [r.status for r in c.report] == ["ok", "rolled-back"]
+    assert "nan" in c.report[1].diagnostics[0]["message"]
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"max_abs": -1.0}, r"NumericCheck\(max_abs=...\) must be a number in \[0, inf\]"),
     ({"min_cosine": 2.0}, r"NumericCheck\(min_cosine=...\) must be a number in \[-1, 1\]"),

@@ -11,6 +11,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from fxcompress import ops
+from fxcompress.attrs import fetch_attr
 from fxcompress.errors import InputError
 
 from .result import GraphStats, LayerStats, _owner, _shape_str, _Tally
@@ -69,13 +70,6 @@ def _is_weight_buffer(name: str, t: torch.Tensor) -> bool:
     return not t.dtype.is_floating_point or t.element_size() == 1
 
 
-def _fetch_attr(gm: GraphModule, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _first_meta(meta: Any) -> Any:
     if hasattr(meta, "shape") and hasattr(meta, "dtype"):
         return meta
@@ -114,7 +108,7 @@ class _FxShapes:
         shape = _node_shape(node)
         if shape is None:
             if node.op == "get_attr":
-                value = _fetch_attr(self.gm, str(node.target))
+                value = fetch_attr(self.gm, str(node.target))
                 if isinstance(value, torch.Tensor):
                     return _dims(value.shape)
             raise InputError(
@@ -377,7 +371,7 @@ def graph_stats(gm: GraphModule) -> GraphStats:
                 layer.macs_known = False
             layer.shape = layer.shape or _shape_str(_node_shape(node))
         elif node.op == "get_attr":
-            value = _fetch_attr(gm, str(node.target))
+            value = fetch_attr(gm, str(node.target))
             if not isinstance(value, torch.Tensor):
                 continue
             owner = owner_of(node)

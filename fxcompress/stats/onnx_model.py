@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fxcompress.errors import InputError
@@ -202,6 +203,36 @@ def onnx_stats(model: onnx.ModelProto | str | os.PathLike[str],
         model = onnx.load(os.fspath(model))
     if not isinstance(model, onnx.ModelProto):
         raise InputError(f"onnx_stats takes an onnx.ModelProto or a path, got {type(model).__name__}")
+    graph = model.graph
+    index = _OnnxIndex.of(graph)
+    shapes = {**_inferred_shapes(model, input_shapes), **{n: tuple(t.dims) for n, t in index.stored.items()}}
+    tally, dtypes = _Tally(), _onnx_dtype_table()
+    for init in graph.initializer:
+        _add_stored(tally, index, init.name, dtypes)
+    for i, node in enumerate(graph.node):
+        if node.op_type == "Constant" and node.output and node.output[0] in index.stored:
+            _add_stored(tally, index, node.output[0], dtypes)
+        rule = _ONNX_MAC_RULES.get(node.op_type)
+        if rule is None:
+            continue
+        layer = index.layer_of(tally, i)
+        macs = rule(node, shapes.get)
+        if macs is None:
+            layer.macs_known = False
+        else:
+            layer.macs += macs
+        layer.shape = layer.shape or _shape_str(shapes.get(node.output[0]))
+    # layers in graph order, stored-only layers after the nodes' own
+    order = {name: i for i, name in enumerate(index.names)}
+    tally.layers = dict(sorted(tally.layers.items(), key=lambda kv: order.get(kv[0], len(order))))
+    return tally.finish()
+
+
+def _inferred_shapes(model: onnx.ModelProto, input_shapes: Sequence[Sequence[int]] | None
+                     ) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape by ONNX shape inference on a weightless copy (dynamic dimensions: 1)."""
+    import onnx
+
     from ..onnx_graph import without_weights
 
     lean = without_weights(model)
@@ -211,8 +242,6 @@ def onnx_stats(model: onnx.ModelProto | str | os.PathLike[str],
         inferred = onnx.shape_inference.infer_shapes(lean)
     except Exception:  # inference is best effort; value_info already in the model still helps
         inferred = lean
-    graph, dtypes = model.graph, _onnx_dtype_table()
-
     shapes: dict[str, tuple[int, ...]] = {}
     for info in (*inferred.graph.input, *_shapes_through_shape_arithmetic(inferred).graph.value_info,
                  *inferred.graph.output):
@@ -220,47 +249,66 @@ def onnx_stats(model: onnx.ModelProto | str | os.PathLike[str],
         if tensor_type.HasField("shape"):
             shapes[info.name] = tuple(d.dim_value if d.HasField("dim_value") else 1
                                       for d in tensor_type.shape.dim)
-    stored: dict[str, Any] = {t.name: t for t in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-            for attr in node.attribute:
-                if attr.name == "value" and attr.HasField("t"):
-                    stored[node.output[0]] = attr.t
-    for name, tensor in stored.items():
-        shapes[name] = tuple(tensor.dims)
+    return shapes
 
-    names = [node.name or f"{node.op_type}_{i}" for i, node in enumerate(graph.node)]
-    consumers: dict[str, list[tuple[int, int]]] = {}
-    producer: dict[str, int] = {}
-    for i, node in enumerate(graph.node):
-        for slot, name in enumerate(node.input):
-            if name:
-                consumers.setdefault(name, []).append((i, slot))
-        for name in node.output:
-            producer[name] = i
-    const_nodes: set[int] = set()
-    for i, node in enumerate(graph.node):
-        inputs = [name for name in node.input if name]
-        if node.op_type == "Constant" or (inputs and all(
-                name in stored or producer.get(name) in const_nodes for name in inputs)):
-            const_nodes.add(i)
 
-    tally = _Tally()
-    is_mac = lambda i: graph.node[i].op_type in _ONNX_MAC_RULES
+@dataclass
+class _OnnxIndex:
+    """An ONNX graph's stored tensors (initializers, Constant values), who produces and reads each
+    tensor, and which nodes compute only from constants."""
 
-    def users(item: Any) -> list[int]:
+    graph: Any
+    stored: dict[str, Any]
+    names: list[str]
+    consumers: dict[str, list[tuple[int, int]]]
+    producer: dict[str, int]
+    const_nodes: set[int]
+
+    @classmethod
+    def of(cls, graph: Any) -> "_OnnxIndex":
+        stored: dict[str, Any] = {t.name: t for t in graph.initializer}
+        for node in graph.node:
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                for attr in node.attribute:
+                    if attr.name == "value" and attr.HasField("t"):
+                        stored[node.output[0]] = attr.t
+        names = [node.name or f"{node.op_type}_{i}" for i, node in enumerate(graph.node)]
+        consumers: dict[str, list[tuple[int, int]]] = {}
+        producer: dict[str, int] = {}
+        for i, node in enumerate(graph.node):
+            for slot, name in enumerate(node.input):
+                if name:
+                    consumers.setdefault(name, []).append((i, slot))
+            for name in node.output:
+                producer[name] = i
+        const_nodes: set[int] = set()
+        for i, node in enumerate(graph.node):
+            inputs = [name for name in node.input if name]
+            if node.op_type == "Constant" or (inputs and all(
+                    name in stored or producer.get(name) in const_nodes for name in inputs)):
+                const_nodes.add(i)
+        return cls(graph, stored, names, consumers, producer, const_nodes)
+
+    def users(self, item: Any) -> list[int]:
+        """Nodes reading the tensor ``item`` (a name), or any output of node ``item`` (an index)."""
         if isinstance(item, str):
-            return [i for i, _ in consumers.get(item, ())]
-        return [i for out in graph.node[item].output for i, _ in consumers.get(out, ())]
+            return [i for i, _ in self.consumers.get(item, ())]
+        return [i for out in self.graph.node[item].output for i, _ in self.consumers.get(out, ())]
 
-    def layer_of(i: int) -> LayerStats:
-        return tally.layer(names[i], graph.node[i].op_type)
+    def is_mac(self, i: int) -> bool:
+        return self.graph.node[i].op_type in _ONNX_MAC_RULES
 
-    def is_param(name: str, tensor: Any, nonzero: int) -> bool:
+    def layer_of(self, tally: _Tally, i: int) -> LayerStats:
+        return tally.layer(self.names[i], self.graph.node[i].op_type)
+
+    def is_param(self, name: str, tensor: Any, nonzero: int) -> bool:
+        """Whether a stored tensor is a parameter, not an index, shape, fill value or running state."""
+        import onnx
+
         if tensor.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.UINT64, onnx.TensorProto.BOOL,
                                 onnx.TensorProto.STRING):
             return False
-        uses = [(graph.node[i].op_type, slot) for i, slot in consumers.get(name, ())]
+        uses = [(self.graph.node[i].op_type, slot) for i, slot in self.consumers.get(name, ())]
         if uses and all(slot in _ONNX_STATE_SLOTS.get(op, ()) for op, slot in uses):
             return False
         if uses and nonzero == 0 and all(op in _ONNX_FILL_OPS and slot == 0 for op, slot in uses):
@@ -269,36 +317,18 @@ def onnx_stats(model: onnx.ModelProto | str | os.PathLike[str],
             return True
         return any(slot in _ONNX_WEIGHT_SLOTS.get(op, ()) for op, slot in uses)
 
-    def add_stored(name: str) -> None:
-        tensor = stored[name]
-        mac, other = _owner(name, users, is_mac, const_nodes.__contains__)
-        if mac is not None or other is not None:
-            layer = layer_of(mac if mac is not None else other)
-        else:
-            layer = tally.layer(name, "Constant" if name in producer else "initializer")
-            layer.shape = layer.shape or _shape_str(tuple(tensor.dims))
-        dtype, size = dtypes.get(tensor.data_type, (f"onnx_dtype_{tensor.data_type}", 1))
-        numel, nonzero = _onnx_values(tensor)
-        param = is_param(name, tensor, nonzero)
-        tally.add_tensor(layer, ("onnx", name), numel=numel, nonzero=nonzero if param else 0,
-                         nbytes=math.ceil(numel * size), dtype=dtype, is_param=param)
 
-    for init in graph.initializer:
-        add_stored(init.name)
-    for i, node in enumerate(graph.node):
-        if node.op_type == "Constant" and node.output and node.output[0] in stored:
-            add_stored(node.output[0])
-        rule = _ONNX_MAC_RULES.get(node.op_type)
-        if rule is None:
-            continue
-        layer = layer_of(i)
-        macs = rule(node, shapes.get)
-        if macs is None:
-            layer.macs_known = False
-        else:
-            layer.macs += macs
-        layer.shape = layer.shape or _shape_str(shapes.get(node.output[0]))
-    # layers in graph order, stored-only layers after the nodes' own
-    order = {name: i for i, name in enumerate(names)}
-    tally.layers = dict(sorted(tally.layers.items(), key=lambda kv: order.get(kv[0], len(order))))
-    return tally.finish()
+def _add_stored(tally: _Tally, index: _OnnxIndex, name: str, dtypes: dict[int, tuple[str, float]]) -> None:
+    """Count the stored tensor ``name`` in the layer that owns it (its MAC op, else its first reader)."""
+    tensor = index.stored[name]
+    mac, other = _owner(name, index.users, index.is_mac, index.const_nodes.__contains__)
+    if mac is not None or other is not None:
+        layer = index.layer_of(tally, mac if mac is not None else other)
+    else:
+        layer = tally.layer(name, "Constant" if name in index.producer else "initializer")
+        layer.shape = layer.shape or _shape_str(tuple(tensor.dims))
+    dtype, size = dtypes.get(tensor.data_type, (f"onnx_dtype_{tensor.data_type}", 1))
+    numel, nonzero = _onnx_values(tensor)
+    param = index.is_param(name, tensor, nonzero)
+    tally.add_tensor(layer, ("onnx", name), numel=numel, nonzero=nonzero if param else 0,
+                     nbytes=math.ceil(numel * size), dtype=dtype, is_param=param)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
+from fxcompress.attrs import fetch_attr
 from fxcompress.errors import PassError
 
 from .depgraph import DependencyGraph, ModuleEdit, ShapeFix
@@ -79,13 +80,6 @@ def _set_path(root: nn.Module, path: str, value: Any) -> None:
         setattr(owner, name, value)
 
 
-def _get_path(root: nn.Module, path: str) -> Any:
-    obj: Any = root
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def apply_removal(gm: GraphModule, dg: DependencyGraph, removed: np.ndarray) -> dict[str, dict[str, Any]]:
     """Remove every channel whose class is set in the boolean mask ``removed``; returns, per
     module with channels, ``{kind, channels_before, channels_after, kept}`` (kept output positions)."""
@@ -110,13 +104,13 @@ def apply_removal(gm: GraphModule, dg: DependencyGraph, removed: np.ndarray) -> 
         new = _rebuild(mod, edit, state, n_in, int(len(kept_out)))
         new.load_state_dict(state)
         for name, p in new.named_parameters():
-            p.requires_grad_(_get_path(mod, name).requires_grad)
+            p.requires_grad_(fetch_attr(mod, name).requires_grad)
         new.train(mod.training)
         _set_path(gm, path, new)
     for owner, slices in by_owner.items():
         if owner in dg.edits:
             continue
-        value = _get_path(gm, owner)
+        value = fetch_attr(gm, owner)
         new_value = value.detach()
         for s in slices:
             new_value = new_value.index_select(s.dim, _index(keep(s.labels)))

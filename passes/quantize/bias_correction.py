@@ -18,13 +18,11 @@ this pass then says so.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.fx import GraphModule, Node
 
 from fxcompress.errors import PassError, PipelineError
@@ -32,7 +30,7 @@ from fxcompress.pass_base import Pass, PassContext, PassResult, copy_graph_modul
 
 from .. import _fx_utils as fxu
 from ..data import explain_failure, input_specs, iter_inputs
-from .calibrate import require_calibration
+from .calibrate import probed_copy, require_calibration
 from .fake_quant import LearnedFakeQuant, dequantize
 from .patterns import module_path
 from .ptq import FLOAT_WEIGHTS_KEY
@@ -98,36 +96,10 @@ class _Mean:
         return (self.sq / max(self.count, 1) - self.mean() ** 2).clamp(min=0).sqrt()
 
 
-class _Probe(nn.Module):
-    _writes_inputs = False
-
-    def __init__(self, stat: _Mean) -> None:
-        super().__init__()
-        self.stat = stat
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.stat.observe(x)
-        return x
-
-
 def _means(gm: GraphModule, nodes: list[Node], batches: list[tuple[Any, ...]], pass_name: str,
            device: torch.device | None = None) -> dict[str, _Mean]:
     """Per-channel output means of ``nodes`` (of ``gm``) over ``batches``."""
-    probe = GraphModule(gm, copy.deepcopy(gm.graph))
-    by_name = {n.name: n for n in probe.graph.nodes}
-    stats: dict[str, _Mean] = {}
-    for i, node in enumerate(nodes):
-        target = by_name[node.name]
-        stat = stats[node.name] = _Mean(_channel_dim(node) or 1)
-        probe.add_module(f"_fxbc_probe_{i}", _Probe(stat))
-        with probe.graph.inserting_after(target):
-            p = probe.graph.call_module(f"_fxbc_probe_{i}", (target,))
-        target.replace_all_uses_with(p, delete_user_cb=lambda u, p=p: u is not p)
-    probe.recompile()
-    probe.eval()
-    if device is not None and torch.device(device).type != "cpu":
-        probe = copy.deepcopy(probe).to(device)
-        stats = {node.name: probe.get_submodule(f"_fxbc_probe_{i}").stat for i, node in enumerate(nodes)}
+    probe, stats = probed_copy(gm, nodes, lambda node: _Mean(_channel_dim(node) or 1), device)
     specs = input_specs(gm)
     with torch.no_grad():
         for i, inputs in enumerate(batches):

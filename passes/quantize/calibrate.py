@@ -7,7 +7,7 @@ runs as compiled Python (not an interpreter) and memory stays bounded by the obs
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, TypeVar
 
 import torch
 from torch import nn
@@ -19,11 +19,15 @@ from fxcompress.pass_base import PassContext
 from ..data import explain_failure, input_specs, iter_inputs
 from .observers import Observer
 
+O = TypeVar("O")
+
 
 class _Probe(nn.Module):
+    """Identity module handing its floating-point input to ``observer.observe``."""
+
     _writes_inputs = False
 
-    def __init__(self, observer: Observer) -> None:
+    def __init__(self, observer: Any) -> None:
         super().__init__()
         self.observer = observer
 
@@ -43,13 +47,15 @@ def require_calibration(ctx: PassContext, pass_name: str, what: str = "") -> Any
     return ctx.calibration
 
 
-def observe(gm: GraphModule, nodes: Iterable[Node], make: Callable[[Node], Observer], data: Any,
-            ctx: PassContext, *, batches: int, pass_name: str) -> dict[str, Observer]:
-    """Observers (by node name) of ``nodes``' outputs over the first ``batches`` batches of ``data``."""
+def probed_copy(gm: GraphModule, nodes: Iterable[Node], make: Callable[[Node], O], device: torch.device | None
+                ) -> tuple[GraphModule, dict[str, O]]:
+    """A throwaway copy of ``gm`` (in eval mode, on ``device``) with an identity probe after each of
+    ``nodes`` that hands its floating-point output to ``make(node)``'s ``observe``; the observers by
+    node name (the copy's own, when it moved to another device)."""
     names = [n.name for n in nodes]
     probe_gm = GraphModule(gm, copy.deepcopy(gm.graph))
     by_name = {n.name: n for n in probe_gm.graph.nodes}
-    observers: dict[str, Observer] = {}
+    observers: dict[str, O] = {}
     for i, name in enumerate(names):
         node = by_name[name]
         obs = make(node)
@@ -61,10 +67,17 @@ def observe(gm: GraphModule, nodes: Iterable[Node], make: Callable[[Node], Obser
         node.replace_all_uses_with(probe, delete_user_cb=lambda u: u is not probe)
     probe_gm.recompile()
     probe_gm.eval()
-    device = ctx.device
-    if device.type != "cpu":
+    if device is not None and torch.device(device).type != "cpu":
         probe_gm = copy.deepcopy(probe_gm).to(device)
         observers = {name: probe_gm.get_submodule(f"_fxq_probe_{i}").observer for i, name in enumerate(names)}
+    return probe_gm, observers
+
+
+def observe(gm: GraphModule, nodes: Iterable[Node], make: Callable[[Node], Observer], data: Any,
+            ctx: PassContext, *, batches: int, pass_name: str) -> dict[str, Observer]:
+    """Observers (by node name) of ``nodes``' outputs over the first ``batches`` batches of ``data``."""
+    device = ctx.device
+    probe_gm, observers = probed_copy(gm, nodes, make, device)
     specs = input_specs(gm)
     with torch.no_grad(), ctx.progress(f"{pass_name}: calibrating", total=batches or None) as bar:
         for i, inputs in enumerate(iter_inputs(data, gm, argument="calibration", pass_name=pass_name,

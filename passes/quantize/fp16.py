@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
+from fxcompress.attrs import fetch_attr
 from fxcompress.pass_base import Pass, PassContext, PassResult
 
 from .. import _fx_utils as fxu
@@ -156,7 +157,4 @@ class ConvertFP16(Pass):
 
 
 def _attr(gm: GraphModule, node: Node) -> Any:
-    try:
-        return fxu.get_attr_value(gm, str(node.target))
-    except Exception:  # noqa: BLE001 - a missing attribute is simply not a constant here
-        return None
+    return fetch_attr(gm, str(node.target), None)

@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
+from fxcompress.attrs import fetch_attr
+
 from .._fx_utils import unmatched_patterns
 from .patterns import COMPUTE, OpInfo, classify, module_of, module_path
 
@@ -77,9 +79,7 @@ def _weight_of(gm: GraphModule, node: Node, info: OpInfo) -> torch.Tensor | None
         w = getattr(info.module, "weight", None)
         return w if isinstance(w, torch.Tensor) else None
     if info.weight is not None and info.weight.op == "get_attr":
-        obj = gm
-        for part in str(info.weight.target).split("."):
-            obj = getattr(obj, part, None)
+        obj = fetch_attr(gm, str(info.weight.target), None)
         return obj if isinstance(obj, torch.Tensor) else None
     return None
 
@@ -169,6 +169,17 @@ def build_plan(gm: GraphModule, scheme: str, *, skip: tuple[str, ...] = (),
     """Decide the layers and tensors to quantize on ``gm`` for ``scheme``."""
     nodes = list(gm.graph.nodes)
     infos = {n: classify(gm, n) for n in nodes}
+    layers, float_layers = _choose_layers(gm, nodes, infos, scheme, skip, skip_reasons or {}, keep_first_last_fp)
+    slots = _quantized_tensors(nodes, infos, {layer.node for layer in layers}, scheme)
+    _tie_passthroughs(nodes, infos, slots, scheme)
+    return Plan(scheme, layers, slots, float_layers, infos)
+
+
+def _choose_layers(gm: GraphModule, nodes: list[Node], infos: dict[Node, OpInfo], scheme: str,
+                   skip: tuple[str, ...], skip_reasons: dict[str, str], keep_first_last_fp: bool
+                   ) -> tuple[list[Layer], dict[str, str]]:
+    """The compute layers to quantize (with their weight and per-channel axis), and the layers kept
+    in floating point with the reason."""
     compute = [n for n in nodes if infos[n].kind in COMPUTE and _is_float_tensor(n)]
     edge = {compute[0], compute[-1]} if keep_first_last_fp and compute else set()
     float_layers: dict[str, str] = {}
@@ -177,7 +188,7 @@ def build_plan(gm: GraphModule, scheme: str, *, skip: tuple[str, ...] = (),
         info = infos[n]
         weight = _weight_of(gm, n, info)
         pat = matches_skip(skip, n, info.module, info.kind)
-        external = (skip_reasons or {}).get(n.name)
+        external = skip_reasons.get(n.name)
         reason = (f"skipped by user (skip pattern {pat!r})" if pat else
                   external if external else
                   "keep_first_last_fp: first/last layer kept in floating point" if n in edge else
@@ -193,7 +204,14 @@ def build_plan(gm: GraphModule, scheme: str, *, skip: tuple[str, ...] = (),
         assert weight is not None
         axis = 1 if info.kind == "conv_transpose" else weight.dim() - 1 if info.kind == "matmul" else 0
         layers.append(Layer(n, info, weight, axis))
+    return layers, float_layers
 
+
+def _quantized_tensors(nodes: list[Node], infos: dict[Node, OpInfo], layer_nodes: set[Node],
+                       scheme: str) -> dict[Node, Slot]:
+    """The tensors that get a fake quantization: the inputs of quantized layers, and of adds/concats (and,
+    for ONNX Runtime, average pools) that sit between INT8 tensors; ``onnxruntime`` also quantizes
+    each such op's output (after a fused ReLU)."""
     slots: dict[Node, Slot] = {}
     all_users = scheme == "onnxruntime"
 
@@ -204,7 +222,6 @@ def build_plan(gm: GraphModule, scheme: str, *, skip: tuple[str, ...] = (),
         if slot.consumers is not None and consumer is not None and consumer not in slot.consumers:
             slot.consumers.append(consumer)
 
-    layer_nodes = {layer.node for layer in layers}
     order = {n: i for i, n in enumerate(nodes)}
     int8 = set(layer_nodes)
 
@@ -242,7 +259,12 @@ def build_plan(gm: GraphModule, scheme: str, *, skip: tuple[str, ...] = (),
             int8.add(n)
             request(info.inputs[0], n)
             request(_chain_end(n, infos), None)
+    return slots
 
+
+def _tie_passthroughs(nodes: list[Node], infos: dict[Node, OpInfo], slots: dict[Node, Slot], scheme: str) -> None:
+    """Make a passthrough op's slot share its input's quantization parameters (to the root of the
+    chain); ``onnxruntime`` also gives a passthrough between quantized tensors a slot of its own."""
     for n in nodes:
         info = infos[n]
         if n in slots and info.kind == "passthrough" and info.inputs and info.inputs[0] in slots:
@@ -254,7 +276,6 @@ def build_plan(gm: GraphModule, scheme: str, *, skip: tuple[str, ...] = (),
     for slot in slots.values():
         while slot.tie is not None and slots[slot.tie].tie is not None:
             slot.tie = slots[slot.tie].tie
-    return Plan(scheme, layers, slots, float_layers, infos)
 
 
 __all__ = ["Layer", "Plan", "SCHEMES", "Slot", "build_plan", "matches_skip", "module_of", "scheme_for_target",
