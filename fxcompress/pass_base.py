@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Literal
 import torch
 from torch import nn
 
+from .layer_rows import LayerRow
+
 if TYPE_CHECKING:  # pragma: no cover
     import onnx_graphsurgeon as gs
     from torch.fx import GraphModule
@@ -53,6 +55,8 @@ class PassResult:
     #: new node name -> name of the node of the graph before the pass whose value it now stands
     #: for (a producer that absorbed its consumer); guides the first-divergent-node search
     replaces: dict[str, str] = field(default_factory=dict)
+    #: the pass's per-layer table (what it kept, chose or measured per layer), typed for reports
+    layers: list[LayerRow] = field(default_factory=list)
 
     def info(self, message: str, node: str | None = None) -> None:
         self.diagnostics.append(Diagnostic("info", message, node))
