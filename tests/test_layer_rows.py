@@ -32,8 +32,8 @@ X = (torch.randn(2, 3, 8, 8),)
 
 def test_json_round_trip_keeps_every_field() -> None:
     row = fxc.LayerRow("layer1.0.conv", kind="Conv2d", unit="channels", before=64, after=32, precision="int8",
-                       metrics={"sparsity": 0.5, "rel_mse": float("nan")}, key_metric="sparsity", worse="higher",
-                       note="ranked <first>")
+                       metrics={"sparsity": 0.5, "rel_mse": float("nan")}, key_metric="sparsity",
+                       worse="higher", note="ranked <first>")
     data = json.loads(json.dumps(row.to_dict()))
     assert data["metrics"]["rel_mse"] == "nan"
     back = fxc.LayerRow.from_dict(data)

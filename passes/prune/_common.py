@@ -182,8 +182,8 @@ def pruned_layers(rows: dict[str, dict[str, Any]], unit: str, before: str, after
         share = row.get("sparsity")
         if share is None:
             share = 1.0 - row["params_after"] / row["params_before"] if row["params_before"] else 0.0
-        out.append(LayerRow(path, kind=str(row.get("kind", kind)), unit=unit, before=row[before], after=row[after],
-                            metrics={"sparsity": float(share)}, key_metric="sparsity"))
+        out.append(LayerRow(path, kind=str(row.get("kind", kind)), unit=unit, before=row[before],
+                            after=row[after], metrics={"sparsity": float(share)}, key_metric="sparsity"))
     return out
 
 
@@ -248,5 +248,5 @@ def prune_weights(gm: GraphModule, ctx: Any, pass_: Any, rule: WeightRule
     gm.recompile()
     after = graph_totals(gm)
     stats = {**totals(before, after), "layers": layer_rows(gm, before, after, zeros), "skipped": skipped}
-    result.layers = pruned_layers(stats["layers"], "non-zero params", "params_before", "active_params")
+    result.layers = pruned_layers(stats["layers"], "active params", "params_before", "active_params")
     return result, stats, zeros

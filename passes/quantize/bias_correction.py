@@ -257,8 +257,8 @@ class CorrectBias(Pass):
                         f"output std {row['output_std']:.3g})", node=row["layer"])
         result.stats = {"layers": table, "skipped": skipped, "rounds": rounds, "batches": len(batches)}
         shift = ("mean_abs_shift", "max_abs_shift", "output_std")
-        result.layers = [LayerRow(row["layer"], metrics={k: row[k] for k in shift}, key_metric="mean_abs_shift")
-                         for row in table]
+        result.layers = [LayerRow(row["layer"], metrics={k: row[k] for k in shift},
+                                  key_metric="mean_abs_shift") for row in table]
         return result
 
     def _add_bias(self, gm: GraphModule, node: Node, delta: torch.Tensor) -> None:

@@ -305,10 +305,10 @@ def _spread(r: torch.Tensor) -> dict[str, float]:
 def _pair_row(row: dict[str, Any]) -> LayerRow:
     """A pair's stats row as typed: A's output-channel weight range spread before and after, and
     its per-channel precision (1 = every channel uses the whole grid), lower being worse."""
-    before, after = row["a_out_before"], row["a_out_after"]
+    old, new = row["a_out_before"], row["a_out_after"]
     return LayerRow(f"{row['a']} -> {row['b']}", kind="pair", unit="A out range max/min",
-                    before=before["max_over_min"], after=after["max_over_min"],
-                    metrics={"a_precision_before": before["precision"], "a_precision_after": after["precision"],
+                    before=old["max_over_min"], after=new["max_over_min"],
+                    metrics={"a_precision_before": old["precision"], "a_precision_after": new["precision"],
                              "imbalance_after": row["imbalance_after"]},
                     key_metric="a_precision_after", worse="lower")
 
