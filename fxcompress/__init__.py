@@ -10,11 +10,30 @@ from .api import compile
 from .artifact import Compiled, load
 from .bench import BenchResult, benchmark
 from .compare import Comparison, Tolerance
-from .errors import (ArtifactError, BackendUnavailable, ExportError, FxCompressError, InputError,
-                     PassError, PassOrderWarning, PassVerificationError, PipelineError, TraceError)
+from .errors import (
+                     ArtifactError,
+                     BackendUnavailable,
+                     ExportError,
+                     FxCompressError,
+                     InputError,
+                     PassError,
+                     PassOrderWarning,
+                     PassVerificationError,
+                     PipelineError,
+                     TraceError,
+)
 from .instruments import Bisect, DumpGraphs, Evaluate, NumericCheck, PassTiming, PrintAfter, ProgressBar
-from .pass_base import (Diagnostic, OnnxPass, OrderPreference, Pass, PassContext, PassResult, prefer_after,
-                        prefer_before)
+from .layer_rows import LayerRow
+from .pass_base import (
+                     Diagnostic,
+                     OnnxPass,
+                     OrderPreference,
+                     Pass,
+                     PassContext,
+                     PassResult,
+                     prefer_after,
+                     prefer_before,
+)
 from .pipeline import Pipeline, Repeat, Snapshot
 from .registry import available as available_passes
 from .registry import parse_pipeline, register
@@ -26,9 +45,9 @@ __version__ = "0.1.0"
 __all__ = [
     "ArtifactError", "available_passes", "BackendUnavailable", "benchmark", "BenchResult", "Bisect",
     "Comparison", "compile", "Compiled", "Diagnostic", "DumpGraphs", "Evaluate", "ExportError",
-    "FxCompressError", "graph_stats", "GraphStats", "InputError", "LayerStats", "load", "NumericCheck",
-    "onnx_stats", "OnnxPass", "OrderPreference", "parse_pipeline", "Pass", "PassContext", "PassError",
-    "PassOrderWarning", "PassRecord", "prefer_after", "prefer_before",
+    "FxCompressError", "graph_stats", "GraphStats", "InputError", "LayerRow", "LayerStats", "load",
+    "NumericCheck", "onnx_stats", "OnnxPass", "OrderPreference", "parse_pipeline", "Pass", "PassContext",
+    "PassError", "PassOrderWarning", "PassRecord", "prefer_after", "prefer_before",
     "PassResult", "PassTiming", "PassVerificationError", "Pipeline", "PipelineError", "PrintAfter",
     "ProgressBar", "register", "Repeat", "Report", "Snapshot", "Tolerance", "TraceError", "__version__",
 ]

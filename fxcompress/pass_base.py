@@ -17,10 +17,11 @@ import torch
 from torch import nn
 
 from .copying import copy_graph_module, shared_copy
+from .layer_rows import LayerRow
 from .options import checked_arguments, format_pass, not_in_pipeline_string
 
-__all__ = ["Diagnostic", "OnnxPass", "OrderPreference", "Pass", "PassContext", "PassResult", "copy_graph_module",
-           "not_in_pipeline_string", "prefer_after", "prefer_before", "shared_copy"]
+__all__ = ["Diagnostic", "LayerRow", "OnnxPass", "OrderPreference", "Pass", "PassContext", "PassResult",
+           "copy_graph_module", "not_in_pipeline_string", "prefer_after", "prefer_before", "shared_copy"]
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx_graphsurgeon as gs
@@ -56,6 +57,8 @@ class PassResult:
     #: new node name -> name of the node of the graph before the pass whose value it now stands
     #: for (a producer that absorbed its consumer); guides the first-divergent-node search
     replaces: dict[str, str] = field(default_factory=dict)
+    #: the pass's per-layer table (what it kept, chose or measured per layer), typed for reports
+    layers: list[LayerRow] = field(default_factory=list)
 
     def info(self, message: str, node: str | None = None) -> None:
         self.diagnostics.append(Diagnostic("info", message, node))

@@ -404,6 +404,7 @@ class _Run:
         row.diagnostics = [{"severity": d.severity, "message": d.message, "node": d.node} for d in found]
         if result is not None:
             row.stats = dict(result.stats)
+            row.layers = list(result.layers)
         if mismatch:
             row.diagnostics.append({"severity": "warning", "node": None,
                                     "message": f"error vs the original model not measured: {mismatch}"})

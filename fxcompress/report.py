@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from .layer_rows import LayerRow
 from .units import format_bytes, format_count, format_value
 
 
@@ -53,13 +54,22 @@ class PassRecord:
     error: dict[str, Any] | None = None
     diagnostics: list[dict[str, Any]] = field(default_factory=list)
     stats: dict[str, Any] = field(default_factory=dict)
+    #: the pass's per-layer table (``PassResult.layers``)
+    layers: list[LayerRow] = field(default_factory=list)
 
     @property
     def sparsity(self) -> float:
         return 1.0 - self.nonzero / self.params if self.params else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return _jsonable(asdict(self))
+        return {**_jsonable(asdict(self)), "layers": [layer.to_dict() for layer in self.layers]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PassRecord":
+        """The inverse of ``to_dict``; a row saved before ``layers`` existed loads with none."""
+        row = dict(data)
+        row["layers"] = [LayerRow.from_dict(layer) for layer in row.get("layers", [])]
+        return cls(**row)
 
 
 def _jsonable(value: Any) -> Any:
@@ -148,7 +158,7 @@ class Report(Sequence[PassRecord]):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Report":
-        rows = [PassRecord(**row) for row in data.get("passes", [])]
+        rows = [PassRecord.from_dict(row) for row in data.get("passes", [])]
         return cls(rows, data.get("meta", {}))
 
 

@@ -282,7 +282,8 @@ def test_compile_a_training_recipe_from_npy_files_with_an_html_report(workdir: P
     assert passes_table.count("<tr") >= len(rows) + 1
     for name in ("prune-channels", "fine-tune", "quantize-int8", "export-onnx"):
         assert name in passes_table, name
-    assert "<h3>Per-layer pruning</h3>" in html and "<th>channels before</th>" in html
+    assert f'<h3 id="layers-{rows["prune-channels"]["index"]}">' in html and "<th>channels before</th>" in html
+    assert rows["prune-channels"]["layers"] and rows["quantize-int8"]["layers"]  # kept in report.json
     images = re.findall(r'<img class="plot" alt="[^"]*" src="data:image/png;base64,([^"]+)">', html)
     assert len(images) >= 3
     assert all(base64.b64decode(i)[:8] == b"\x89PNG\r\n\x1a\n" for i in images)

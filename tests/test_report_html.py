@@ -10,7 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any, ClassVar
@@ -26,8 +26,8 @@ from fxcompress.errors import InputError
 from fxcompress.pass_base import PassContext, PassResult
 from fxcompress.pipeline import Snapshot
 from fxcompress.report import PassRecord, Report
-from fxcompress.report_html import (pruning_layers, report_to_html_string, sensitivity_table,
-                                    write_html)
+from fxcompress.report_html import report_to_html_string, write_html
+from fxcompress.report_html.layers import layer_table
 
 
 class Net(nn.Module):
@@ -202,32 +202,80 @@ def test_single_self_contained_file(compiled: Any, tmp_path: Path) -> None:
     assert "fold-batchnorm</code>: +" in text
 
 
-def test_real_pruning_stats_are_plotted() -> None:
+def _layers_part(text: str) -> str:
+    return text[text.index('id="layers"'):text.index('id="diffs"')]
+
+
+def test_real_pruning_layers_are_plotted_from_the_typed_rows() -> None:
     c = fxc.compile(Net(), X, "fold-batchnorm,prune-channels{ratio=0.5},prune-magnitude{amount=0.5}",
                     target="fx")
-    channels = {layer.name: layer for layer in pruning_layers(c.report.find("prune-channels")[0].stats)}
-    assert channels["conv"].before == 8 and channels["conv"].after == 4 and channels["conv"].kind == "Conv2d"
-    magnitude = pruning_layers(c.report.find("prune-magnitude")[0].stats)
-    assert magnitude and all(0.0 < layer.sparsity < 1.0 for layer in magnitude)
-    page = Page(report_to_html_string(c.report, snapshots=c.snapshots))
-    # stages, quality vs size, params+MACs, kept channels (#2), per-layer sparsity (#3)
+    (channels_step,) = c.report.find("prune-channels")
+    channels = {row.layer: row for row in channels_step.layers}
+    conv = channels["conv"]
+    assert (conv.kind, conv.unit, conv.before, conv.after) == ("Conv2d", "channels", 8, 4)
+    # the layer's share of removed params (112 of 224), as the pass's stats say
+    assert conv.metrics == {"sparsity": pytest.approx(0.5)} and conv.key_metric == "sparsity"
+    assert conv.metrics["sparsity"] == channels_step.stats["layers"]["conv"]["sparsity"]
+    (magnitude_step,) = c.report.find("prune-magnitude")
+    magnitude = magnitude_step.layers
+    assert magnitude and all(0.0 < row.key_value < 1.0 and row.after < row.before for row in magnitude)
+    text = report_to_html_string(c.report, snapshots=c.snapshots)
+    page = Page(text)
+    # stages, quality vs size, params+MACs, counts + sparsity of #2, of #3
     assert len(page.imgs) == 5
-    assert "per-layer pruning of step 2 prune-channels" in page.imgs[3]["alt"]
-    assert "per-layer pruning of step 3 prune-magnitude" in page.imgs[4]["alt"]
+    assert page.imgs[3]["alt"] == "per-layer channels before and after and sparsity of step 2 prune-channels"
+    assert page.imgs[4]["alt"] == ("per-layer active params before and after and sparsity of step 3 "
+                                   "prune-magnitude")
     tables = [cells for _, cells in page.rows]
-    # prune-channels reports its layer's share of removed params (112 of 224) as the sparsity
-    assert channels["conv"].sparsity == pytest.approx(0.5)
-    assert ["conv", "Conv2d", "8", "4", "50.0%"] in tables
+    assert ["layer", "kind", "channels before", "channels after", "sparsity"] in tables
+    assert ["conv", "Conv2d", "8", "4", "0.5"] in tables
     first = magnitude[0]
-    assert [first.name, first.kind, "-", "-", f"{100 * first.sparsity:.1f}%"] in tables
+    assert [first.layer, first.kind, f"{first.before:g}", f"{first.after:g}",
+            f"{first.key_value:.4g}"] in tables
+    # drawn from the typed rows alone: without the stats dicts the section is the same, without the rows gone
+    no_stats = Report([replace(r, stats={}) for r in c.report], c.report.meta)
+    assert _layers_part(report_to_html_string(no_stats)) == _layers_part(text)
+    no_rows = report_to_html_string(Report([replace(r, layers=[]) for r in c.report], c.report.meta))
+    assert 'id="layers"' not in no_rows and len(Page(no_rows).imgs) == 3
+
+
+def test_real_quant_sensitivity_ranking_is_plotted_from_the_typed_rows() -> None:
+    torch.manual_seed(0)
+    batches = [(torch.randn(2, 3, 8, 8),) for _ in range(2)]
+    c = fxc.compile(Net(), X, "fold-batchnorm,quant-sensitivity{k=1,eval_batches=2,calibration_batches=2}",
+                    calibration=batches, target="fx")
+    (step,) = c.report.find("quant-sensitivity")
+    ranked = step.stats["layers"]
+    assert [row.layer for row in step.layers] == [r["node"] for r in ranked]  # worst first, as the pass ranks
+    assert [row.metrics for row in step.layers] == [{"rel_mse": r["rel_mse"], "cosine": r["cosine"]}
+                                                    for r in ranked]
+    assert [row.precision for row in step.layers] == ["float"] + ["int8"] * (len(ranked) - 1)
+    assert {(row.key_metric, row.worse) for row in step.layers} == {("rel_mse", "higher")}
+    page = Page(report_to_html_string(c.report))
+    assert page.imgs[-1]["alt"] == f"per-layer rel_mse of step {step.index} {step.name}"
+    assert [row.key_value for row in step.layers] == sorted((r["rel_mse"] for r in ranked), reverse=True)
+    tables = [cells for _, cells in page.rows]
+    assert ["layer", "kind", "precision", "rel_mse", "cosine", "note"] in tables
+    worst = ranked[0]
+    assert [worst["node"], worst["kind"], "float", f"{worst['rel_mse']:.4g}", f"{worst['cosine']:.4g}",
+            "among the k most sensitive"] in tables
 
 
 # ------------------------------------------------------------------ hand-made records
 
 def _records() -> Report:
-    layers = {"conv1": {"kind": "Conv2d", "channels_before": 16, "channels_after": 8, "kept": list(range(8))},
-              "layer1.0.conv<lambda>": {"kind": "Conv2d", "channels_before": 32, "channels_after": 24,
-                                        "kept": list(range(24))}}
+    channels = [fxc.LayerRow("conv1", kind="Conv2d", unit="channels", before=16, after=8,
+                             metrics={"sparsity": 0.5}, key_metric="sparsity"),
+                fxc.LayerRow("layer1.0.conv<lambda>", kind="Conv2d", unit="channels", before=32, after=24,
+                             metrics={"sparsity": 0.25}, key_metric="sparsity")]
+    sparse = [fxc.LayerRow("conv1", unit="active params", before=1000, after=250, metrics={"sparsity": 0.75},
+                           key_metric="sparsity"),
+              fxc.LayerRow("fc", unit="active params", before=4000, after=2250, metrics={"sparsity": 0.4375},
+                           key_metric="sparsity")]
+    ranked = [fxc.LayerRow("fc", precision="float", metrics={"max_abs": 0.2, "cosine": 0.97},
+                           key_metric="max_abs", worse="higher", note="kept in float"),
+              fxc.LayerRow("conv1", precision="int8", metrics={"max_abs": 0.05, "cosine": 0.999},
+                           key_metric="max_abs", worse="higher")]
     rows = [
         PassRecord(0, "input", "fx", nodes=10, params=10000, nonzero=10000, bytes=40000, macs=200000,
                    error={"max_abs": 0.0, "mean_abs": 0.0, "cosine": 1.0, "top1": 1.0},
@@ -235,19 +283,15 @@ def _records() -> Report:
         PassRecord(1, "prune-channels{ratio=0.5}", "fx", status="ok", changed=True, weights_changed=True,
                    seconds=0.25, nodes=10, params=5000, nonzero=5000, bytes=20000, macs=90000,
                    error={"max_abs": 0.3, "mean_abs": 0.05, "cosine": 0.99, "top1": 0.9},
-                   stats={"accuracy": 0.95, "ort_latency_ms": 0.3, "layers": layers, "sparsity": 0.5}),
+                   stats={"accuracy": 0.95, "ort_latency_ms": 0.3, "sparsity": 0.5}, layers=channels),
         PassRecord(2, "prune-magnitude", "fx", status="ok", changed=False, weights_changed=True,
                    nodes=10, params=5000, nonzero=2500, bytes=20000, macs=90000,
                    error={"max_abs": 0.4, "mean_abs": 0.06, "cosine": 0.98, "top1": 0.88},
-                   stats={"accuracy": 0.94, "ort_latency_ms": 0.3,
-                          "layers": {"conv1": {"params": 1000, "nonzero": 250},
-                                     "fc": {"params": 4000, "nonzero": 2250}}}),
+                   stats={"accuracy": 0.94, "ort_latency_ms": 0.3}, layers=sparse),
         PassRecord(3, "quant-sensitivity", "fx", status="unchanged", nodes=10, params=5000, nonzero=2500,
                    bytes=20000, macs=90000,
                    error={"max_abs": 0.4, "mean_abs": 0.06, "cosine": 0.98, "top1": 0.88},
-                   stats={"accuracy": 0.94, "ort_latency_ms": 0.3, "skip": ["fc"],
-                          "ranking": [{"layer": "fc", "max_abs": 0.2, "cosine": 0.97},
-                                      {"layer": "conv1", "max_abs": 0.05, "cosine": 0.999}]}),
+                   stats={"accuracy": 0.94, "ort_latency_ms": 0.3}, layers=ranked),
         PassRecord(4, "<script>alert(1)</script>", "fx", status="rolled-back", nodes=10, params=5000,
                    nonzero=2500, bytes=20000, macs=90000,
                    diagnostics=[{"severity": "error", "message": "broke node <lambda> & more",
@@ -256,6 +300,8 @@ def _records() -> Report:
                    nodes=30, params=5000, nonzero=2500, bytes=6000, macs=90000,
                    error={"max_abs": 0.5, "mean_abs": 0.07, "cosine": 0.97, "top1": 0.85},
                    stats={"accuracy": 0.935, "ort_latency_ms": 0.2},
+                   layers=[fxc.LayerRow("conv1", precision="int8"), fxc.LayerRow("fc", precision="float",
+                                                                                   note="head <fc>")],
                    diagnostics=[{"severity": "info", "message": "stays in floating point: head",
                                  "node": "fc"}]),
         PassRecord(6, "fine-tune", "fx", status="not-run", nodes=30, params=5000, nonzero=2500, bytes=6000,
@@ -324,7 +370,7 @@ def test_hand_made_plots_count_and_order(hand_html: str) -> None:
     assert "accuracy" in alts[0] and "ORT latency" in alts[0]
     assert alts[1] == "accuracy (%) vs size per stage"
     assert "step 1 prune-channels" in alts[3] and "step 2 prune-magnitude" in alts[4]
-    assert alts[5] == "per-layer quantization sensitivity (max_abs) of step 3"
+    assert alts[5] == "per-layer max_abs of step 3 quant-sensitivity"
     for img in page.imgs:
         assert _decode_png(img["src"]).shape[1] >= 500
 
@@ -370,38 +416,28 @@ def test_matplotlib_global_state_untouched(tmp_path: Path) -> None:
     assert ("matplotlib.pyplot" in sys.modules) == had_pyplot
 
 
-# ------------------------------------------------------------------ stats extraction
+# ------------------------------------------------------------------ per-layer tables
 
-def test_pruning_layers_accepts_the_known_forms() -> None:
-    assert pruning_layers({"sparsity": 0.5, "int8_layers": ["a"]}) == []
-    forms = [
-        {"layers": {"c": {"kind": "Conv2d", "channels_before": 8, "channels_after": 2, "kept": [0, 1]}}},
-        {"channels": {"c": [8, 2]}},
-        {"layers": [{"layer": "c", "channels": {"before": 8, "after": 2}}]},
-        {"layers": {"c": {"total": 8, "kept": [3, 7]}}},
-    ]
-    for stats in forms:
-        (layer,) = pruning_layers(stats)
-        assert (layer.name, layer.before, layer.after) == ("c", 8.0, 2.0), stats
-    (sparse,) = pruning_layers({"layers": {"fc": {"params": 400, "nonzero": 100}}})
-    assert sparse.sparsity == pytest.approx(0.75) and sparse.before is None
-    (pct,) = pruning_layers({"per_layer": {"fc": {"sparsity": 50}}})
-    assert pct.sparsity == pytest.approx(0.5)
-    (zeros,) = pruning_layers({"layers": {"fc": {"kind": "Linear", "params": 400, "zeros": 300}}})
-    assert zeros.sparsity == pytest.approx(0.75) and zeros.kind == "Linear"
+def test_hand_made_layer_tables(hand_html: str) -> None:
+    part = _layers_part(hand_html)
+    assert [int(i) for i in re.findall(r'<h3 id="layers-(\d+)">', part)] == [1, 2, 3, 5]
+    tables = [cells for _, cells in Page(part).rows]
+    assert ["layer1.0.conv<lambda>", "Conv2d", "32", "24", "0.25"] in tables
+    assert ["layer", "active params before", "active params after", "sparsity"] in tables
+    assert ["layer", "precision", "max_abs", "cosine", "note"] in tables
+    assert ["fc", "float", "0.2", "0.97", "kept in float"] in tables
+    assert ["fc", "float", "head <fc>"] in tables  # a precision-only step: a table, no plot
+    assert "head &lt;fc&gt;" in part
 
 
-def test_sensitivity_table_ranks_worst_first() -> None:
-    metric, rows = sensitivity_table({"sensitivity": {"a": 0.1, "b": 0.5, "c": 0.3}})
-    assert metric == "sensitivity" and [r.name for r in rows] == ["b", "c", "a"]
-    metric, rows = sensitivity_table({"sensitivity": {"a": {"cosine": 0.99}, "b": {"cosine": 0.9}},
-                                      "skip": ["b"]})
-    assert metric == "cosine" and [(r.name, r.skipped) for r in rows] == [("b", True), ("a", False)]
-    metric, rows = sensitivity_table({"layers": [{"node": "x", "mse": 2.0}]}, name_hint="quant-sensitivity")
-    assert metric == "mse" and rows[0].value == 2.0
-    assert sensitivity_table({"layers": [{"node": "x", "mse": 2.0}]}, name_hint="prune") == ("", [])
-    metric, rows = sensitivity_table({"ranked_layers": [["b", 0.5], ["a", 0.1]]})
-    assert metric == "ranked_layers" and [r.name for r in rows] == ["b", "a"]
+def test_layer_table_columns_follow_the_filled_fields() -> None:
+    mixed = [fxc.LayerRow("a", unit="channels", before=8, after=4),
+             fxc.LayerRow("b", unit="heads", before=4, after=2, metrics={"x": float("nan")})]
+    page = Page(layer_table(mixed))
+    assert [cells for _, cells in page.rows] == [["layer", "unit", "before", "after", "x"],
+                                                 ["a", "channels", "8", "4", "-"],
+                                                 ["b", "heads", "4", "2", "-"]]
+    assert [cells for _, cells in Page(layer_table([fxc.LayerRow("c")])).rows] == [["layer"], ["c"]]
 
 
 # ------------------------------------------------------------------ headless browser

@@ -11,6 +11,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from fxcompress.errors import PassError
+from fxcompress.layer_rows import LayerRow
 from fxcompress.pass_base import PassResult
 
 from .._fx_utils import unmatched_patterns
@@ -171,6 +172,21 @@ def layer_rows(gm: GraphModule, before: Any, after: Any, weight_zeros: dict[str,
             for path, (z, n) in weight_zeros.items()}
 
 
+def pruned_layers(rows: dict[str, dict[str, Any]], unit: str, before: str, after: str, kind: str = ""
+                  ) -> list[LayerRow]:
+    """The typed per-layer table of a pruning pass from its ``stats`` rows (by layer): ``unit``
+    counted before and after (row keys ``before`` / ``after``) and the layer's ``sparsity``, the
+    share of its parameters removed or zeroed (the row's own, else from ``params_before/after``)."""
+    out = []
+    for path, row in rows.items():
+        share = row.get("sparsity")
+        if share is None:
+            share = 1.0 - row["params_after"] / row["params_before"] if row["params_before"] else 0.0
+        out.append(LayerRow(path, kind=str(row.get("kind", kind)), unit=unit, before=row[before],
+                            after=row[after], metrics={"sparsity": float(share)}, key_metric="sparsity"))
+    return out
+
+
 def check_runs(gm: GraphModule, example_inputs: Iterable[Any], pass_name: str) -> None:
     """Re-propagate shapes on the rewritten graph; a clear ``PassError`` if it no longer runs."""
     from fxcompress.verify import propagate_shapes
@@ -232,4 +248,5 @@ def prune_weights(gm: GraphModule, ctx: Any, pass_: Any, rule: WeightRule
     gm.recompile()
     after = graph_totals(gm)
     stats = {**totals(before, after), "layers": layer_rows(gm, before, after, zeros), "skipped": skipped}
+    result.layers = pruned_layers(stats["layers"], "active params", "params_before", "active_params")
     return result, stats, zeros

@@ -21,7 +21,7 @@ from fxcompress.errors import PipelineError
 from fxcompress.pass_base import Pass, PassContext, PassResult, prefer_before
 
 from .._fx_utils import unmatched_patterns
-from ._common import as_tuple, check_runs, graph_totals, layer_totals, need_shapes, totals
+from ._common import as_tuple, check_runs, graph_totals, layer_totals, need_shapes, pruned_layers, totals
 from .depgraph import DependencyGraph, dependency_graph
 from .importance import CRITERIA, class_importance
 from .rewrite import apply_removal
@@ -163,5 +163,6 @@ class PruneChannels(Pass):
         result.stats = {**totals(before, after),
                         "layers": {path: {**row, **numbers[path]} for path, row in layers.items()},
                         "groups": groups, "unpruned": unpruned, "importance": self.importance}
+        result.layers = pruned_layers(result.stats["layers"], "channels", "channels_before", "channels_after")
         return result
 

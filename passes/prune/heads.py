@@ -28,7 +28,7 @@ from fxcompress import ops
 from fxcompress.errors import PassError, PipelineError
 from fxcompress.pass_base import Pass, PassContext, PassResult
 
-from ._common import as_tuple, check_runs, graph_totals, need_shapes, totals
+from ._common import as_tuple, check_runs, graph_totals, need_shapes, pruned_layers, totals
 
 __all__ = ["AttentionBlock", "PruneHeads", "find_blocks"]
 
@@ -537,4 +537,5 @@ class PruneHeads(Pass):
         after = graph_totals(gm)
         result.stats = {**totals(before, after), "blocks": rows, "skipped": skipped, "importance": self.importance,
                         "ratio": self.ratio}
+        result.layers = pruned_layers(rows, "heads", "heads_before", "heads_after", kind="attention")
         return result

@@ -195,6 +195,15 @@ def calibration_batches(gm: GraphModule, ctx: PassContext, limit: int, pass_name
     return list(iter_inputs(ctx.calibration, gm, argument="calibration", pass_name=pass_name, limit=limit))
 
 
+def adaround_metrics(errors: dict[str, dict[str, float]], node: str) -> dict[str, Any]:
+    """``LayerRow`` fields for ``node``'s reconstruction errors, nearest vs AdaRound (none if not rounded)."""
+    err = errors.get(node)
+    if err is None:
+        return {}
+    return {"metrics": {"error_nearest": err["nearest"], "error_adaround": err["adaround"]},
+            "key_metric": "error_adaround", "worse": "higher"}
+
+
 def adaround_layers(float_gm: GraphModule, work: GraphModule, tasks: Sequence[RoundingTask],
                     batches: Sequence[tuple[Any, ...]], config: AdaRoundConfig, ctx: PassContext,
                     pass_name: str) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, float]]]:

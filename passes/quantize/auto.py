@@ -15,7 +15,7 @@ held-out, and the report says so).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -109,6 +109,10 @@ class QuantizeAuto(Pass):
                  "rel_mse": r["rel_mse"], "precision": "float" if r["node"] in floats else "int8"} for r in ranked]
         if not ranked:  # all INT8 fits: no ranking was needed
             rows = [{"node": n, "precision": "int8"} for n in result.stats["int8_layers"]]
+        chosen = {row.layer: row for row in result.layers}  # most sensitive first, then the unranked
+        result.layers = [replace(chosen.pop(r["node"]), metrics={"rel_mse": r["rel_mse"]},
+                                 key_metric="rel_mse", worse="higher") for r in ranked if r["node"] in chosen]
+        result.layers += chosen.values()
         result.stats.update({
             "metric": metric, "held_out": held_out, "max_drop": self.max_drop, "float_score": base,
             "score": base - final, "drop": final, "all_int8_drop": drop(()), "float_count": len(floats),

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
 from fxcompress.errors import PassError, PipelineError
+from fxcompress.layer_rows import LayerRow
 from fxcompress.pass_base import Pass, PassContext, PassResult, copy_graph_module
 
 from .. import _fx_utils as fxu
@@ -227,6 +228,9 @@ class CorrectBias(Pass):
             result.info(f"bias corrected by mean |shift| {row['mean_abs_shift']:.3g} (max {row['max_abs_shift']:.3g}; "
                         f"output std {row['output_std']:.3g})", node=row["layer"])
         result.stats = {"layers": table, "skipped": skipped, "rounds": rounds, "batches": len(batches)}
+        shift = ("mean_abs_shift", "max_abs_shift", "output_std")
+        result.layers = [LayerRow(row["layer"], metrics={k: row[k] for k in shift},
+                                  key_metric="mean_abs_shift") for row in table]
         return result
 
     def _add_bias(self, gm: GraphModule, node: Node, delta: torch.Tensor) -> None:

@@ -17,12 +17,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule
 
+from fxcompress.layer_rows import LayerRow
 from fxcompress.pass_base import Pass, PassContext, PassResult
 
 from .. import _fx_utils as fxu
 from .fake_quant import dynamic_linear, quantize_weight
 from .patterns import classify, module_path
-from .placement import matches_skip, unmatched_skip
+from .placement import float_rows, matches_skip, unmatched_skip
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,9 @@ class QuantizeDynamic(Pass):
             result.warn("no Linear/matmul with a constant weight and no Embedding found; nothing was quantized")
         result.stats = {"int8_layers": done, "int8_embeddings": embedded, "float_layers": floats,
                         "weight_range": [-qmax, qmax]}
+        result.layers = [LayerRow(name, kind=kind, precision="int8 dynamic")
+                         for names, kind in ((done, "linear"), (embedded, "embedding")) for name in names]
+        result.layers += float_rows(floats)
         return result
 
     def _quantize_embeddings(self, gm: GraphModule, floats: dict[str, str]) -> list[str]:

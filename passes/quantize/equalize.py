@@ -39,6 +39,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from fxcompress.errors import PipelineError
+from fxcompress.layer_rows import LayerRow
 from fxcompress.pass_base import Pass, PassContext, PassResult, prefer_after, prefer_before
 
 from .. import _fx_utils as fxu
@@ -301,6 +302,17 @@ def _spread(r: torch.Tensor) -> dict[str, float]:
     return {"max_over_min": float(live.max() / live.min()), "precision": float((r / r.max()).mean())}
 
 
+def _pair_row(row: dict[str, Any]) -> LayerRow:
+    """A pair's stats row as typed: A's output-channel weight range spread before and after, and
+    its per-channel precision (1 = every channel uses the whole grid), lower being worse."""
+    old, new = row["a_out_before"], row["a_out_after"]
+    return LayerRow(f"{row['a']} -> {row['b']}", kind="pair", unit="A out range max/min",
+                    before=old["max_over_min"], after=new["max_over_min"],
+                    metrics={"a_precision_before": old["precision"], "a_precision_after": new["precision"],
+                             "imbalance_after": row["imbalance_after"]},
+                    key_metric="a_precision_after", worse="lower")
+
+
 def _imbalance(r1: torch.Tensor, r2: torch.Tensor) -> float:
     """Largest |log(r1_i / r2_i)| over channels live in both (0 once a pair is equalized)."""
     live = (r1 > 0) & (r2 > 0)
@@ -390,6 +402,7 @@ class EqualizeCrossLayer(Pass):
                         f"(A out), {row['b_in_before']['max_over_min']:.3g} -> "
                         f"{row['b_in_after']['max_over_min']:.3g} (B in)", node=p.a.name)
         result.stats = {"pairs": rows, "sweeps": sweeps, "not_equalized": reasons}
+        result.layers = [_pair_row(row) for row in rows]
         return result
 
     # -- steps ------------------------------------------------------------------------------

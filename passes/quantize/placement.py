@@ -23,6 +23,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from fxcompress.attrs import fetch_attr
+from fxcompress.layer_rows import LayerRow
 
 from .._fx_utils import unmatched_patterns
 from .patterns import COMPUTE, OpInfo, classify, module_of, module_path
@@ -82,6 +83,11 @@ def _weight_of(gm: GraphModule, node: Node, info: OpInfo) -> torch.Tensor | None
         obj = fetch_attr(gm, str(info.weight.target), None)
         return obj if isinstance(obj, torch.Tensor) else None
     return None
+
+
+def float_rows(floats: dict[str, str]) -> list[LayerRow]:
+    """The layers a quantization pass keeps in floating point (node -> why), as typed table rows."""
+    return [LayerRow(node, precision="float", note=reason) for node, reason in floats.items()]
 
 
 def matches_skip(patterns: tuple[str, ...], node: Node, mod: nn.Module | None, kind: str) -> str | None:

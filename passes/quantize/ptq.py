@@ -17,11 +17,12 @@ import torch
 from torch.fx import GraphModule
 
 from fxcompress.errors import PassError, PipelineError
+from fxcompress.layer_rows import LayerRow
 from fxcompress.pass_base import Pass, PassContext, PassResult, copy_graph_module
 
 from ..data import claim_data
 from ..distributed import all_reduce_observers, shard, world_size
-from .adaround import AdaRoundConfig, RoundingTask, adaround_layers, calibration_batches
+from .adaround import AdaRoundConfig, RoundingTask, adaround_layers, adaround_metrics, calibration_batches
 from .calibrate import observe, require_calibration
 from .fake_quant import _channel_view
 from .observers import (
@@ -34,7 +35,7 @@ from .observers import (
     per_channel_mse_absmax,
 )
 from .patterns import module_path
-from .placement import SCHEMES, Plan, build_plan, scheme_for_target, unmatched_skip
+from .placement import SCHEMES, Plan, build_plan, float_rows, scheme_for_target, unmatched_skip
 from .rewrite import WeightQuant, apply_plan
 
 #: the ctx analysis key under which ``QuantSensitivity`` leaves its skip list
@@ -226,6 +227,10 @@ class QuantizeInt8(Pass):
             result.warn("no Conv/Linear/matmul was quantized; see stats['float_layers']")
         result.stats = self._stats(scheme, spec, wmax, plan, act, int8_layers, summary)
         result.stats["float_layer_modules"] = modules
+        precision = "int8" if self.weight_bits == 8 else f"int{self.weight_bits} weights"
+        result.layers = [LayerRow(layer.node.name, kind=layer.info.kind, precision=precision,
+                                  **adaround_metrics(errors, layer.node.name)) for layer in plan.layers]
+        result.layers += float_rows(plan.float_layers)
         if self.rounding == "adaround":
             result.stats["adaround"] = errors
             kept = [name for name, e in errors.items() if e["kept_nearest"]]

@@ -18,6 +18,7 @@ import torch
 from torch.fx import GraphModule
 
 from fxcompress.errors import PipelineError
+from fxcompress.layer_rows import LayerRow
 from fxcompress.pass_base import Pass, PassContext, PassResult, copy_graph_module
 
 from ..data import claim_data, explain_failure, input_specs, iter_inputs, model_inputs
@@ -101,7 +102,8 @@ class QuantSensitivity(Pass):
         found = {"skip": skip, "layers": rows}
         ctx.facts[SENSITIVITY_KEY] = found
         result = PassResult(graph=gm, stats={"layers": rows, "skip": skip, "scheme": scheme},
-                            preserved=tuple(ctx.cached_analyses))
+                            preserved=tuple(ctx.cached_analyses),
+                            layers=[_ranked(r, r["node"] in skip) for r in rows])
         if rows:
             worst = rows[0]
             result.info(f"most sensitive layer: {worst['node']} (relative MSE {worst['rel_mse']:.3g})",
@@ -131,6 +133,13 @@ class QuantSensitivity(Pass):
                 cos += float(torch.nn.functional.cosine_similarity(out, ref, dim=0))
         n = len(batches)
         return {"node": name, "module": module, "kind": kind, "rel_mse": mse / n, "cosine": cos / n}
+
+
+def _ranked(row: dict[str, Any], skipped: bool) -> LayerRow:
+    """A ranking row as typed: its error and the precision it asks ``quantize-int8`` for."""
+    return LayerRow(row["node"], kind=row["kind"], precision="float" if skipped else "int8",
+                    metrics={"rel_mse": row["rel_mse"], "cosine": row["cosine"]}, key_metric="rel_mse",
+                    worse="higher", note="among the k most sensitive" if skipped else "")
 
 
 class _Ctx(PassContext):

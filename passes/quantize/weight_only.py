@@ -26,13 +26,14 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from fxcompress.errors import PipelineError
+from fxcompress.layer_rows import LayerRow
 from fxcompress.pass_base import Pass, PassContext, PassResult, copy_graph_module
 
 from .. import _fx_utils as fxu
 from .adaround import AdaRoundConfig, RoundingTask, adaround_layers, calibration_batches
 from .calibrate import require_calibration
 from .patterns import classify, module_path
-from .placement import matches_skip, unmatched_skip
+from .placement import float_rows, matches_skip, unmatched_skip
 
 _NS = "fxcompress_quant"
 _lib = torch.library.Library(_NS, "FRAGMENT")
@@ -224,6 +225,11 @@ class QuantizeWeightOnly(Pass):
             "weight_bytes_before": sum(r["bytes_before"] for r in rows),
             "weight_bytes_after": sum(r["bytes_after"] for r in rows),
         }
+        result.layers = [LayerRow(r["node"], kind=r["kind"], unit="weight bytes", before=r["bytes_before"],
+                                  after=r["bytes_after"], precision=f"int{self.bits}",
+                                  metrics={"rel_weight_error": r["rel_weight_error"]},
+                                  key_metric="rel_weight_error", worse="higher") for r in rows]
+        result.layers += float_rows(floats)
         if rows:
             result.info(f"{len(layers)} layer(s) and {len(tables)} embedding table(s) to {self.bits}-bit blocks of "
                         f"{self.block}: weights {result.stats['weight_bytes_before']:,} -> "
