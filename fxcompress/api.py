@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
+import warnings
 from typing import Any, Iterable, Sequence
 
 import torch
 from torch import nn
 
 from .artifact import Compiled, tensor_specs
+from .backends.onnx_export import export_onnx
 from .copying import own_parameters, shared_copy
-from .errors import BackendUnavailable, ExportError, FxCompressError, PipelineError
+from .errors import BackendUnavailable, ExportError, FxCompressError, OpaqueModuleWarning, PipelineError
+from .instruments import ProgressBar
 from .pass_base import Pass, PassContext
 from .pipeline import Pipeline
+from .trace import opaque_warning, trace
 from .verify import as_inputs, fresh_inputs
 
 TARGETS = ("fx", "onnx", "onnxruntime", "tensorrt", "tensorrt-rtx")
@@ -22,11 +27,6 @@ PRECISIONS = ("fp32", "fp16", "int8", "best")
 
 def warn_opaque(gm: Any, logger: logging.Logger | None) -> str | None:
     """Warn (Python warning and log) when opaque modules hold too much of the model; returns the text."""
-    import warnings
-
-    from .errors import OpaqueModuleWarning
-    from .trace import opaque_warning
-
     message = opaque_warning(gm)
     if message:
         warnings.warn(message, OpaqueModuleWarning, stacklevel=3)
@@ -89,8 +89,6 @@ def compile(
     ``Pipeline`` object, ``verify``/``on_error`` left at None keep the pipeline's own settings and
     given values override them. ``calibration`` and ``train_data`` go into the ``PassContext``.
     """
-    from .trace import trace
-
     _check_arguments(model, target, precision, fallback)
     inputs = as_inputs(example_inputs)
     pipeline = _as_pipeline(passes, verify, on_error, _with_progress(instruments, progress))
@@ -105,8 +103,6 @@ def compile(
     input_names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
 
     def lower(graph_module: Any, context: PassContext) -> Any:
-        from .backends.onnx_export import export_onnx
-
         return export_onnx(graph_module, context.example_inputs, dynamic_axes=dynamic_axes, opset=opset)
 
     outcome = pipeline.apply(gm, ctx, lower=None if target == "fx" else lower, lower_at_end=target != "fx",
@@ -140,12 +136,9 @@ def _check_arguments(model: Any, target: str, precision: str, fallback: str | No
 def _with_progress(instruments: Sequence[Any], progress: bool | None) -> Sequence[Any]:
     """``instruments`` plus a progress bar when ``progress`` (None: when stderr is a terminal)."""
     if progress is None:
-        import sys
-
         progress = sys.stderr.isatty()
     if not progress:
         return instruments
-    from .instruments import ProgressBar
 
     return (*instruments, ProgressBar())
 

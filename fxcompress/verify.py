@@ -35,12 +35,16 @@ import weakref
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch.fx import GraphModule, Interpreter, Node
 from torch.fx.passes.shape_prop import ShapeProp
 
+from .backends.onnxruntime import run_onnx
+from .copying import shared_copy
 from .errors import InputError, PassError
 from .metrics import AGREE, tensor_error, worst
+from .onnx_graph import expose_outputs
 
 RTOL = 1e-4
 ATOL = 1e-5
@@ -197,8 +201,6 @@ def snapshot(value: Any) -> Any:
 def as_inputs(value: Any, argument: str = "example_inputs") -> tuple[torch.Tensor, ...]:
     """A model's positional inputs from what a user passes: one tensor or array, or a non-empty tuple or
     list of them (numpy arrays become tensors); an ``InputError`` naming ``argument`` otherwise."""
-    import numpy as np
-
     if isinstance(value, (torch.Tensor, np.ndarray)):
         value = (value,)
     if isinstance(value, (list, tuple)) and value:
@@ -349,8 +351,6 @@ def _as_float64(value: Any) -> Any:
 def to_float64(gm: GraphModule) -> GraphModule:
     """A copy of ``gm`` computing in float64: floating parameters, buffers and plain tensor
     attributes converted; ``gm`` itself is untouched (its parameters are not copied in float32 first)."""
-    from .copying import shared_copy
-
     g = shared_copy(gm)
     g.double()
     for module in g.modules():
@@ -479,11 +479,6 @@ def first_divergent_onnx_node(before: Any, after: Any, inputs: Sequence[Any],
     that ``before`` also produces, of the same shape, but with different values in ONNX Runtime
     (beyond ``rtol`` and ``atol`` scaled by the tensor's magnitude, as the fallback rule).
     Best effort: None when no such tensor differs or the models cannot be run with it exposed."""
-    import numpy as np
-
-    from .backends.onnxruntime import run_onnx
-    from .onnx_graph import expose_outputs
-
     produced = {o for n in before.graph.node for o in n.output if o}
     owners = [(n.name or n.op_type, o) for n in after.graph.node for o in n.output if o in produced]
     if not owners:

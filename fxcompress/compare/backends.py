@@ -12,6 +12,9 @@ import onnx
 import torch
 from onnx import numpy_helper
 
+from ..backends.onnxruntime import OrtRunner
+from ..onnx_facts import constant_tensors
+from ..onnx_graph import expose_outputs, fx_node_outputs
 from ..verify import flatten_outputs
 
 __all__ = ["TRT_TARGETS", "Backends", "layer_engine", "run_ort", "run_trt", "trt_status"]
@@ -34,9 +37,6 @@ class Backends:
 
     @classmethod
     def of(cls, model: onnx.ModelProto) -> "Backends":
-        from ..onnx_facts import constant_tensors
-        from ..onnx_graph import fx_node_outputs
-
         layers = fx_node_outputs(model)
         producer = {o: n.op_type for n in model.graph.node for o in n.output}
         constants = constant_tensors(model)
@@ -54,9 +54,6 @@ class Backends:
 def run_ort(model: onnx.ModelProto, names: list[str], inputs: tuple[torch.Tensor, ...],
              optimization: str) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
     """Intermediate tensors ``names`` (from a copy exposing them) and the unmodified model's outputs."""
-    from ..backends.onnxruntime import OrtRunner
-    from ..onnx_graph import expose_outputs
-
     deployed = OrtRunner(model, optimization=optimization)
     finals = [torch.from_numpy(np.asarray(o)) for o in deployed.run_numpy(*inputs)]
     exposed = OrtRunner(expose_outputs(model, names), optimization=optimization)
@@ -88,7 +85,6 @@ def layer_engine(model: onnx.ModelProto, names: Sequence[str], inputs: tuple[tor
     """A TensorRT ``EngineBuild`` of ``model`` with the tensors ``names`` marked as outputs (what the
     TRT column runs; building needs no GPU for ``tensorrt-rtx``)."""
     from ..backends import tensorrt as trt_backend
-    from ..onnx_graph import expose_outputs
 
     exposed = expose_outputs(model, list(names))
     options = trt_backend.BuildOptions.from_compile(precision=precision, example_inputs=inputs, onnx_model=exposed)

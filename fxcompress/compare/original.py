@@ -11,6 +11,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
+from ..trace import trace
 from ..verify import fresh_inputs, node_values, snapshot
 
 __all__ = ["OriginalMap"]
@@ -49,8 +50,6 @@ class OriginalMap:
         self.g0_values: dict[str, Any] = {}
         self.trace_note: str | None = None
         try:
-            from ..trace import trace
-
             self.g0 = trace(original, inputs)
             self.g0_values = node_values(self.g0, inputs)
         except Exception as exc:  # noqa: BLE001 - without the trace, modules still map by path

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
 
 from ..errors import InputError
 from .tolerance import Tolerance
@@ -94,9 +99,6 @@ class Comparison:
 
     def table(self) -> Any:
         """A rich ``Table``: one row per layer, one column per stage that ran (or could run)."""
-        from rich.markup import escape
-        from rich.table import Table
-
         shown = [s for s in STAGES if not self.stages.get(s, "omitted").startswith("omitted")]
         first = {s: self.first_divergent(s) for s in shown}
         table = Table(title="per-layer error across stages", caption=escape("\n".join(self.caption())),
@@ -119,10 +121,6 @@ class Comparison:
 
     def render(self, width: int | None = None) -> str:
         """The table as plain text, ``width`` columns wide (default: as wide as the table needs)."""
-        import io
-
-        from rich.console import Console
-
         table = self.table()
         probe = Console(file=io.StringIO(), width=10_000)
         width = width or max(probe.measure(table).maximum, *(len(line) for line in self.caption()))

@@ -13,6 +13,7 @@ from onnx import numpy_helper
 from torch import nn
 from torch.fx import GraphModule
 
+from ..api import compile as fx_compile
 from ..errors import FxCompressError, InputError
 from ..verify import as_inputs, flatten_outputs, node_values
 from .backends import Backends, run_ort, run_trt, trt_status
@@ -137,8 +138,6 @@ def rebuild_graph(model: nn.Module, example_inputs: Sequence[torch.Tensor], pipe
                   ) -> tuple[Optional[GraphModule], Optional[str]]:
     """The FX graph an artifact was compiled to, rebuilt by running its pipeline on ``model`` again
     (``target="fx"``); ``(None, reason)`` when that fails (e.g. a pass needs calibration data)."""
-    from ..api import compile as fx_compile
-
     try:
         compiled = fx_compile(model, tuple(example_inputs), pipeline, target="fx", progress=False)
     except FxCompressError as exc:

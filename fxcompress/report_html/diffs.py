@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from ..graph_text import diff
 from ..report import PassRecord
 from ._html import SKIPPED_STATUSES, e
 
@@ -47,8 +48,6 @@ def diffs_section(report: Sequence[PassRecord], snapshots: Sequence[Any] | None)
         out.append('<p class="note">No graph snapshots were given '
                    "(pass <code>snapshots=compiled.snapshots</code>).</p></section>")
         return "".join(out)
-    from ..graph_text import diff
-
     snaps = list(snapshots)
     first = snaps[0]
     out.append(f"<details><summary>#0 <code>{e(first.name)}</code>: graph text "

@@ -6,19 +6,20 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from fxcompress.errors import InputError
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+from onnx.reference import ReferenceEvaluator
 
-if TYPE_CHECKING:  # pragma: no cover
-    import onnx
-
+from ..errors import InputError
+from ..onnx_graph import without_weights
 from .result import GraphStats, LayerStats, _owner, _shape_str, _Tally
 
 
 def _onnx_dtype_table() -> dict[int, tuple[str, float]]:
-    from onnx import TensorProto as T
-
+    T = TensorProto
     table = {
         T.FLOAT: ("float32", 4), T.DOUBLE: ("float64", 8), T.FLOAT16: ("float16", 2),
         T.BFLOAT16: ("bfloat16", 2), T.INT8: ("int8", 1), T.UINT8: ("uint8", 1), T.INT16: ("int16", 2),
@@ -97,9 +98,6 @@ _ONNX_MAC_RULES: dict[str, Callable[[Any, _Shape], int | None]] = {
 
 def _onnx_values(tensor: Any) -> tuple[int, int]:
     """(numel, nonzero) of a TensorProto; nonzero = numel when the data is not loaded (external)."""
-    import numpy as np
-    from onnx import TensorProto, numpy_helper
-
     numel = math.prod(tensor.dims)
     if tensor.data_location == TensorProto.EXTERNAL:
         return numel, numel
@@ -135,11 +133,6 @@ def _shapes_through_shape_arithmetic(inferred: onnx.ModelProto) -> onnx.ModelPro
     statically shaped tensor made a constant, so a ``Slice``/``Reshape`` whose bounds the
     TorchScript exporter computes at run time (``x.chunk(2, dim=1)`` after a ``view(b, -1, h, w)``)
     gets its output shape. Used for shapes only: the statistics still read the model as it is."""
-    import numpy as np
-    import onnx
-    from onnx import numpy_helper
-    from onnx.reference import ReferenceEvaluator
-
     graph = inferred.graph
     static: dict[str, tuple[int, ...]] = {}
     for info in (*graph.input, *graph.value_info, *graph.output):
@@ -197,8 +190,6 @@ def onnx_stats(model: onnx.ModelProto | str | os.PathLike[str],
     shapes cannot be inferred gets ``macs_known=False``. Layers are keyed by node name
     (``<op_type>_<index>`` when unnamed).
     """
-    import onnx
-
     if isinstance(model, (str, os.PathLike)):
         model = onnx.load(os.fspath(model))
     if not isinstance(model, onnx.ModelProto):
@@ -231,10 +222,6 @@ def onnx_stats(model: onnx.ModelProto | str | os.PathLike[str],
 def _inferred_shapes(model: onnx.ModelProto, input_shapes: Sequence[Sequence[int]] | None
                      ) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape by ONNX shape inference on a weightless copy (dynamic dimensions: 1)."""
-    import onnx
-
-    from ..onnx_graph import without_weights
-
     lean = without_weights(model)
     if input_shapes is not None:
         lean = _pin_input_shapes(lean, input_shapes)
@@ -303,8 +290,6 @@ class _OnnxIndex:
 
     def is_param(self, name: str, tensor: Any, nonzero: int) -> bool:
         """Whether a stored tensor is a parameter, not an index, shape, fill value or running state."""
-        import onnx
-
         if tensor.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.UINT64, onnx.TensorProto.BOOL,
                                 onnx.TensorProto.STRING):
             return False
