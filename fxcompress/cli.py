@@ -32,8 +32,8 @@ from .graph_text import diff as text_diff
 from .graph_text import read_fxg, to_text
 from .onnx_graph import to_graph
 from .options import describe_options
+from .ordering import CONTEXT_CAPABILITIES
 from .pass_base import PassContext
-from .pipeline import CONTEXT_CAPABILITIES
 from .registry import available, catalogue_markdown, recipes
 from .report import Report
 from .report_html import write_html
