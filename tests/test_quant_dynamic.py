@@ -13,6 +13,7 @@ import torch
 import fxcompress as fxc
 from fxcompress.backends.onnx_export import export_onnx
 from fxcompress.backends.onnxruntime import OrtRunner
+from fxcompress.testing import run_pass
 from fxcompress.trace import trace
 from passes import QuantizeDynamic
 from passes.quantize.fake_quant import dynamic_act_qparams, dynamic_linear
@@ -26,7 +27,7 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("name,layers", [("transformer_block", 4), ("leaf_mha_lstm", 5)])  # embed, head.0, head.2 and the inlined MHA's two projections
 def test_dynamic_int8_runs_fused_in_ort_and_matches_fx(name: str, layers: int, tmp_path: Path) -> None:
     model, ex = ZOO[name]()
-    result = QuantizeDynamic().run(trace(model, ex), fxc.PassContext(ex))
+    result = run_pass(QuantizeDynamic(), trace(model, ex), ex)
     gm = result.graph
     assert len(result.stats["int8_layers"]) == layers
     assert sum(n.target is dynamic_linear for n in gm.graph.nodes) == layers

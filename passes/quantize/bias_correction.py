@@ -123,7 +123,7 @@ def _means(gm: GraphModule, nodes: list[Node], batches: list[tuple[Any, ...]], p
         with probe.graph.inserting_after(target):
             p = probe.graph.call_module(f"_fxbc_probe_{i}", (target,))
         target.replace_all_uses_with(p, delete_user_cb=lambda u, p=p: u is not p)
-    probe.recompile()
+    probe.recompile()  # a probe copy run right here for the means, never the graph the pass returns
     probe.eval()
     if device is not None and torch.device(device).type != "cpu":
         probe = copy.deepcopy(probe).to(device)
@@ -159,7 +159,7 @@ def float_graph(gm: GraphModule, weights: dict[str, torch.Tensor]) -> GraphModul
                 node.kwargs = {**node.kwargs, "weight": attr}
     fxu.eliminate_dead_code(fgm)
     fxu.delete_unused_attributes(fgm)
-    fgm.recompile()
+    fgm.recompile()  # a float reference to run (tests, _means' probe), never the graph the pass returns
     return fgm
 
 
@@ -249,7 +249,6 @@ class CorrectBias(Pass):
                                        "output_std": float(std.mean())}
                     bar.advance(1)
                 todo = [n for n in todo if n not in set(ready)]
-        gm.recompile()
         table = [rows[n.name] for n in layers]
         for row in table:
             result.info(f"bias corrected by mean |shift| {row['mean_abs_shift']:.3g} (max {row['max_abs_shift']:.3g}; "

@@ -59,7 +59,7 @@ def observe(gm: GraphModule, nodes: Iterable[Node], make: Callable[[Node], Obser
         with probe_gm.graph.inserting_after(node):
             probe = probe_gm.graph.call_module(target, (node,))
         node.replace_all_uses_with(probe, delete_user_cb=lambda u: u is not probe)
-    probe_gm.recompile()
+    probe_gm.recompile()  # a probe copy this pass runs itself to observe, never the graph it returns
     probe_gm.eval()
     device = ctx.device
     if device.type != "cpu":

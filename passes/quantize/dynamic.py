@@ -95,7 +95,6 @@ class QuantizeDynamic(Pass):
         embedded = self._quantize_embeddings(gm, floats) if self.embeddings else []
         fxu.eliminate_dead_code(gm)
         fxu.delete_unused_attributes(gm)
-        gm.recompile()
         for name, reason in floats.items():
             result.info(f"stays in floating point: {reason}", node=name)
         if not done and not embedded:

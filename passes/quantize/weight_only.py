@@ -212,7 +212,6 @@ class QuantizeWeightOnly(Pass):
         tables = self._quantize_embeddings(gm, floats) if self.embeddings else []
         fxu.eliminate_dead_code(gm)
         fxu.delete_unused_attributes(gm)
-        gm.recompile()
         for name, reason in floats.items():
             result.info(f"stays in floating point: {reason}", node=name)
         if not layers and not tables:
