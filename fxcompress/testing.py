@@ -360,9 +360,10 @@ def run_pass(pass_: Any, model: Any, example_inputs: Any, *, frontend: str = "fx
 
     ``model``: an ``nn.Module`` or a GraphModule; a copy is used, what the caller passed is never
     touched. A module is captured by ``frontend``: ``"fx"`` is ``torch.fx.symbolic_trace`` as it is
-    (every submodule keeps its training flag), ``"export"`` / ``"auto"`` go through ``fxcompress.trace``. ``pass_``: a ``Pass`` or a
-    pipeline string naming one pass. The result is linted and its shapes propagated again. With
-    ``check``, a pass declared ``exact`` must reproduce the graph's outputs by the manager's
+    (every submodule keeps its training flag), ``"export"`` / ``"auto"`` go through ``fxcompress.trace``.
+    ``pass_``: a ``Pass`` or a pipeline string naming one pass. As the manager does after a pass, the
+    result is recompiled (passes leave that to the manager), linted and its shapes propagated again.
+    With ``check``, a pass declared ``exact`` must reproduce the graph's outputs by the manager's
     exactness rule, else ``AssertionError`` naming the first divergent node. ``shapes=False`` drops
     the shape metadata first (to test a pass on a graph without it). ``context``: ``PassContext``
     fields (``train_data``, ``calibration``, ``original``, ...)."""
@@ -392,6 +393,7 @@ def run_pass(pass_: Any, model: Any, example_inputs: Any, *, frontend: str = "fx
             node.meta.pop("tensor_meta", None)
     before = copy.deepcopy(gm) if check and pass_.exact else None
     result = pass_.run(gm, PassContext(inputs, **context))
+    result.graph.recompile()
     lint(result.graph)
     propagate_shapes(result.graph, inputs)
     if before is not None:

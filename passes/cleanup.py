@@ -51,7 +51,6 @@ class EliminateDeadCode(Pass):
         eliminate_dead_code(gm)
         kept = {n.name for n in gm.graph.nodes}
         removed_attrs = delete_unused_attributes(gm)
-        gm.recompile()
         removed_nodes = [name for name in before if name not in kept]
         return PassResult(graph=gm,
                           stats={"removed_nodes": removed_nodes, "removed_attributes": removed_attrs})
@@ -123,7 +122,6 @@ class RemoveDropout(Pass):
             if node.op == "call_module":
                 modules.add(str(node.target))
         delete_submodules_if_unused(gm, modules)
-        gm.recompile()
         result.stats = {"removed": removed, "skipped": skipped}
         return result
 
@@ -276,7 +274,6 @@ class RemoveIdentity(Pass):
             result.info("graph has no shape information: shape-dependent identities were not looked for; "
                         "run fxcompress.verify.propagate_shapes first")
         delete_submodules_if_unused(gm, modules)
-        gm.recompile()
         result.stats = {"removed": removed}
         return result
 
@@ -368,7 +365,6 @@ class FoldConstants(Pass):
                     modules.add(str(node.target))
                 gm.graph.erase_node(node)
         removed_attrs = delete_unused_attributes(gm, only=sources) + delete_submodules_if_unused(gm, modules)
-        gm.recompile()
         result.stats = {"folded": folded, "removed_attributes": removed_attrs}
         return result
 

@@ -175,7 +175,6 @@ class FoldBatchNorm(Pass):
             result.replaces[src.name] = node.name
         delete_submodules_if_unused(gm, bn_modules)
         delete_unused_attributes(gm, only=stat_attrs)
-        gm.recompile()
         result.stats = {"folded": folded, "skipped": skipped}
         return result
 

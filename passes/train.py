@@ -212,12 +212,11 @@ class TrainingPass(Pass):
                 "warmup": self.warmup, "grad_clip": self.grad_clip, "weight_decay": self.weight_decay}
 
     def finish(self, gm: GraphModule, stats: dict[str, Any], what: str) -> PassResult:
-        """Freeze QAT fake-quant (``freeze_quant``), recompile, and warn when the loss rose."""
+        """Freeze QAT fake-quant (``freeze_quant``) and warn when the loss rose."""
         if self.freeze_quant:
             frozen = finalize_training(gm)
             if frozen:
                 stats["frozen"] = frozen
-        gm.recompile()
         result = PassResult(graph=gm, stats=stats)
         first, last = stats.get("first_loss"), stats.get("last_loss")
         if first is not None and last is not None and last > first * 1.5:

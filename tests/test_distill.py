@@ -20,6 +20,7 @@ from fxcompress.digits import DigitsResNet, accuracy, load_digits_tensors
 from fxcompress.errors import PassError, PipelineError
 from fxcompress.pass_base import PassContext
 from fxcompress.registry import parse_pipeline
+from fxcompress.testing import run_pass
 from fxcompress.trace import trace
 from fxcompress.verify import error_metrics
 from passes import FineTune, PruneChannels
@@ -375,7 +376,7 @@ def test_distilling_a_pruned_student_beats_fine_tuning(digits) -> None:
     model, data = digits
     base = accuracy(model, data.test)
     x = next(iter(data.test))[0][:2]
-    pruned = PruneChannels(ratio=0.5).run(trace(model, (x,)), PassContext((x,))).graph
+    pruned = run_pass(PruneChannels(ratio=0.5), trace(model, (x,)), (x,)).graph
     x_tr, y_tr, _, _ = load_digits_tensors(0)
     train = DataLoader(NoisyDigits(x_tr, y_tr), batch_size=64, shuffle=True)
 

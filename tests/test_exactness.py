@@ -21,6 +21,7 @@ from torch.fx import GraphModule
 import fxcompress as fxc
 from fxcompress import verify
 from fxcompress.pass_base import PassContext, PassResult
+from fxcompress.testing import run_pass
 from fxcompress.trace import trace
 from passes.fuse import FoldBatchNorm
 
@@ -141,7 +142,7 @@ def test_extreme_statistics_defeat_the_fixed_tolerance() -> None:
     """The case the rule exists for: float32 rounding alone exceeds rtol 1e-4/atol 1e-5."""
     model, inputs = deep_stack(50, 8, False, True, seed=3)
     gm = trace(model, inputs)
-    folded = FoldBatchNorm().run(copy.deepcopy(verify.propagate_shapes(gm, inputs)), PassContext(inputs)).graph
+    folded = run_pass(FoldBatchNorm(), verify.propagate_shapes(gm, inputs), inputs).graph
     with torch.no_grad():
         old, new = gm(*inputs), folded(*inputs)
     assert not verify.allclose(old, new)

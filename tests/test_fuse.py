@@ -195,6 +195,7 @@ def test_shared_conv_gets_a_new_module_per_fold() -> None:
     old_conv, old_weight = gm.conv, gm.conv.weight.detach().clone()
     res = FoldBatchNorm().run(gm, PassContext(inputs))  # on this graph itself: its modules must stay as they were
     gm = res.graph
+    gm.recompile()  # run() called directly, not through the manager
     assert res.stats["folded"] == [("conv", "bn_a"), ("conv_1", "bn_b")]
     targets = [n.target for n in gm.graph.nodes if n.op == "call_module"]
     assert len(set(targets)) == 2

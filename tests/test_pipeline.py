@@ -522,3 +522,36 @@ def test_copy_graph_module_is_a_deep_copy() -> None:
         new.get_submodule("a").weight.add_(1.0)
         torch.testing.assert_close(new(*x), copy_graph_module(new)(*x), rtol=0, atol=0)
         assert not torch.equal(new(*x), gm(*x))
+
+
+@dataclass(frozen=True)
+class DoubleWithoutRecompile(fxc.Pass):
+    """Rewrites the graph (its output doubled) and, like every pass, leaves ``recompile()`` to the manager."""
+
+    name: ClassVar[str] = "test-double-without-recompile"
+
+    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        with gm.graph.inserting_before(out):
+            doubled = gm.graph.call_function(operator.mul, (out.args[0], 2.0))
+        out.args = (doubled,)
+        return PassResult(gm)
+
+
+def test_the_manager_recompiles_and_propagates_shapes_after_a_pass() -> None:
+    from fxcompress.testing import run_pass
+
+    model = Net().eval()
+    with torch.no_grad():
+        expected = 2 * model(*X)
+    compiled = fxc.compile(model, X, [DoubleWithoutRecompile()], target="fx", progress=False)
+    outcome = fxc.Pipeline((DoubleWithoutRecompile(),)).apply(trace(model, X), PassContext(X))
+    result = run_pass(DoubleWithoutRecompile(), model, X)
+    for gm in (compiled.graph_module, outcome.graph_module, result.graph):
+        assert "* 2.0" in gm.code  # the generated forward is the rewritten graph's
+        doubled = next(n for n in gm.graph.nodes if n.target is operator.mul)
+        assert tuple(doubled.meta["tensor_meta"].shape) == tuple(expected.shape)
+        with torch.no_grad():
+            torch.testing.assert_close(gm(*X), expected)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(*X), expected)

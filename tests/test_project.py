@@ -108,3 +108,44 @@ def test_version_is_the_distribution_version() -> None:
     import importlib.metadata
 
     assert fxcompress.__version__ == importlib.metadata.version("fxcompress")
+
+
+#: the ``recompile()`` calls passes may make, as ``file:function``: each on a graph the pass itself
+#: runs before it returns (a probe or cut copy, a float reference, a nested pass's trial graph). The
+#: graph a pass returns is recompiled by the pass manager (and by ``fxcompress.testing.run_pass``).
+RECOMPILE_ALLOWED = {
+    "quantize/adaround.py:node_values",
+    "quantize/auto.py:drop",
+    "quantize/bias_correction.py:float_graph",
+    "quantize/calibrate.py:probed_copy",
+    "quantize/sensitivity.py:_measure",
+}
+
+
+def _recompile_calls(path: Path) -> list[str]:
+    """``file:function`` of every ``<x>.recompile()`` call in ``path`` (file relative to passes/)."""
+    import ast
+
+    where = path.relative_to(ROOT / "passes").as_posix()
+    calls: list[str] = []
+
+    def visit(node: ast.AST, function: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                visit(child, child.name)
+                continue
+            if (isinstance(child, ast.Call) and isinstance(child.func, ast.Attribute)
+                    and child.func.attr == "recompile"):
+                calls.append(f"{where}:{function}")
+            visit(child, function)
+
+    visit(ast.parse(path.read_text(encoding="utf-8")), "<module>")
+    return calls
+
+
+def test_passes_leave_recompile_to_the_pass_manager() -> None:
+    calls = [c for p in sorted((ROOT / "passes").rglob("*.py")) for c in _recompile_calls(p)]
+    unexpected = sorted(set(calls) - RECOMPILE_ALLOWED)
+    assert not unexpected, (f"{unexpected} call recompile(): the pass manager recompiles the graph a pass returns; "
+                            f"a pass recompiles only a graph it runs itself (add it to RECOMPILE_ALLOWED, with why)")
+    assert sorted(calls) == sorted(RECOMPILE_ALLOWED), "RECOMPILE_ALLOWED lists a call that is gone: drop it"

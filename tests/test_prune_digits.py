@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from fxcompress.digits import accuracy, train_classifier
-from fxcompress.pass_base import PassContext
+from fxcompress.testing import run_pass
 from fxcompress.trace import trace
 from passes import PruneChannels
 
@@ -16,7 +16,7 @@ def test_prune_half_then_finetune_recovers_accuracy(digits) -> None:
     model, data = digits
     base = accuracy(model, data.test)
     x = next(iter(data.test))[0][:2]
-    result = PruneChannels(ratio=0.5).run(trace(model, (x,)), PassContext((x,)))
+    result = run_pass(PruneChannels(ratio=0.5), trace(model, (x,)), (x,))
     pruned = result.graph
     s = result.stats
     assert s["params_after"] < 0.3 * s["params_before"] and s["macs_after"] < 0.3 * s["macs_before"]

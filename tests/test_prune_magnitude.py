@@ -17,6 +17,7 @@ from fxcompress.backends.onnx_export import export_onnx
 from fxcompress.backends.onnxruntime import OrtRunner
 from fxcompress.errors import PipelineError
 from fxcompress.pass_base import PassContext
+from fxcompress.testing import run_pass
 from fxcompress.pipeline import Pipeline
 from fxcompress.verify import propagate_shapes
 from passes import PruneMagnitude
@@ -26,8 +27,7 @@ from zoo import ZOO
 
 def run(name: str, p: PruneMagnitude):
     model, inputs = ZOO[name]()
-    gm = propagate_shapes(symbolic_trace(copy.deepcopy(model)), inputs)
-    return model, inputs, p.run(gm, PassContext(inputs))
+    return model, inputs, run_pass(p, model, inputs)
 
 
 def weights(gm: GraphModule, types=(nn.Conv2d, nn.Conv1d, nn.Linear)) -> dict[str, torch.Tensor]:

@@ -15,6 +15,7 @@ from fxcompress.backends.onnx_export import export_onnx
 from fxcompress.backends.onnxruntime import OrtRunner
 from fxcompress.errors import PipelineError
 from fxcompress.pass_base import PassContext
+from fxcompress.testing import run_pass
 from fxcompress.verify import propagate_shapes
 from passes import PruneNM
 from passes.prune.nm import check_nm, nm_groups
@@ -23,8 +24,7 @@ from zoo import ZOO
 
 def run(name: str, p: PruneNM):
     model, inputs = ZOO[name]()
-    gm = propagate_shapes(symbolic_trace(copy.deepcopy(model)), inputs)
-    return model, inputs, p.run(gm, PassContext(inputs))
+    return model, inputs, run_pass(p, model, inputs)
 
 
 @pytest.mark.parametrize("name", ["resnet_bottleneck", "transformer_block", "audio_conv1d"])

@@ -19,8 +19,8 @@ from torch import Tensor, nn
 from torch.fx import GraphModule, symbolic_trace
 
 import fxcompress as fxc
-from fxcompress.pass_base import PassContext
 from fxcompress.stats import graph_stats
+from fxcompress.testing import run_pass
 from fxcompress.verify import propagate_shapes
 from passes import PruneChannels
 from passes.prune.depgraph import DependencyGraph, dependency_graph
@@ -36,9 +36,7 @@ def _traced(model: nn.Module, inputs: tuple[Tensor, ...]) -> GraphModule:
 
 
 def _prune(model: nn.Module, inputs: tuple[Tensor, ...], p: PruneChannels):  # type: ignore[no-untyped-def]
-    result = p.run(_traced(model, inputs), PassContext(inputs))
-    propagate_shapes(result.graph, inputs)
-    return result
+    return run_pass(p, model, inputs)
 
 
 def _out(model: nn.Module, inputs: tuple[Tensor, ...]) -> Tensor:
@@ -66,6 +64,7 @@ def _removal_is_exact(gm: GraphModule, inputs: tuple[Tensor, ...], p: PruneChann
     _zero_removed(gm, dg, removed)
     expected = _out(gm, inputs)
     apply_removal(gm, dg, removed)
+    gm.recompile()  # called directly here, not through the manager
     propagate_shapes(gm, inputs)
     torch.testing.assert_close(_out(gm, inputs), expected, **TOL)
     return removed

@@ -9,10 +9,12 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
+from torch import nn
 
 import fxcompress as fxc
 from fxcompress.backends.onnx_export import export_onnx
 from fxcompress.backends.onnxruntime import OrtRunner
+from fxcompress.testing import run_pass
 from fxcompress.trace import trace
 from passes import QuantizeDynamic
 from passes.quantize.fake_quant import dynamic_act_qparams, dynamic_linear
@@ -26,7 +28,7 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("name,layers", [("transformer_block", 4), ("leaf_mha_lstm", 5)])  # embed, head.0, head.2 and the inlined MHA's two projections
 def test_dynamic_int8_runs_fused_in_ort_and_matches_fx(name: str, layers: int, tmp_path: Path) -> None:
     model, ex = ZOO[name]()
-    result = QuantizeDynamic().run(trace(model, ex), fxc.PassContext(ex))
+    result = run_pass(QuantizeDynamic(), trace(model, ex), ex)
     gm = result.graph
     assert len(result.stats["int8_layers"]) == layers
     assert sum(n.target is dynamic_linear for n in gm.graph.nodes) == layers
@@ -77,3 +79,30 @@ def test_dynamic_skip_and_reasons() -> None:
     assert "two activations" in reasons["matmul"]
     w = [getattr(result.graph, n.args[1].target) for n in result.graph.graph.nodes if n.target is dynamic_linear]
     assert max(int(t.abs().max()) for t in w) == 127
+
+
+class _BackToBack(nn.Module):
+    """A Linear fed by a Linear, then a matmul of two activations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(32, 32), nn.Linear(32, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.b(self.a(x))
+        return y @ y.transpose(0, 1)
+
+
+@pytest.mark.parametrize("pipeline", ["quantize-dynamic", "quantize-weight-only{bits=8,block=16}"])
+def test_weight_quantizers_find_constant_weights_alike(pipeline: str) -> None:
+    """Both find constant-weight Linear/matmul nodes one way (``placement.constant_linears``): a
+    Linear fed by a rewritten Linear is rewritten too, a matmul of two activations stays float, saying why."""
+    model, x = _BackToBack().eval(), (torch.randn(4, 32),)
+    result = run_pass(pipeline, model, x)
+    assert not any(isinstance(m, nn.Linear) for m in result.graph.modules())
+    assert list(result.stats["float_layers"]) == ["matmul"]
+    assert "two activations" in result.stats["float_layers"]["matmul"]
+    with torch.no_grad():
+        got, ref = result.graph(*x), model(*x)
+    assert _cos(got, ref) > 0.999

@@ -6,9 +6,9 @@ import onnx
 import pytest
 import torch
 
-import fxcompress as fxc
 from fxcompress.backends.onnx_export import export_onnx
 from fxcompress.backends.onnxruntime import OrtRunner
+from fxcompress.testing import run_pass
 from fxcompress.trace import trace
 from passes import ConvertFP16, FoldBatchNorm
 from zoo import ZOO
@@ -40,9 +40,8 @@ def _node_dtypes(gm: torch.fx.GraphModule, *args: torch.Tensor) -> dict[str, tor
 
 def _converted(name: str, **options: object) -> tuple[torch.nn.Module, torch.fx.GraphModule, tuple, dict]:
     model, ex = ZOO[name]()
-    ctx = fxc.PassContext(ex)
-    gm = FoldBatchNorm().run(trace(model, ex), ctx).graph
-    result = ConvertFP16(**options).run(gm, ctx)
+    gm = run_pass(FoldBatchNorm(), trace(model, ex), ex).graph
+    result = run_pass(ConvertFP16(**options), gm, ex)
     return model, result.graph, ex, result.stats
 
 
@@ -70,7 +69,7 @@ def test_weights_are_half_and_the_file_shrinks() -> None:
     ex = (torch.randn(2, 3, 8, 8),)
     gm = trace(model, ex)
     fp32 = export_onnx(gm, ex)
-    result = ConvertFP16().run(gm, fxc.PassContext(ex))
+    result = run_pass(ConvertFP16(), gm, ex)
     assert all(p.dtype == torch.float16 for p in result.graph.parameters())
     fp16 = export_onnx(result.graph, ex)
     weights = [i for i in fp16.graph.initializer if len(i.dims) >= 2]

@@ -19,6 +19,7 @@ from fxcompress.backends.onnx_export import export_onnx
 from fxcompress.backends.onnxruntime import OrtRunner
 from fxcompress.errors import PassError, PipelineError
 from fxcompress.graph_text import to_text
+from fxcompress.testing import run_pass
 from fxcompress.trace import trace
 from passes import FoldBatchNorm, QuantizeInt8
 from passes.quantize.fake_quant import dequantize
@@ -48,12 +49,14 @@ def prepared(name: str, target: str = "onnxruntime", batches: int = 4
     calib = [tuple(torch.randn(e.shape, generator=gen) for e in ex) for _ in range(batches)]
     ctx = fxc.PassContext(ex, calibration=calib, target=target)
     gm = FoldBatchNorm().run(trace(model, ex), ctx).graph
+    gm.recompile()  # run() on the same graph, not a copy: the node names the placement goldens pin
     return gm, ex, ctx
 
 
 def quantized(name: str, target: str = "onnxruntime", **options: Any) -> tuple[GraphModule, tuple, Any]:
     gm, ex, ctx = prepared(name, target)
     result = QuantizeInt8(**options).run(gm, ctx)
+    result.graph.recompile()  # as in prepared(): the manager would recompile
     return result.graph, ex, result
 
 
@@ -194,10 +197,10 @@ def test_int8_onnx_is_more_than_3x_smaller() -> None:
                                 torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.ReLU(),
                                 torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(64, 10)).eval()
     ex = (torch.randn(2, 3, 8, 8),)
-    ctx = fxc.PassContext(ex, calibration=[ex], target="onnxruntime")
     gm = trace(model, ex)
     fp32 = export_onnx(gm, ex).ByteSize()
-    int8 = export_onnx(QuantizeInt8().run(gm, ctx).graph, ex).ByteSize()
+    small = run_pass(QuantizeInt8(), gm, ex, calibration=[ex], target="onnxruntime").graph
+    int8 = export_onnx(small, ex).ByteSize()
     assert fp32 / int8 > 3.0
 
 
@@ -287,8 +290,7 @@ def _deconv_net() -> tuple[torch.nn.Module, tuple[torch.Tensor]]:
 
 def test_conv_transpose_per_channel_axis_1_for_tensorrt() -> None:
     model, ex = _deconv_net()
-    ctx = fxc.PassContext(ex, calibration=[ex], target="tensorrt")
-    result = QuantizeInt8().run(trace(model, ex), ctx)
+    result = run_pass(QuantizeInt8(), trace(model, ex), ex, calibration=[ex], target="tensorrt")
     gm = result.graph
     deconv = next(n for n in gm.graph.nodes if n.target is torch.conv_transpose2d)
     assert deconv.args[1].target is dequantize and deconv.args[1].args[2] == 1
@@ -315,9 +317,9 @@ def test_tensorrt_rtx_builds_a_markedly_smaller_int8_engine() -> None:
     model = torch.nn.Sequential(*convs, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
                                 torch.nn.Linear(256, 10)).eval()
     ex = (torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0)),)
-    ctx = fxc.PassContext(ex, calibration=[ex], target="tensorrt-rtx")
+    int8 = run_pass(QuantizeInt8(), trace(model, ex), ex, calibration=[ex], target="tensorrt-rtx").graph
     sizes = {}
-    for precision, gm in (("fp32", trace(model, ex)), ("int8", QuantizeInt8().run(trace(model, ex), ctx).graph)):
+    for precision, gm in (("fp32", trace(model, ex)), ("int8", int8)):
         proto = export_onnx(gm, ex)
         build = trt.build_engine(proto, "tensorrt-rtx", trt.BuildOptions.from_compile(
             precision=precision, example_inputs=ex, onnx_model=proto))

@@ -9,6 +9,7 @@ from torch import nn
 import fxcompress as fxc
 from fxcompress.errors import PassError
 from fxcompress.graph_text import to_text
+from fxcompress.testing import run_pass
 from fxcompress.trace import trace
 from passes import QuantizeInt8, QuantSensitivity
 
@@ -36,9 +37,9 @@ def _reference_rel_mse(model: nn.Module, ex: tuple[torch.Tensor], batches: list[
     the first ``eval_batches`` batches of ||y_q - y||^2 / ||y||^2 against the float model."""
     out = {}
     for layer in layers:
-        ctx = fxc.PassContext(ex, calibration=batches, target="onnxruntime")
         skip = tuple(n for n in layers if n != layer)
-        gm = QuantizeInt8(observer="minmax", skip=skip).run(trace(model, ex), ctx).graph
+        gm = run_pass(QuantizeInt8(observer="minmax", skip=skip), trace(model, ex), ex, calibration=batches,
+                      target="onnxruntime").graph
         with torch.no_grad():
             errs = [float(((gm(*b) - model(*b)) ** 2).sum() / (model(*b) ** 2).sum())
                     for b in batches[:eval_batches]]
@@ -76,8 +77,8 @@ def test_mixed_precision_beats_full_int8() -> None:
     ref = model(x)
 
     def error(skip: tuple[str, ...]) -> float:
-        ctx = fxc.PassContext(ex, calibration=batches, target="onnxruntime")
-        gm = QuantizeInt8(observer="minmax", skip=skip).run(trace(model, ex), ctx).graph
+        gm = run_pass(QuantizeInt8(observer="minmax", skip=skip), trace(model, ex), ex, calibration=batches,
+                      target="onnxruntime").graph
         with torch.no_grad():
             return float(((gm(x) - ref) ** 2).mean())
 

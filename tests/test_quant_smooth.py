@@ -18,6 +18,7 @@ from fxcompress.digits import accuracy
 from fxcompress.trace import trace
 from fxcompress.errors import PipelineError
 from fxcompress.pass_base import PassContext
+from fxcompress.testing import run_pass
 from passes.quantize.smooth_quant import SmoothQuant
 
 
@@ -47,7 +48,7 @@ def test_smoothing_is_exact_and_shares_scales_across_qkv() -> None:
     model = Block().eval()
     calib = [torch.randn(4, 5, 8) for _ in range(3)]
     gm = trace(model, x, frontend="fx")
-    res = SmoothQuant().run(gm, PassContext(x, calibration=calib))
+    res = run_pass(SmoothQuant(), gm, x, calibration=calib)
     torch.testing.assert_close(outputs(res.graph, x)[0], outputs(model, x)[0], rtol=1e-4, atol=1e-5)
     groups = {g["producer"]: g for g in res.stats["groups"]}
     assert set(groups) == {"norm", "up"}

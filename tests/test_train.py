@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import fxcompress as fxc
 from fxcompress.errors import InputError, PassError, PipelineError
+from fxcompress.testing import run_pass
 from fxcompress.trace import trace
 from passes import FineTune, FoldBatchNorm, FreezeQuant, QuantizeInt8
 from passes.data import explain_failure, graph_inputs, input_specs, iter_batches, split_batch
@@ -127,7 +128,7 @@ def test_fine_tune_pass_trains_the_graph_on_real_digits() -> None:
     gm = trace(model, ex)
     ctx = fxc.PassContext(ex, train_data=loader)
     before = float((gm(x).argmax(1) == y).float().mean())
-    result = FineTune(epochs=12, lr=1e-2).run(gm, ctx)
+    result = run_pass(FineTune(epochs=12, lr=1e-2), gm, ex, train_data=loader)
     after = float((result.graph(x).argmax(1) == y).float().mean())
     assert before < 0.3 and after > 0.9
     assert result.stats["last_loss"] < result.stats["first_loss"]
@@ -142,13 +143,14 @@ def test_fine_tune_without_train_data_names_the_argument() -> None:
         FineTune(schedule="step")
 
 
-def _qat_graph(name: str = "resnet_basic") -> tuple[torch.fx.GraphModule, tuple[torch.Tensor, ...], fxc.PassContext]:
+def _qat_graph(name: str = "resnet_basic") -> tuple[torch.fx.GraphModule, tuple[torch.Tensor, ...], dict]:
+    """A folded, QAT-prepared graph, its example inputs and the ``run_pass`` context fields."""
     model, ex = ZOO[name]()
     gen = torch.Generator().manual_seed(0)
     calib = [(torch.randn(ex[0].shape, generator=gen), torch.tensor([0, 1])) for _ in range(4)]
-    ctx = fxc.PassContext(ex, calibration=calib, train_data=calib, target="onnxruntime")
-    gm = FoldBatchNorm().run(trace(model, ex), ctx).graph
-    return QuantizeInt8(qat=True).run(gm, ctx).graph, ex, ctx
+    ctx = {"calibration": calib, "train_data": calib, "target": "onnxruntime"}
+    gm = run_pass(FoldBatchNorm(), trace(model, ex), ex, **ctx).graph
+    return run_pass(QuantizeInt8(qat=True), gm, ex, **ctx).graph, ex, ctx
 
 
 def test_qat_graph_has_learnable_scales_with_gradients() -> None:
@@ -167,7 +169,7 @@ def test_freeze_turns_qat_into_the_ptq_form_without_changing_outputs() -> None:
     gm.eval()
     with torch.no_grad():
         before = gm(*ex)
-    result = FreezeQuant().run(gm, ctx)
+    result = run_pass(FreezeQuant(), gm, ex, **ctx)
     frozen = result.graph
     assert result.stats == {"activations": result.stats["activations"], "weights": 7}
     assert not any(isinstance(m, (LearnedFakeQuant, LearnedWeightFakeQuant)) for m in frozen.modules())
@@ -185,7 +187,7 @@ def test_fine_tune_trains_and_freezes_qat() -> None:
     fq_nodes = [n for n in gm.graph.nodes if n.op == "call_module"
                 and isinstance(gm.get_submodule(str(n.target)), LearnedFakeQuant)]
     scales_before = [float(gm.get_submodule(str(n.target)).scale.detach()) for n in fq_nodes]
-    result = FineTune(epochs=1, lr=1e-2).run(gm, ctx)
+    result = run_pass(FineTune(epochs=1, lr=1e-2), gm, ex, **ctx)
     assert result.stats["frozen"]["weights"] == 7
     assert not any(isinstance(m, LearnedFakeQuant) for m in result.graph.modules())
     frozen_scales = [n.args[1] for n in result.graph.graph.nodes if n.target is torch.fake_quantize_per_tensor_affine]
@@ -201,10 +203,10 @@ def test_qat_for_tensorrt_exports_symmetric_int8_like_ptq() -> None:
     model, ex = ZOO["inverted_residual"]()
     gen = torch.Generator().manual_seed(0)
     data = [(torch.randn(ex[0].shape, generator=gen), torch.tensor([3, 7])) for _ in range(3)]
-    ctx = fxc.PassContext(ex, calibration=data, train_data=data, target="tensorrt")
-    gm = FoldBatchNorm().run(trace(model, ex), ctx).graph
-    gm = QuantizeInt8(qat=True).run(gm, ctx).graph
-    gm = FineTune(epochs=1, lr=1e-3).run(gm, ctx).graph
+    ctx = {"calibration": data, "train_data": data, "target": "tensorrt"}
+    gm = run_pass(FoldBatchNorm(), trace(model, ex), ex, **ctx).graph
+    gm = run_pass(QuantizeInt8(qat=True), gm, ex, **ctx).graph
+    gm = run_pass(FineTune(epochs=1, lr=1e-3), gm, ex, **ctx).graph
     fqs = [n for n in gm.graph.nodes if n.target is torch.fake_quantize_per_tensor_affine]
     assert fqs and all(n.args[2] == 0 and n.args[3:] == (-128, 127) for n in fqs)
     proto = export_onnx(gm, ex)
@@ -299,8 +301,8 @@ def test_unfrozen_qat_weight_export_matches_fx_even_past_the_weight_range(scheme
 
     torch.manual_seed(0)
     model, ex = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)), (torch.randn(3, 16),)
-    ctx = fxc.PassContext(ex, calibration=[ex], target="onnxruntime")
-    gm = QuantizeInt8(qat=True, scheme=scheme).run(trace(model, ex), ctx).graph
+    gm = run_pass(QuantizeInt8(qat=True, scheme=scheme), trace(model, ex), ex, calibration=[ex],
+                  target="onnxruntime").graph
     wfq = [m for m in gm.modules() if isinstance(m, LearnedWeightFakeQuant)]
     with torch.no_grad():
         for m in wfq:
@@ -319,17 +321,17 @@ def test_frozen_scales_stay_put_while_fine_tune_trains_the_weights() -> None:
     model, ex = ZOO["resnet_basic"]()
     gen = torch.Generator().manual_seed(0)
     data = [(torch.randn(ex[0].shape, generator=gen), torch.tensor([0, 1])) for _ in range(4)]
-    ctx = fxc.PassContext(ex, calibration=data, train_data=data, target="onnxruntime")
-    gm = FoldBatchNorm().run(trace(model, ex), ctx).graph
-    gm = QuantizeInt8(qat=True, learn_scales=False).run(gm, ctx).graph
+    ctx = {"calibration": data, "train_data": data, "target": "onnxruntime"}
+    gm = run_pass(FoldBatchNorm(), trace(model, ex), ex, **ctx).graph
+    gm = run_pass(QuantizeInt8(qat=True, learn_scales=False), gm, ex, **ctx).graph
     fqs = {name: m for name, m in gm.named_modules() if isinstance(m, (LearnedFakeQuant, LearnedWeightFakeQuant))}
     assert fqs and all(not m.scale.requires_grad for m in fqs.values())
     scales = {name: m.scale.detach().clone() for name, m in fqs.items()}
     weights = {n: p.detach().clone() for n, p in gm.named_parameters() if p.requires_grad}
-    gm = FineTune(epochs=1, lr=1e-2, freeze_quant=False).run(gm, ctx).graph
+    gm = run_pass(FineTune(epochs=1, lr=1e-2, freeze_quant=False), gm, ex, **ctx).graph
     assert all(torch.equal(gm.get_submodule(name).scale, s) for name, s in scales.items())
     assert any(not torch.equal(p, weights[n]) for n, p in gm.named_parameters() if n in weights)
-    frozen = FreezeQuant().run(gm, ctx).graph
+    frozen = run_pass(FreezeQuant(), gm, ex, **ctx).graph
     act_scales = {n.args[1] for n in frozen.graph.nodes if n.target is torch.fake_quantize_per_tensor_affine}
     assert act_scales == {float(s) for name, s in scales.items() if isinstance(fqs[name], LearnedFakeQuant)}
 

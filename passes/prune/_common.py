@@ -245,7 +245,6 @@ def prune_weights(gm: GraphModule, ctx: Any, pass_: Any, rule: WeightRule
         if tied:
             result.info(f"weight tied with {', '.join(tied)}: pruned together, still one tensor", node=path)
         zeros[path] = int((new == 0).sum()), new.numel()
-    gm.recompile()
     after = graph_totals(gm)
     stats = {**totals(before, after), "layers": layer_rows(gm, before, after, zeros), "skipped": skipped}
     result.layers = pruned_layers(stats["layers"], "active params", "params_before", "active_params")

@@ -526,7 +526,6 @@ class PruneHeads(Pass):
                                     "removed_heads": removed, "projections": [*block.sources, *block.outputs],
                                     "params_before": params, "params_after": after,
                                     "scores": [round(float(s), 6) for s in scores[block.name]]}
-            gm.recompile()
             check_runs(gm, ctx.example_inputs, self.name)
         elif not found:
             reason = "; ".join(skipped.values()) or "no attention core (scaled_dot_product_attention or " \

@@ -120,7 +120,6 @@ def apply_removal(gm: GraphModule, dg: DependencyGraph, removed: np.ndarray) -> 
     for fix in dg.fixes:
         _apply_fix(gm, nodes[fix.node], fix, keep)
     gm.graph.lint()
-    gm.recompile()
     return layers
 
 

@@ -181,7 +181,7 @@ def node_values(gm: GraphModule, names: Sequence[str], batches: Sequence[tuple[A
     graph.output(tuple(found[name] for name in names))
     cut = GraphModule(gm, graph)
     fxu.eliminate_dead_code(cut)
-    cut.recompile()
+    cut.recompile()  # a cut copy run right here for its values, never a graph a pass returns
     out: list[list[torch.Tensor]] = [[] for _ in names]
     with torch.no_grad():
         for b in batches:

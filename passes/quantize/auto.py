@@ -87,6 +87,7 @@ class QuantizeAuto(Pass):
         def drop(skip: tuple[str, ...]) -> float:
             if skip not in evaluations:
                 trial = self.quantizer(skip).run(copy_graph_module(gm), ctx).graph
+                trial.recompile()  # a nested pass's graph this pass scores itself; the manager never sees it
                 evaluations[skip] = base - self._score(trial, ev, metric)
             return evaluations[skip]
 

@@ -132,7 +132,7 @@ def float_graph(gm: GraphModule, weights: dict[str, torch.Tensor]) -> GraphModul
                 node.kwargs = {**node.kwargs, "weight": attr}
     fxu.eliminate_dead_code(fgm)
     fxu.delete_unused_attributes(fgm)
-    fgm.recompile()
+    fgm.recompile()  # a float reference to run (tests, _means' probe), never the graph the pass returns
     return fgm
 
 
@@ -222,7 +222,6 @@ class CorrectBias(Pass):
                                        "output_std": float(std.mean())}
                     bar.advance(1)
                 todo = [n for n in todo if n not in set(ready)]
-        gm.recompile()
         table = [rows[n.name] for n in layers]
         for row in table:
             result.info(f"bias corrected by mean |shift| {row['mean_abs_shift']:.3g} (max {row['max_abs_shift']:.3g}; "

@@ -65,7 +65,7 @@ def probed_copy(gm: GraphModule, nodes: Iterable[Node], make: Callable[[Node], O
         with probe_gm.graph.inserting_after(node):
             probe = probe_gm.graph.call_module(target, (node,))
         node.replace_all_uses_with(probe, delete_user_cb=lambda u: u is not probe)
-    probe_gm.recompile()
+    probe_gm.recompile()  # a probe copy this pass runs itself to observe, never the graph it returns
     probe_gm.eval()
     if device is not None and torch.device(device).type != "cpu":
         probe_gm = copy.deepcopy(probe_gm).to(device)

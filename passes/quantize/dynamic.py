@@ -22,8 +22,8 @@ from fxcompress.pass_base import Pass, PassContext, PassResult
 
 from .. import _fx_utils as fxu
 from .fake_quant import dynamic_linear, quantize_weight
-from .patterns import classify, module_path
-from .placement import float_rows, matches_skip, unmatched_skip
+from .patterns import module_path
+from .placement import constant_linears, float_rows, matches_skip, unmatched_skip
 
 
 @dataclass(frozen=True)
@@ -47,39 +47,10 @@ class QuantizeDynamic(Pass):
         if unmatched:
             result.warn(unmatched)
         done: list[str] = []
-        floats: dict[str, str] = {}
-        for node in list(gm.graph.nodes):
-            info = classify(gm, node)
-            if info.kind not in ("linear", "matmul"):
-                continue
-            pat = matches_skip(tuple(self.skip), node, info.module, info.kind)
-            if pat:
-                floats[node.name] = f"skipped by user (skip pattern {pat!r})"
-                continue
-            if isinstance(info.module, nn.Linear):
-                weight, bias = info.module.weight.detach().t(), info.module.bias
-                x = node.args[0]
-            elif info.weight is not None and info.weight.op == "get_attr":
-                w = fxu.get_attr_value(gm, str(info.weight.target))
-                if not isinstance(w, torch.Tensor) or w.dim() != 2:
-                    floats[node.name] = "unsupported pattern: weight is not a 2-D parameter"
-                    continue
-                x = node.args[0]
-                if info.kind == "linear":
-                    weight = w.detach().t()
-                    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-                else:
-                    weight, bias = w.detach(), None
-                if isinstance(bias, torch.fx.Node):
-                    bias = fxu.get_attr_value(gm, str(bias.target)) if bias.op == "get_attr" else None
-                    if bias is None:
-                        floats[node.name] = "unsupported pattern: bias computed at run time"
-                        continue
-            else:
-                floats[node.name] = ("unsupported pattern: matmul of two activations (dynamic quantization "
-                                     "covers constant weights)")
-                continue
-            w = weight.float().contiguous()
+        targets, floats = constant_linears(gm, self.skip)
+        for t in targets:
+            node, bias = t.node, t.bias
+            w = t.weight.t().float().contiguous()  # stored in x out
             scale = (w.abs().amax(dim=0) / qmax).clamp(min=1e-12)
             base = (module_path(node) or node.name).replace(".", "_")
             q = quantize_weight(w, scale, 1, -qmax, qmax)
@@ -88,7 +59,7 @@ class QuantizeDynamic(Pass):
                 sn = gm.graph.get_attr(fxu.register_tensor(gm, f"{base}_weight_scale", scale))
                 bn = (gm.graph.get_attr(fxu.register_tensor(gm, f"{base}_bias", bias.detach().float().clone(),
                                                             parameter=True)) if bias is not None else None)
-                new = gm.graph.call_function(dynamic_linear, (x, qn, sn, bn, 255))
+                new = gm.graph.call_function(dynamic_linear, (t.x, qn, sn, bn, 255))
             new.meta = dict(node.meta)
             node.replace_all_uses_with(new)
             gm.graph.erase_node(node)
@@ -96,7 +67,6 @@ class QuantizeDynamic(Pass):
         embedded = self._quantize_embeddings(gm, floats) if self.embeddings else []
         fxu.eliminate_dead_code(gm)
         fxu.delete_unused_attributes(gm)
-        gm.recompile()
         for name, reason in floats.items():
             result.info(f"stays in floating point: {reason}", node=name)
         if not done and not embedded:

@@ -539,7 +539,6 @@ class EqualizeCrossLayer(Pass):
                 op.node.args, op.node.kwargs = (relu, attr), {}
         fxu.delete_submodules_if_unused(gm, [t for t in stale if isinstance(_safe_get(gm, t), nn.Module)])
         fxu.delete_unused_attributes(gm, only=[t for t in stale if not isinstance(_safe_get(gm, t), nn.Module)])
-        gm.recompile()
 
 
 def _safe_get(gm: GraphModule, target: str) -> Any:

@@ -127,7 +127,6 @@ class ConvertFP16(Pass):
         folded = self._fold_constant_casts(gm)
         fxu.eliminate_dead_code(gm)
         fxu.delete_unused_attributes(gm)
-        gm.recompile()
         result = PassResult(graph=gm)
         result.stats = {"fp16_modules": halved, "kept_fp32": kept, "casts": sum(
             1 for n in graph.nodes if n.op == "call_method" and n.target == "to"), "fp16_constants": folded}

@@ -12,10 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
 from fxcompress import ops
+
+from .. import _fx_utils as fxu
 
 COMPUTE = ("conv", "conv_transpose", "linear", "matmul")
 
@@ -136,3 +139,38 @@ def module_path(node: Node) -> str:
         last = list(stack.values())[-1]
         return str(last[0]) if isinstance(last, tuple) else str(last)
     return ""
+
+
+@dataclass(frozen=True)
+class ConstantLinear:
+    """A Linear / matmul whose weight is a constant: its node, the weight as ``[N, K]`` (out x in),
+    its bias, and whether the graph stores the weight transposed (``[K, N]``: a matmul)."""
+
+    node: Node
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    transposed: bool
+
+    @property
+    def x(self) -> Node:
+        """The activation input, read now: an earlier rewrite may have replaced the node feeding it."""
+        return self.node.args[0]  # type: ignore[return-value]
+
+
+def constant_linear(gm: GraphModule, node: Node, info: OpInfo) -> ConstantLinear | str:
+    """The ``ConstantLinear`` of a node ``info`` classifies as ``linear`` / ``matmul``, or the reason
+    it has no constant 2-D weight (the weight-only quantization passes need one)."""
+    if isinstance(info.module, nn.Linear):
+        return ConstantLinear(node, info.module.weight.detach(), info.module.bias, False)
+    if info.weight is None or info.weight.op != "get_attr":
+        return "unsupported pattern: matmul of two activations (only a constant weight is quantized here)"
+    w = fxu.get_attr_value(gm, str(info.weight.target))
+    if not isinstance(w, torch.Tensor) or w.dim() != 2:
+        return "unsupported pattern: weight is not a 2-D constant"
+    bias = fxu.call_arg(node, 2, "bias") if info.kind == "linear" else None
+    if isinstance(bias, Node):
+        if bias.op != "get_attr":
+            return "unsupported pattern: bias computed at run time"
+        bias = fxu.get_attr_value(gm, str(bias.target))
+    linear = info.kind == "linear"
+    return ConstantLinear(node, w.detach() if linear else w.detach().t(), bias, not linear)

@@ -26,7 +26,7 @@ from fxcompress.attrs import fetch_attr
 from fxcompress.layer_rows import LayerRow
 
 from .._fx_utils import unmatched_patterns
-from .patterns import COMPUTE, OpInfo, classify, module_of, module_path
+from .patterns import COMPUTE, ConstantLinear, OpInfo, classify, constant_linear, module_of, module_path
 
 SCHEMES = ("tensorrt", "onnxruntime")
 
@@ -99,6 +99,24 @@ def matches_skip(patterns: tuple[str, ...], node: Node, mod: nn.Module | None, k
         if any(n and fnmatch.fnmatchcase(n, pat) for n in names):
             return pat
     return None
+
+
+def constant_linears(gm: GraphModule, skip: Sequence[str]) -> tuple[list[ConstantLinear], dict[str, str]]:
+    """The Linear / matmul nodes of ``gm`` with a constant 2-D weight that no ``skip`` pattern
+    matches, and for every other Linear / matmul why it stays in floating point (by node name)."""
+    found: list[ConstantLinear] = []
+    floats: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        info = classify(gm, node)
+        if info.kind not in ("linear", "matmul"):
+            continue
+        pat = matches_skip(tuple(skip), node, info.module, info.kind)
+        target = constant_linear(gm, node, info) if not pat else f"skipped by user (skip pattern {pat!r})"
+        if isinstance(target, str):
+            floats[node.name] = target
+        else:
+            found.append(target)
+    return found, floats
 
 
 def unmatched_skip(patterns: Sequence[str], gm: GraphModule) -> str | None:

@@ -69,7 +69,6 @@ def freeze_qat(gm: GraphModule) -> dict[str, int]:
         graph.erase_node(node)
     fxu.eliminate_dead_code(gm)
     fxu.delete_unused_attributes(gm)
-    gm.recompile()
     return {"activations": acts, "weights": weights}
 
 

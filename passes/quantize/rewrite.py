@@ -152,5 +152,4 @@ def apply_plan(gm: GraphModule, plan: Plan, act: dict[str, tuple[float, int]], w
             quantize_layer_weight(gm, layer, weights[name], qat=qat, learn=learn)
     fxu.eliminate_dead_code(gm)
     fxu.delete_unused_attributes(gm)
-    gm.recompile()
     return {"activation_quantizers": len(plan.slots), "int8_layers": [layer.node.name for layer in plan.layers]}

@@ -125,6 +125,7 @@ class QuantSensitivity(Pass):
                                       calibration_batches=self.calibration_batches).calibrate(
                 trial, _Ctx(batches), plan, spec))
         apply_plan(trial, plan, local, weights, spec)
+        trial.recompile()  # this pass runs the quantized trial itself, right below
         mse, cos = 0.0, 0.0
         with torch.no_grad():
             for b, ref in zip(batches, reference):

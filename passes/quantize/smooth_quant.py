@@ -145,7 +145,6 @@ class SmoothQuant(Pass):
             result.info(f"smoothed {row['producer']} -> {', '.join(row['linears'])}: activation max "
                         f"{row['act_max_before']:.3g} -> {row['act_max_after']:.3g}, weight max "
                         f"{row['weight_max_before']:.3g} -> {row['weight_max_after']:.3g}", node=row["producer"])
-        gm.recompile()
         result.stats = {"groups": rows, "alpha": self.alpha, "not_smoothed": reasons}
         return result
 

@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.fx import GraphModule, Node
+from torch.fx import GraphModule
 
 from fxcompress.errors import PipelineError
 from fxcompress.layer_rows import LayerRow
@@ -32,8 +32,8 @@ from fxcompress.pass_base import Pass, PassContext, PassResult, copy_graph_modul
 from .. import _fx_utils as fxu
 from .adaround import AdaRoundConfig, RoundingTask, adaround_layers, calibration_batches
 from .calibrate import require_calibration
-from .patterns import classify, module_path
-from .placement import float_rows, matches_skip, unmatched_skip
+from .patterns import ConstantLinear, module_path
+from .placement import constant_linears, float_rows, matches_skip, unmatched_skip
 
 _NS = "fxcompress_quant"
 _lib = torch.library.Library(_NS, "FRAGMENT")
@@ -120,40 +120,6 @@ def _register_onnx_symbolics() -> None:
 _register_onnx_symbolics()
 
 
-@dataclass
-class _Target:
-    """A layer to quantize: its node, input, weight as ``[N, K]`` (out x in), bias, and the tensor
-    the graph stores (for AdaRound: ``transposed`` when that is ``[K, N]``)."""
-
-    node: Node
-    x: Node
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-    transposed: bool
-
-
-def _constant_linear(gm: GraphModule, node: Node) -> _Target | str | None:
-    """The ``_Target`` of a Linear / matmul with a constant 2-D weight, a reason it is not one, or
-    None for nodes of other kinds."""
-    info = classify(gm, node)
-    if info.kind not in ("linear", "matmul"):
-        return None
-    if isinstance(info.module, nn.Linear):
-        return _Target(node, node.args[0], info.module.weight.detach(), info.module.bias, False)
-    if info.weight is None or info.weight.op != "get_attr":
-        return "unsupported pattern: matmul of two activations (weight-only quantization covers constant weights)"
-    w = fxu.get_attr_value(gm, str(info.weight.target))
-    if not isinstance(w, torch.Tensor) or w.dim() != 2:
-        return "unsupported pattern: weight is not a 2-D constant"
-    bias = fxu.call_arg(node, 2, "bias") if info.kind == "linear" else None
-    if isinstance(bias, Node):
-        if bias.op != "get_attr":
-            return "unsupported pattern: bias computed at run time"
-        bias = fxu.get_attr_value(gm, str(bias.target))
-    linear = info.kind == "linear"
-    return _Target(node, node.args[0], w.detach() if linear else w.detach().t(), bias, not linear)
-
-
 @dataclass(frozen=True)
 class QuantizeWeightOnly(Pass):
     """Blockwise symmetric INT4/INT8 weights for Linear / matmul with a constant weight (and
@@ -196,24 +162,12 @@ class QuantizeWeightOnly(Pass):
         unmatched = unmatched_skip(self.skip, gm)
         if unmatched:
             result.warn(unmatched)
-        floats: dict[str, str] = {}
-        targets: list[_Target] = []
-        for node in list(gm.graph.nodes):
-            found = _constant_linear(gm, node)
-            if found is None:
-                continue
-            info = classify(gm, node)
-            pat = matches_skip(tuple(self.skip), node, info.module, info.kind)
-            if pat or isinstance(found, str):
-                floats[node.name] = f"skipped by user (skip pattern {pat!r})" if pat else str(found)
-                continue
-            targets.append(found)
+        targets, floats = constant_linears(gm, self.skip)
         rounded, errors = self._adaround(gm, ctx, targets) if self.rounding == "adaround" and targets else ({}, {})
         layers = [self._rewrite(gm, t, rounded.get(t.node.name)) for t in targets]
         tables = self._quantize_embeddings(gm, floats) if self.embeddings else []
         fxu.eliminate_dead_code(gm)
         fxu.delete_unused_attributes(gm)
-        gm.recompile()
         for name, reason in floats.items():
             result.info(f"stays in floating point: {reason}", node=name)
         if not layers and not tables:
@@ -237,7 +191,7 @@ class QuantizeWeightOnly(Pass):
         return result
 
     def _adaround(self, gm: GraphModule, ctx: PassContext,
-                  targets: list[_Target]) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, float]]]:
+                  targets: list[ConstantLinear]) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, float]]]:
         """AdaRound integers ``[N, K]`` by node: inputs from the float graph whose earlier layers
         already carry their rounded weights."""
         require_calibration(ctx, self.name, "rounding='adaround'")
@@ -267,7 +221,7 @@ class QuantizeWeightOnly(Pass):
         err = float((q * full - w.float()).norm() / w.float().norm().clamp(min=1e-30))
         return packed, scales, err
 
-    def _rewrite(self, gm: GraphModule, t: _Target, q: torch.Tensor | None) -> dict[str, Any]:
+    def _rewrite(self, gm: GraphModule, t: ConstantLinear, q: torch.Tensor | None) -> dict[str, Any]:
         n, k = t.weight.shape
         packed, scales, err = self._encode(t.weight, q)
         base = (module_path(t.node) or t.node.name).replace(".", "_")
