@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .artifact import Compiled, tensor_specs
+from .backends import tensorrt as trt_backend
 from .backends.onnx_export import export_onnx
 from .copying import own_parameters, shared_copy
 from .errors import BackendUnavailable, ExportError, FxCompressError, OpaqueModuleWarning, PipelineError
@@ -167,8 +168,6 @@ def _attach_backend(compiled: Compiled, target: str, *, precision: str, fallback
         compiled.use_backend("onnxruntime", providers=providers, threads=threads)
         return
     try:
-        from .backends import tensorrt as trt_backend
-
         build = trt_backend.build_engine(
             compiled.onnx_model, target,
             trt_backend.BuildOptions.from_compile(precision=precision, example_inputs=example_inputs,

@@ -40,6 +40,7 @@ import onnx
 import torch
 
 from .backends.onnxruntime import OrtRunner
+from .backends.tensorrt import TrtRunner
 from .errors import ArtifactError, BackendUnavailable, FxCompressError, InputError
 from .onnx_graph import load_external_data, needs_external_data, with_external_data
 from .pipeline import Snapshot
@@ -278,8 +279,6 @@ class _LazyTrtRunner:
 
     def __call__(self, *inputs: Any) -> Any:
         if self._runner is None:
-            from .backends.tensorrt import TrtRunner
-
             if self.engine is None:
                 raise BackendUnavailable(f"no {self.target} engine in this artifact; it can run on: "
                                          f"{', '.join(self.runnable) or 'nothing'} (use_backend(...) or load(dir, backend=...))")

@@ -12,17 +12,29 @@ fails with a unified diff; a missing golden fails showing the text it would writ
 
 from __future__ import annotations
 
+import copy
 import difflib
 import functools
 import importlib
 import inspect
+import operator
 import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
+import onnx.defs
 import pytest
+import torch
+from torch import nn
+
+from .graph_text import (as_fx_graph, as_onnx_model, diff, fx_node_kinds, iter_onnx_nodes, read_fxg, to_text,
+                         write_fxg)
+from .pass_base import PassContext
+from .registry import parse_pipeline
+from .trace import trace
+from .verify import check_exact, first_divergent_node, fresh_inputs, lint, propagate_shapes
 
 ACCEPT_ENV = "FXCOMPRESS_ACCEPT"
 GOLDENS_INI = "fxcompress_goldens"
@@ -81,8 +93,6 @@ class Golden:
 
     def check(self, graph_or_text: Any, name: str) -> str:
         """Fail the test unless the graph's canonical text equals the golden; return the text."""
-        from .graph_text import diff, read_fxg, to_text, write_fxg
-
         text = graph_or_text if isinstance(graph_or_text, str) else to_text(graph_or_text)
         if not text.endswith("\n"):
             text += "\n"
@@ -131,10 +141,6 @@ _FX_OPS = ("placeholder", "get_attr", "call_module", "call_function", "call_meth
 @functools.lru_cache(maxsize=1)
 def _torch_function_names() -> frozenset[str]:
     """Lower-cased short and qualified names of torch functions, Tensor methods and operators."""
-    import operator
-
-    import torch
-
     names = set(_FX_OPS)
     for namespace, prefix in ((torch, "torch"), (torch.nn.functional, "torch.nn.functional"),
                               (torch.special, "torch.special"), (torch.linalg, "torch.linalg"),
@@ -148,8 +154,6 @@ def _torch_function_names() -> frozenset[str]:
 def _module_class_names() -> dict[str, str]:
     """Every ``nn.Module`` subclass defined so far (torch's and the user's): lower-cased short and
     qualified name -> short name."""
-    from torch import nn
-
     names: dict[str, str] = {}
     stack = [nn.Module]
     while stack:
@@ -172,7 +176,6 @@ def _resolves(dotted: str) -> bool:
                 obj = getattr(obj, attr)
         except AttributeError:
             return False
-        from torch import nn
 
         return (inspect.isroutine(obj) or isinstance(obj, functools.partial)
                 or (isinstance(obj, type) and issubclass(obj, nn.Module)))
@@ -182,8 +185,6 @@ def _resolves(dotted: str) -> bool:
 @functools.lru_cache(maxsize=1)
 def _onnx_op_names() -> frozenset[str]:
     """Lower-cased ONNX operator types (standard domains, and ONNX Runtime's contrib ops when installed)."""
-    import onnx.defs
-
     schemas = list(onnx.defs.get_all_schemas_with_history())
     try:
         from onnxruntime.capi.onnxruntime_pybind11_state import get_all_operator_schema
@@ -200,8 +201,6 @@ def _onnx_op_names() -> frozenset[str]:
 
 
 def _fx_items(graph: Any) -> list[_Item]:
-    from .graph_text import fx_node_kinds
-
     items = []
     for node in graph.nodes:
         kinds = fx_node_kinds(node)
@@ -211,8 +210,6 @@ def _fx_items(graph: Any) -> list[_Item]:
 
 
 def _onnx_items(model: Any) -> list[_Item]:
-    from .graph_text import iter_onnx_nodes
-
     items = []
     for index, node in enumerate(iter_onnx_nodes(model.graph)):
         name = node.name or f"_n{index}"
@@ -236,8 +233,6 @@ class GraphCheck:
     """
 
     def __init__(self, graph: Any) -> None:
-        from .graph_text import as_fx_graph, as_onnx_model
-
         fx_graph = as_fx_graph(graph)
         self._onnx = fx_graph is None
         if fx_graph is not None:
@@ -367,15 +362,6 @@ def run_pass(pass_: Any, model: Any, example_inputs: Any, *, frontend: str = "fx
     exactness rule, else ``AssertionError`` naming the first divergent node. ``shapes=False`` drops
     the shape metadata first (to test a pass on a graph without it). ``context``: ``PassContext``
     fields (``train_data``, ``calibration``, ``original``, ...)."""
-    import copy
-
-    import torch
-
-    from .pass_base import PassContext
-    from .registry import parse_pipeline
-    from .trace import trace
-    from .verify import check_exact, first_divergent_node, fresh_inputs, lint, propagate_shapes
-
     if isinstance(pass_, str):
         parsed = parse_pipeline(pass_)
         if len(parsed) != 1:

@@ -12,6 +12,7 @@ import onnx
 import torch
 from onnx import numpy_helper
 
+from ..backends import tensorrt as trt_backend
 from ..backends.onnxruntime import OrtRunner
 from ..onnx_facts import constant_tensors
 from ..onnx_graph import expose_outputs, fx_node_outputs
@@ -69,7 +70,6 @@ def trt_status(engine: bytes | None, target: str | None) -> str | None:
                 "'tensorrt-rtx')")
     if target not in TRT_TARGETS:
         return f"not run: target {target!r} is not a TensorRT target ({', '.join(TRT_TARGETS)})"
-    from ..backends import tensorrt as trt_backend
 
     if not trt_backend.gpu_available():
         return (f"not run: running a {target} engine needs an NVIDIA GPU; torch.cuda.is_available() is False "
@@ -84,8 +84,6 @@ def layer_engine(model: onnx.ModelProto, names: Sequence[str], inputs: tuple[tor
                  precision: str = "fp32") -> Any:
     """A TensorRT ``EngineBuild`` of ``model`` with the tensors ``names`` marked as outputs (what the
     TRT column runs; building needs no GPU for ``tensorrt-rtx``)."""
-    from ..backends import tensorrt as trt_backend
-
     exposed = expose_outputs(model, list(names))
     options = trt_backend.BuildOptions.from_compile(precision=precision, example_inputs=inputs, onnx_model=exposed)
     return trt_backend.build_engine(exposed, target, options)
@@ -95,8 +93,6 @@ def run_trt(model: onnx.ModelProto, names: list[str], inputs: tuple[torch.Tensor
              target: str, precision: str) -> tuple[dict[str, torch.Tensor], list[torch.Tensor] | None]:
     """Per-layer values from an engine built with ``names`` marked as outputs, and the given
     engine's outputs."""
-    from ..backends import tensorrt as trt_backend
-
     finals = None
     if engine is not None:
         out = trt_backend.TrtRunner(engine, target)(*inputs)
