@@ -36,14 +36,17 @@ def nested_passes() -> Any:
 
 
 def string_fields(cls: type[Pass]) -> list[dataclasses.Field]:
+    """The fields of ``cls`` a pipeline string writes: its options."""
     return [f for f in dataclasses.fields(cls) if f.init and f.metadata.get("pipeline", True) is True]
 
 
 def children_field(cls: type[Pass]) -> dataclasses.Field | None:
+    """The ``nested_passes`` field of ``cls``, if it wraps other passes."""
     return next((f for f in dataclasses.fields(cls) if f.metadata.get("pipeline") == "children"), None)
 
 
 def option_names(cls: type[Pass]) -> list[str]:
+    """The options of ``cls`` as a pipeline string names them (kebab case)."""
     return [f.name.replace("_", "-") for f in string_fields(cls)]
 
 
@@ -51,6 +54,7 @@ _BARE = re.compile(r"^[A-Za-z_*./][\w.*/\-]*$")
 
 
 def format_value(value: Any) -> str:
+    """An option value as pipeline-string text that parses back to the same value."""
     if value is None:
         return "none"
     if isinstance(value, bool):
@@ -81,6 +85,7 @@ def format_pass(p: Pass, *, full: bool = False) -> str:
 
 
 def format_pipeline(passes: typing.Iterable[Pass], *, full: bool = False) -> str:
+    """The pipeline string of ``passes`` (see ``format_pass``)."""
     return ",".join(format_pass(p, full=full) for p in passes)
 
 
