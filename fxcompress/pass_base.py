@@ -108,6 +108,10 @@ class PassContext:
             self._analyses[key] = compute()
         return self._analyses[key]
 
+    def cached(self, key: str) -> Any:
+        """The cached analysis ``key`` if it is still valid, else None (never computes it)."""
+        return self._analyses.get(key)
+
     def invalidate(self, keep: Iterable[str] = ()) -> None:
         """Forget every cached analysis except those in ``keep``."""
         keep = set(keep)
@@ -115,6 +119,7 @@ class PassContext:
 
     @property
     def cached_analyses(self) -> tuple[str, ...]:
+        """The keys of the analyses still cached."""
         return tuple(sorted(self._analyses))
 
 

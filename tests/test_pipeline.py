@@ -261,9 +261,9 @@ def test_analysis_cache_is_invalidated_when_the_graph_changes() -> None:
     assert calls == [1]
     gm = trace(Net(), X)
     fxc.Pipeline([NoOp()]).apply(gm, ctx)
-    assert ctx.cached_analyses == ("shapes",)
+    assert ctx.cached_analyses == ("shapes",) and ctx.cached("shapes") == "value"
     fxc.Pipeline([AddZeroToOutput()]).apply(gm, ctx)
-    assert ctx.cached_analyses == ()
+    assert ctx.cached_analyses == () and ctx.cached("shapes") is None
 
 
 def test_apply_does_not_touch_the_given_graph_module() -> None:

@@ -172,8 +172,7 @@ class CorrectBias(Pass):
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         require_calibration(ctx, self.name)
-        weights = ctx.analysis(FLOAT_WEIGHTS_KEY, lambda: None) if FLOAT_WEIGHTS_KEY in ctx.cached_analyses \
-            else None
+        weights = ctx.cached(FLOAT_WEIGHTS_KEY)
         if not weights:
             raise PassError(f"{self.name} needs the float weights quantize-int8 leaves for it: run it right after "
                             f"quantize-int8 (post-training, not qat=true), with no pass that changes the graph "
