@@ -17,7 +17,7 @@ from onnx import numpy_helper as nh
 from torch import nn
 
 from fxcompress.backends.tensorrt import build_engine, derive_profiles, module_available
-from fxcompress.errors import PassError
+from fxcompress.errors import PassError, PipelineError
 from fxcompress.pass_base import PassContext
 from passes.onnx.check_tensorrt import (CheckTensorRT, Finding, check_tensorrt, check_tensorrt_report,
                                         operator_matrix)
@@ -519,3 +519,14 @@ def test_pass_is_registered_and_round_trips_as_a_pipeline_string():
     assert isinstance(p, CheckTensorRT) and p.use_parser is False and p.strict is True
     assert format_pass(p) == "check-tensorrt{use-parser=false,strict=true}"
     assert CheckTensorRT.exact is True
+
+
+def test_the_target_option_names_exactly_the_tensorrt_targets() -> None:
+    import typing
+
+    from fxcompress.backends.tensorrt import TARGETS
+    from fxcompress.options import option_types
+
+    assert typing.get_args(option_types(CheckTensorRT)["target"]) == ("", *TARGETS)
+    with pytest.raises(PipelineError, match="option 'target' of pass 'check-tensorrt' must be one of"):
+        CheckTensorRT(target="tensorrt-llm")

@@ -9,6 +9,7 @@ from pathlib import Path
 import networkx as nx
 
 import fxcompress
+from fxcompress.options import option_types, string_fields
 from fxcompress.registry import catalogue_markdown, installed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,6 +81,14 @@ def test_the_framework_never_names_a_library_pass() -> None:
             if isinstance(node, ast.Constant) and node.value in library:
                 named.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.value!r}")
     assert named == []
+
+
+def test_every_installed_pass_has_checkable_options() -> None:
+    """Option checks read the field annotations; one that cannot be resolved (a name imported only
+    under TYPE_CHECKING, a typo) would silently switch them off for that pass."""
+    unresolved = [name for name, cls in installed().items()
+                  if string_fields(cls) and not option_types(cls)]
+    assert unresolved == []
 
 
 def _readme_commands() -> list[str]:

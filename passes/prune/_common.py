@@ -209,15 +209,6 @@ def need_shapes(gm: GraphModule, example_inputs: Sequence[Any], pass_name: str) 
     check_runs(gm, example_inputs, pass_name)
 
 
-def as_tuple(value: Any, where: str) -> tuple:
-    """Option normalization: a list (or a single string) becomes a tuple."""
-    if isinstance(value, str):
-        return (value,)
-    if isinstance(value, (list, tuple)):
-        return tuple(value)
-    raise PassError(f"{where} must be a tuple of strings, got {value!r}")
-
-
 #: ``(layers, skipped, result) -> {path: new weight}``: the pruning rule of an unstructured pass
 WeightRule = Callable[[list[tuple[str, nn.Module]], dict[str, str], PassResult], dict[str, torch.Tensor]]
 

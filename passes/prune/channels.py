@@ -21,9 +21,9 @@ from fxcompress.errors import PipelineError
 from fxcompress.pass_base import Pass, PassContext, PassResult, prefer_before
 
 from .._fx_utils import unmatched_patterns
-from ._common import as_tuple, check_runs, graph_totals, layer_totals, need_shapes, pruned_layers, totals
+from ._common import check_runs, graph_totals, layer_totals, need_shapes, pruned_layers, totals
 from .depgraph import DependencyGraph, dependency_graph
-from .importance import CRITERIA, class_importance
+from .importance import Criterion, class_importance
 from .rewrite import apply_removal
 from .sections import SectionGuard
 
@@ -69,7 +69,7 @@ class PruneChannels(Pass):
     round_to: int = 1
     min_channels: int = 1
     exclude: tuple[str, ...] = ()
-    importance: str = "l2"
+    importance: Criterion = "l2"
     batches: int = 8
     norm_stats: Literal["block", "prune"] = "block"
 
@@ -83,13 +83,9 @@ class PruneChannels(Pass):
             raise PipelineError(f"prune-channels: ratios must be (pattern, ratio) pairs, got {self.ratios!r}") from exc
         object.__setattr__(self, "ratios", ratios)
         object.__setattr__(self, "exact", self.ratio == 0.0 and all(r == 0.0 for _, r in ratios))
-        object.__setattr__(self, "exclude", as_tuple(self.exclude, "prune-channels: exclude"))
         for what, r in (("ratio", self.ratio), *((f"ratios[{p!r}]", r) for p, r in ratios)):
             if not 0.0 <= r < 1.0:
                 raise PipelineError(f"prune-channels: {what}={r} must be in [0, 1)")
-        if self.importance not in CRITERIA:
-            raise PipelineError(f"prune-channels: importance={self.importance!r}; choose one of "
-                                f"{', '.join(CRITERIA)}")
         if self.round_to < 1 or self.min_channels < 1 or self.batches < 1:
             raise PipelineError("prune-channels: round_to, min_channels and batches must be >= 1")
 

@@ -28,7 +28,7 @@ from fxcompress import ops
 from fxcompress.errors import PassError, PipelineError
 from fxcompress.pass_base import Pass, PassContext, PassResult
 
-from ._common import as_tuple, check_runs, graph_totals, need_shapes, pruned_layers, totals
+from ._common import check_runs, graph_totals, need_shapes, pruned_layers, totals
 
 __all__ = ["AttentionBlock", "PruneHeads", "find_blocks"]
 
@@ -478,7 +478,6 @@ class PruneHeads(Pass):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "exact", self.ratio == 0.0)
-        object.__setattr__(self, "exclude", as_tuple(self.exclude, "prune-heads: exclude"))
         if not 0.0 <= self.ratio < 1.0:
             raise PipelineError(f"prune-heads: ratio={self.ratio} must be in [0, 1)")
         if self.min_heads < 1 or self.batches < 1:

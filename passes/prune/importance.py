@@ -14,7 +14,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, Literal, get_args
 
 import numpy as np
 import torch
@@ -25,9 +25,11 @@ from fxcompress.errors import PassError
 
 from .depgraph import DependencyGraph, ModuleEdit
 
-__all__ = ["CRITERIA", "class_importance"]
+__all__ = ["CRITERIA", "Criterion", "class_importance"]
 
-CRITERIA = ("l1", "l2", "bn-scale", "taylor")
+#: how channels are scored (a pass option's type)
+Criterion = Literal["l1", "l2", "bn-scale", "taylor"]
+CRITERIA: tuple[str, ...] = get_args(Criterion)
 _PRODUCERS = ("conv", "conv_transpose", "linear", "embedding")
 
 

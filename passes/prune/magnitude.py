@@ -23,7 +23,7 @@ from torch.fx import GraphModule
 from fxcompress.errors import PipelineError
 from fxcompress.pass_base import Pass, PassContext, PassResult
 
-from ._common import WEIGHT_TYPES, as_tuple, prune_weights
+from ._common import WEIGHT_TYPES, prune_weights
 
 __all__ = ["PruneMagnitude", "smallest"]
 
@@ -69,12 +69,8 @@ class PruneMagnitude(Pass):
     exclude_head: bool = True
 
     def __post_init__(self) -> None:
-        for f in ("types", "include", "exclude"):
-            object.__setattr__(self, f, as_tuple(getattr(self, f), f"prune-magnitude: {f}"))
         if not 0.0 <= self.amount <= 1.0:
             raise PipelineError(f"prune-magnitude: amount={self.amount} must be in [0, 1]")
-        if self.scope not in ("layer", "global"):
-            raise PipelineError(f"prune-magnitude: scope={self.scope!r}; choose 'layer' or 'global'")
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         already = 0

@@ -23,7 +23,7 @@ from torch.fx import GraphModule
 from fxcompress.errors import PipelineError
 from fxcompress.pass_base import Pass, PassContext, PassResult
 
-from ._common import as_tuple, prune_weights
+from ._common import prune_weights
 
 __all__ = ["PruneNM", "check_nm", "nm_groups"]
 
@@ -69,8 +69,6 @@ class PruneNM(Pass):
     exclude_head: bool = True
 
     def __post_init__(self) -> None:
-        for f in ("types", "include", "exclude"):
-            object.__setattr__(self, f, as_tuple(getattr(self, f), f"prune-nm: {f}"))
         if not (0 <= self.n < self.m):
             raise PipelineError(f"prune-nm: need 0 <= n < m, got n={self.n}, m={self.m}")
         bad = [t for t in self.types if t not in NM_TYPES]

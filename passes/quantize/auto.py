@@ -26,6 +26,8 @@ from fxcompress.pass_base import Pass, PassContext, PassResult, copy_graph_modul
 
 from ..data import iter_batches
 from .calibrate import require_calibration
+from .observers import ObserverName
+from .placement import Scheme
 from .ptq import QuantizeInt8
 from .sensitivity import QuantSensitivity
 
@@ -57,8 +59,8 @@ class QuantizeAuto(Pass):
     metric: Literal["auto", "accuracy", "cosine"] = "auto"
     weight_bits: int = 8
     per_channel: bool = True
-    observer: str = "mse"
-    scheme: str = "auto"
+    observer: ObserverName = "mse"
+    scheme: Scheme = "auto"
     calibration_batches: int = 8
     eval_batches: int = 0
     eval_data: Any = not_in_pipeline_string()

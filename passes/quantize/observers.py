@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal, get_args
 
 import numpy as np
 import torch
 
 from fxcompress.errors import PassError
 
-OBSERVERS = ("minmax", "moving-average", "percentile", "mse", "entropy")
+#: the activation observers, by name (a pass option's type)
+ObserverName = Literal["minmax", "moving-average", "percentile", "mse", "entropy"]
+OBSERVERS: tuple[str, ...] = get_args(ObserverName)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Literal, Sequence, get_args
 
 import torch
 from torch import nn
@@ -28,7 +28,9 @@ from fxcompress.layer_rows import LayerRow
 from .._fx_utils import unmatched_patterns
 from .patterns import COMPUTE, ConstantLinear, OpInfo, classify, constant_linear, module_of, module_path
 
-SCHEMES = ("tensorrt", "onnxruntime")
+#: where the Q/DQ placement is for (a pass option's type, with ``"auto"``: from the compile target)
+Scheme = Literal["auto", "tensorrt", "onnxruntime"]
+SCHEMES: tuple[str, ...] = get_args(Scheme)[1:]
 
 
 @dataclass

@@ -27,15 +27,15 @@ from .calibrate import observe, require_calibration
 from .fake_quant import _channel_view
 from .observers import (
     INT8,
-    OBSERVERS,
     UINT8,
+    ObserverName,
     QSpec,
     make_observer,
     per_channel_absmax,
     per_channel_mse_absmax,
 )
 from .patterns import module_path
-from .placement import SCHEMES, Plan, build_plan, float_rows, scheme_for_target, unmatched_skip
+from .placement import Plan, Scheme, build_plan, float_rows, scheme_for_target, unmatched_skip
 from .rewrite import WeightQuant, apply_plan
 
 #: the ctx analysis key under which ``QuantSensitivity`` leaves its skip list
@@ -43,11 +43,6 @@ SENSITIVITY_KEY = "quant-sensitivity"
 #: the ctx analysis key under which ``QuantizeInt8`` leaves the float weights of the layers it
 #: quantized (node name -> tensor), the float reference ``correct-bias`` needs right after it
 FLOAT_WEIGHTS_KEY = "quantize-int8:float-weights"
-
-
-def _choice(value: str, allowed: tuple[str, ...], option: str, pass_name: str) -> None:
-    if value not in allowed:
-        raise PipelineError(f"{pass_name}: {option}={value!r} is not one of {', '.join(allowed)}")
 
 
 def ensure_shapes(gm: GraphModule, ctx: PassContext) -> None:
@@ -116,13 +111,13 @@ class QuantizeInt8(Pass):
     #: an instance with ``qat`` trains (its learnable fake-quant); set in ``__post_init__``
     trains: ClassVar[bool] = False
 
-    observer: str = "mse"
+    observer: ObserverName = "mse"
     percentile: float = 99.99
     per_channel: bool = True
-    scheme: str = "auto"
-    activations: str = "auto"
+    scheme: Scheme = "auto"
+    activations: Literal["auto", "int8", "uint8"] = "auto"
     reduce_range: bool = True
-    weight_observer: str = "minmax"
+    weight_observer: Literal["minmax", "mse"] = "minmax"
     calibration_batches: int = 32
     skip: tuple[str, ...] = ()
     keep_first_last_fp: bool = False
@@ -139,15 +134,9 @@ class QuantizeInt8(Pass):
             raise PipelineError(f"{self.name}: rounding='adaround' needs adaround_iters >= 1 and qat=false (QAT "
                                 f"learns its weights in training instead); got adaround_iters="
                                 f"{self.adaround_iters}, qat={self.qat}")
-        _choice(self.observer, OBSERVERS, "observer", self.name)
-        _choice(self.scheme, ("auto", *SCHEMES), "scheme", self.name)
-        _choice(self.activations, ("auto", "int8", "uint8"), "activations", self.name)
-        _choice(self.weight_observer, ("minmax", "mse"), "weight_observer", self.name)
         if self.calibration_batches < 0:
             raise PipelineError(f"{self.name}: calibration_batches must be >= 0 (0 = all); got "
                                 f"{self.calibration_batches}")
-        if isinstance(self.skip, str):
-            object.__setattr__(self, "skip", (self.skip,))
         object.__setattr__(self, "trains", bool(self.qat))
 
     def resolve(self, target: str) -> tuple[str, QSpec, int]:

@@ -23,9 +23,9 @@ from fxcompress.pass_base import Pass, PassContext, PassResult, copy_graph_modul
 
 from ..data import claim_data, explain_failure, input_specs, iter_inputs, model_inputs
 from .calibrate import require_calibration
-from .observers import OBSERVERS
+from .observers import ObserverName
 from .patterns import module_path
-from .placement import build_plan
+from .placement import Scheme, build_plan
 from .ptq import SENSITIVITY_KEY, QuantizeInt8, ensure_shapes, weight_quant
 from .rewrite import apply_plan
 
@@ -47,18 +47,16 @@ class QuantSensitivity(Pass):
     requires: ClassVar[tuple[str, ...]] = ("calibration-data",)
 
     k: int = 0
-    observer: str = "mse"
+    observer: ObserverName = "mse"
     percentile: float = 99.99
     per_channel: bool = True
-    scheme: str = "auto"
+    scheme: Scheme = "auto"
     reduce_range: bool = True
     calibration_batches: int = 8
     eval_batches: int = 4
     weight_bits: int = 8
 
     def __post_init__(self) -> None:
-        if self.observer not in OBSERVERS:
-            raise PipelineError(f"{self.name}: observer={self.observer!r} is not one of {', '.join(OBSERVERS)}")
         if self.k < 0 or self.eval_batches < 1 or not 2 <= self.weight_bits <= 8:
             raise PipelineError(f"{self.name}: needs k >= 0, eval_batches >= 1 and weight_bits 2..8; got k={self.k}, "
                                 f"eval_batches={self.eval_batches}, weight_bits={self.weight_bits}")
