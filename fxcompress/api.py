@@ -15,7 +15,14 @@ from .artifact import Compiled, tensor_specs
 from .backends import tensorrt as trt_backend
 from .backends.onnx_export import export_onnx
 from .copying import own_parameters, shared_copy
-from .errors import BackendUnavailable, ExportError, FxCompressError, OpaqueModuleWarning, PipelineError
+from .errors import (
+    BackendUnavailable,
+    ExportError,
+    FxCompressError,
+    InputError,
+    OpaqueModuleWarning,
+    PipelineError,
+)
 from .instruments import ProgressBar
 from .pass_base import Pass, PassContext
 from .pipeline import Pipeline
@@ -123,9 +130,10 @@ def compile(
 
 
 def _check_arguments(model: Any, target: str, precision: str, fallback: str | None) -> None:
-    """``compile``'s argument checks that need no tracing (a wrong one is a ``PipelineError``)."""
+    """``compile``'s argument checks that need no tracing: a model that is not a module is an
+    ``InputError``; a wrong choice of what to build (target, precision, fallback) a ``PipelineError``."""
     if not isinstance(model, nn.Module):
-        raise PipelineError(f"compile() needs a torch.nn.Module; got {type(model).__name__}")
+        raise InputError(f"compile() needs a torch.nn.Module; got {type(model).__name__}")
     if target not in TARGETS:
         raise PipelineError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     if precision not in PRECISIONS:

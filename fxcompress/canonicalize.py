@@ -30,6 +30,7 @@ from torch.utils import _pytree as pytree
 
 from . import ops
 from .attrs import fetch_attr
+from .errors import InputError, TraceError
 
 aten = torch.ops.aten
 
@@ -141,7 +142,7 @@ def rewrite_exported(exported: GraphModule, root: nn.Module, graph: Graph, args:
     env: dict[Node, Any] = {}
     placeholders = [n for n in exported.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(args):
-        raise ValueError(f"the exported graph takes {len(placeholders)} inputs, {len(args)} were given")
+        raise InputError(f"the exported graph takes {len(placeholders)} inputs, {len(args)} were given")
     env.update(zip(placeholders, args))
     result: Any = None
 
@@ -276,7 +277,7 @@ def replace_with_graph(gm: GraphModule, node: Node, exported: GraphModule, modul
                 user.replace_all_uses_with(out[user.args[1]])
                 gm.graph.erase_node(user)
         if node.users:
-            raise ValueError("the module's tuple output is used other than by indexing")
+            raise TraceError("the module's tuple output is used other than by indexing")
     else:
         node.replace_all_uses_with(out)
     gm.graph.erase_node(node)

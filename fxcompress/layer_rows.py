@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
+from .errors import InputError
+
 __all__ = ["LayerRow", "Worse"]
 
 #: which way a metric is worse: ``"higher"`` (an error), ``"lower"`` (a similarity), ``""`` (neither)
@@ -43,9 +45,9 @@ class LayerRow:
 
     def __post_init__(self) -> None:
         if self.worse not in ("", "higher", "lower"):
-            raise ValueError(f"LayerRow.worse={self.worse!r}; choose 'higher', 'lower' or ''")
+            raise InputError(f"LayerRow.worse={self.worse!r}; choose 'higher', 'lower' or ''")
         if self.key_metric and self.key_metric not in self.metrics:
-            raise ValueError(f"LayerRow.key_metric={self.key_metric!r} is not one of its metrics "
+            raise InputError(f"LayerRow.key_metric={self.key_metric!r} is not one of its metrics "
                              f"({', '.join(self.metrics) or 'none'})")
 
     @property
@@ -69,7 +71,7 @@ class LayerRow:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"LayerRow has no field(s) {', '.join(unknown)}")
+            raise InputError(f"LayerRow has no field(s) {', '.join(unknown)}")
         values = dict(data)
         for key in ("before", "after"):
             if values.get(key) is not None:

@@ -260,7 +260,7 @@ def load_external_data(model: onnx.ModelProto, data: Any) -> onnx.ModelProto:
         start = int(where.get("offset", 0))
         end = start + int(where["length"]) if "length" in where else len(data)
         if end > len(data):
-            raise ValueError(f"initializer {init.name!r} refers to bytes {start}..{end} of a {len(data)}-byte data file")
+            raise InputError(f"initializer {init.name!r} refers to bytes {start}..{end} of a {len(data)}-byte data file")
         init.raw_data = bytes(data[start:end])
         del init.external_data[:]
         init.data_location = onnx.TensorProto.DEFAULT

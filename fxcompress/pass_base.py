@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .copying import copy_graph_module, shared_copy
+from .errors import InputError
 from .layer_rows import LayerRow
 from .options import checked_arguments, format_pass, not_in_pipeline_string
 
@@ -155,7 +156,7 @@ class OrderPreference:
 
     def __post_init__(self) -> None:
         if self.relation not in ("before", "after"):
-            raise ValueError(f"OrderPreference.relation must be 'before' or 'after'; got {self.relation!r}")
+            raise InputError(f"OrderPreference.relation must be 'before' or 'after'; got {self.relation!r}")
         if isinstance(self.others, str):
             object.__setattr__(self, "others", (self.others,))
 

@@ -29,8 +29,17 @@ import pytest
 import torch
 from torch import nn
 
-from .graph_text import (as_fx_graph, as_onnx_model, diff, fx_node_kinds, iter_onnx_nodes, read_fxg, to_text,
-                         write_fxg)
+from .errors import InputError
+from .graph_text import (
+    as_fx_graph,
+    as_onnx_model,
+    diff,
+    fx_node_kinds,
+    iter_onnx_nodes,
+    read_fxg,
+    to_text,
+    write_fxg,
+)
 from .pass_base import PassContext
 from .registry import parse_pipeline
 from .trace import trace
@@ -87,7 +96,7 @@ class Golden:
     def path(self, name: str) -> Path:
         rel = Path(name if name.endswith(".fxg") else f"{name}.fxg")
         if rel.is_absolute() or ".." in rel.parts or not rel.name[:-4]:
-            raise ValueError(f"golden name {name!r} must be a relative name such as 'block_folded' "
+            raise InputError(f"golden name {name!r} must be a relative name such as 'block_folded' "
                              f"(no '..', not absolute)")
         return self.directory / rel
 
@@ -240,7 +249,7 @@ class GraphCheck:
         else:
             model = as_onnx_model(graph)
             if model is None:
-                raise TypeError(f"GraphCheck needs a torch.fx GraphModule/Graph, an onnx.ModelProto or an "
+                raise InputError(f"GraphCheck needs a torch.fx GraphModule/Graph, an onnx.ModelProto or an "
                                 f"onnx_graphsurgeon Graph, got {type(graph).__name__}")
             self._items = _onnx_items(model)
 
@@ -365,7 +374,7 @@ def run_pass(pass_: Any, model: Any, example_inputs: Any, *, frontend: str = "fx
     if isinstance(pass_, str):
         parsed = parse_pipeline(pass_)
         if len(parsed) != 1:
-            raise ValueError(f"run_pass runs one pass; {pass_!r} names {len(parsed)}")
+            raise InputError(f"run_pass runs one pass; {pass_!r} names {len(parsed)}")
         pass_ = parsed[0]
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     if isinstance(model, torch.fx.GraphModule):

@@ -162,10 +162,10 @@ def error_metrics(reference: Any, actual: Any) -> ErrorMetrics:
     over all output tensors, by the rules of ``fxcompress.metrics`` (a NaN gives NaN, an infinity
     gives an infinite error and a NaN cosine; the cosine never exceeds 1).
 
-    Raises ``ValueError`` (the ``output_mismatch`` text) when the outputs cannot be compared."""
+    Raises ``InputError`` (the ``output_mismatch`` text) when the outputs cannot be compared."""
     mismatch = output_mismatch(reference, actual)
     if mismatch is not None:
-        raise ValueError(mismatch)
+        raise InputError(mismatch)
     refs, outs = flatten_outputs(reference), flatten_outputs(actual)
     total = worst([AGREE, *(tensor_error(r, a) for r, a in zip(refs, outs))])
     top1 = None

@@ -281,7 +281,7 @@ def test_passing_a_class_instead_of_instance_is_a_clear_error() -> None:
 def test_bad_compile_arguments() -> None:
     with pytest.raises(fxc.PipelineError, match="unknown target 'tpu'"):
         fxc.compile(Net(), X, [], target="tpu")
-    with pytest.raises(fxc.PipelineError, match="needs a torch.nn.Module"):
+    with pytest.raises(fxc.InputError, match="needs a torch.nn.Module"):
         fxc.compile(lambda x: x, X, [])  # type: ignore[arg-type]
     with pytest.raises(fxc.InputError, match="example_inputs must be"):
         fxc.compile(Net(), [], [])
