@@ -271,13 +271,15 @@ def replace_with_graph(gm: GraphModule, node: Node, exported: GraphModule, modul
     attrs: dict[str, Any] = {}
     with gm.graph.inserting_before(node):
         out = _structured(exported, rewrite_exported(exported, module, gm.graph, args, prefix=prefix, attrs=attrs))
-    if isinstance(out, (tuple, list)):
+    if isinstance(out, (tuple, list, dict)):
         for user in list(node.users):
-            if user.op == "call_function" and user.target is operator.getitem and isinstance(user.args[1], int):
-                user.replace_all_uses_with(out[user.args[1]])
+            field = _field_read(user, node, out)
+            if field is not None:
+                user.replace_all_uses_with(field)
                 gm.graph.erase_node(user)
         if node.users:
-            raise TraceError("the module's tuple output is used other than by indexing")
+            kind = "mapping (a ModelOutput)" if isinstance(out, dict) else "tuple"
+            raise TraceError(f"the module's {kind} output is used other than by reading its items")
     else:
         node.replace_all_uses_with(out)
     gm.graph.erase_node(node)
@@ -287,6 +289,107 @@ def replace_with_graph(gm: GraphModule, node: Node, exported: GraphModule, modul
             _install(gm, path, obj)
 
     return install
+
+
+def lift_addmm_linears(gm: GraphModule) -> list[str]:
+    """Every ``torch.addmm(bias, x, weight)`` over a module's own ``bias`` [out] and ``weight`` [in, out],
+    that module used nowhere else (Hugging Face ``Conv1D``: GPT-2's projections), becomes a
+    ``call_module`` of an ``nn.Linear`` installed at that module's path, its weight the transposed view
+    of the same storage (no copy). Passes that know ``Linear`` (quantization, pruning) then see these
+    layers, whichever front end captured them. Returns the lifted paths."""
+    lifted = []
+    for node in list(gm.graph.nodes):
+        found = _addmm_layer(gm, node)
+        if found is None:
+            continue
+        path, weight, bias = found
+        w, b = fetch_attr(gm, str(weight.target)), fetch_attr(gm, str(bias.target))
+        for read in [u for u in weight.users if u is not node]:  # static: the shape of a parameter
+            _substitute(read, _shape_value(read, w))
+        old = gm.get_submodule(path)
+        with torch.device("meta"):
+            linear = nn.Linear(w.shape[0], w.shape[1])
+        linear.weight = nn.Parameter(w.detach().t(), requires_grad=w.requires_grad)
+        linear.bias = nn.Parameter(b.detach(), requires_grad=b.requires_grad)
+        linear.train(old.training)
+        parent, _, name = path.rpartition(".")
+        setattr(gm.get_submodule(parent) if parent else gm, name, linear)
+        with gm.graph.inserting_before(node):
+            call = gm.graph.call_module(path, (node.args[1],))
+        _copy_meta(node, call)
+        node.replace_all_uses_with(call)
+        for dead in (node, weight, bias):
+            gm.graph.erase_node(dead)
+        lifted.append(path)
+    if lifted:
+        gm.recompile()
+    return lifted
+
+
+def _addmm_layer(gm: GraphModule, node: Node) -> tuple[str, Node, Node] | None:
+    """``(module path, weight node, bias node)`` when ``node`` is a liftable ``addmm`` (see above)."""
+    if not (node.op == "call_function" and node.target in (torch.addmm, aten.addmm.default)
+            and len(node.args) == 3 and not node.kwargs):
+        return None
+    bias, _, weight = node.args
+    if not (isinstance(bias, Node) and isinstance(weight, Node) and bias.op == weight.op == "get_attr"
+            and len(bias.users) == 1 and all(u is node or _shape_read(u) for u in weight.users)):
+        return None
+    path, _, wname = str(weight.target).rpartition(".")
+    bpath, _, bname = str(bias.target).rpartition(".")
+    if not path or path != bpath or (wname, bname) != ("weight", "bias"):
+        return None
+    module = fetch_attr(gm, path, default=None)
+    w, b = fetch_attr(gm, str(weight.target), default=None), fetch_attr(gm, str(bias.target), default=None)
+    if (not isinstance(module, nn.Module) or isinstance(module, nn.Linear) or list(module.children())
+            or not isinstance(w, nn.Parameter) or not isinstance(b, nn.Parameter)
+            or w.dim() != 2 or b.dim() != 1 or b.shape[0] != w.shape[1]
+            or {n for n, _ in module.named_parameters()} != {"weight", "bias"}):
+        return None
+    readers = [n for n in gm.graph.nodes if n.op in ("get_attr", "call_module")
+               and (str(n.target) == path or str(n.target).startswith(path + "."))]
+    return (path, weight, bias) if set(readers) == {weight, bias} else None
+
+
+def _shape_read(node: Node) -> bool:
+    """Whether ``node`` only reads the shape of its first argument (``w.size(d)``, ``w.size()``, ``w.shape``)."""
+    if node.op == "call_method" and node.target == "size" and not node.kwargs:
+        return len(node.args) == 1 or (len(node.args) == 2 and isinstance(node.args[1], int))
+    return node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",)
+
+
+def _shape_value(node: Node, tensor: torch.Tensor) -> Any:
+    return tensor.size(node.args[1]) if len(node.args) == 2 and isinstance(node.args[1], int) else tensor.size()
+
+
+def _substitute(node: Node, value: Any) -> None:
+    """Replace every use of ``node`` by the constant ``value`` and erase it."""
+    for user in list(node.users):
+        user.args = map_arg(user.args, lambda a: value if a is node else a)
+        user.kwargs = map_arg(user.kwargs, lambda a: value if a is node else a)
+    node.graph.erase_node(node)
+
+
+def _field_read(user: Node, node: Node, out: Any) -> Node | None:
+    """The inlined value ``user`` reads from ``node``'s structured output ``out``: ``out[i]`` of a tuple;
+    ``out["key"]``, ``out.key`` or ``out[i]`` (the i-th present field, as ``ModelOutput`` indexes) of a
+    mapping. None when ``user`` reads it some other way."""
+    if user.op != "call_function" or len(user.args) != 2 or user.args[0] is not node or user.kwargs:
+        return None
+    key = user.args[1]
+    if isinstance(out, dict):
+        if isinstance(key, str) and user.target in (operator.getitem, getattr):
+            value = out.get(key)
+        elif isinstance(key, int) and user.target is operator.getitem:
+            present = [v for v in out.values() if v is not None]
+            value = present[key] if -len(present) <= key < len(present) else None
+        else:
+            return None
+    elif isinstance(key, int) and user.target is operator.getitem and -len(out) <= key < len(out):
+        value = out[key]
+    else:
+        return None
+    return value if isinstance(value, Node) else None
 
 
 def _install(gm: GraphModule, path: str, obj: Any) -> None:
@@ -308,4 +411,4 @@ def _install(gm: GraphModule, path: str, obj: Any) -> None:
         setattr(parent, name, obj)
 
 
-__all__ = ["canonicalize", "replace_with_graph", "rewrite_exported"]
+__all__ = ["canonicalize", "lift_addmm_linears", "replace_with_graph", "rewrite_exported"]

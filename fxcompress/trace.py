@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Interpreter, Node, Tracer
 
+from .canonicalize import lift_addmm_linears
 from .copying import deep_copy, sharing_parameters
 from .errors import InputError, TraceError, short_reason
 from .torch_export import export_fallback, export_trace, inline_opaque
@@ -403,6 +404,7 @@ def _capture(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Te
             gm.meta["frontend"] = "fx"
             if frontend == "auto":
                 inline_opaque(gm, inputs, dynamic_axes=dynamic_axes, user_paths=user_paths, user_types=user_types)
+    lift_addmm_linears(gm)
     _propagate(gm, inputs)
     return gm
 

@@ -161,6 +161,42 @@ def test_quantize_dynamic_makes_every_bert_linear_int8() -> None:
     assert cos > 0.99, float(cos)
 
 
+class _LogitsOf(nn.Module):
+    """A user's wrapper: symbolic tracing reads ``.logits`` off the ModelOutput of a submodule that
+    ``auto`` has to export and inline."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.m = model
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.m(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["gpt2", "wrapped-gpt2"])
+def test_gpt2_conv1d_projections_are_linear_layers_that_quantize(wrapped: bool) -> None:
+    """GPT-2's projections are ``Conv1D`` (``addmm`` with a transposed weight): captured as ``nn.Linear``
+    at the same paths, every one of them (and the LM head) is quantized by ``quantize-dynamic``."""
+    model, inputs = gpt2()
+    conv1d = {name for name, m in model.named_modules() if type(m).__name__ == "Conv1D"}
+    assert len(conv1d) == 2 * 4
+    if wrapped:
+        model, inputs, conv1d = _LogitsOf(model), inputs[:1], {f"m.{name}" for name in conv1d}
+    gm = trace(model, inputs)
+    assert gm.meta["opaque_modules"] == {}
+    linears = {n.target for n in gm.graph.nodes
+               if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Linear)}
+    assert conv1d <= linears
+    with torch.no_grad():
+        expected = _first(model(*inputs))
+        torch.testing.assert_close(_first(gm(*inputs)), expected, rtol=1e-5, atol=1e-5)
+    int8 = _quiet_compile(model, inputs, "quantize-dynamic", target="onnxruntime")
+    head = "m.lm_head" if wrapped else "lm_head"
+    assert set(int8.report[1].stats["int8_layers"]) == {path.replace(".", "_") for path in conv1d | {head}}
+    cos = torch.nn.functional.cosine_similarity(_first(int8(*inputs)).flatten(), expected.flatten(), dim=0)
+    assert cos > 0.99, float(cos)
+
+
 @pytest.mark.parametrize("name", ZOO_NAMES)
 def test_export_frontend_agrees_with_symbolic_tracing_on_the_zoo(name: str) -> None:
     model, inputs = ZOO[name]()

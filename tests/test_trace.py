@@ -417,3 +417,51 @@ def test_compiled_report_lists_opaque_modules_with_their_reasons() -> None:
             f"variables cannot be used as inputs to control flow (at {where}") in text
     plain = fxc.compile(nn.Linear(4, 2), _x(2, 4), [], target="fx", progress=False)
     assert "opaque_modules" not in str(plain.report)
+
+
+class _TransposedLinear(nn.Module):
+    """Hugging Face's ``Conv1D``: a weight stored [in, out], applied with ``addmm``."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_in, n_out))
+        self.bias = nn.Parameter(torch.randn(n_out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
+        return out.view(x.size()[:-1] + (self.weight.size(-1),))
+
+
+class _Projections(nn.Module):
+    def __init__(self, peek: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj, self.out, self.peek = _TransposedLinear(6, 8), _TransposedLinear(8, 3), peek
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.out(torch.relu(self.proj(x)))
+        return y + self.out.weight.sum() if self.peek else y  # peek: the weight is read outside its layer too
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_addmm_layers_are_captured_as_linear_sharing_the_weight(frontend: str) -> None:
+    model, x = _Projections().eval(), torch.randn(2, 5, 6)
+    gm = trace(model, (x,), frontend=frontend)
+    for path in ("proj", "out"):
+        layer = gm.get_submodule(path)
+        assert type(layer) is nn.Linear and (layer.in_features, layer.out_features) == \
+            tuple(getattr(model, path).weight.shape)
+        torch.testing.assert_close(layer.weight, getattr(model, path).weight.t(), rtol=0, atol=0)
+        assert not layer.weight.is_contiguous()  # the transposed view of one storage, not a copy
+    assert not any(n.target is torch.addmm for n in gm.graph.nodes)
+    torch.testing.assert_close(gm(x), model(x), rtol=1e-6, atol=1e-6)
+    assert type(model.proj) is _TransposedLinear  # the user's model is untouched
+
+
+def test_an_addmm_layer_whose_weight_is_read_elsewhere_stays_as_it_is() -> None:
+    model, x = _Projections(peek=True).eval(), torch.randn(2, 5, 6)
+    gm = trace(model, (x,), frontend="fx")
+    assert type(gm.get_submodule("proj")) is nn.Linear
+    assert not isinstance(gm.get_submodule("out"), nn.Linear)
+    assert sum(n.target is torch.addmm for n in gm.graph.nodes) == 1
+    torch.testing.assert_close(gm(x), model(x), rtol=1e-6, atol=1e-6)
