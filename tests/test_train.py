@@ -126,7 +126,6 @@ def test_fine_tune_pass_trains_the_graph_on_real_digits() -> None:
     ex = (x[:2],)
     loader = DataLoader(TensorDataset(x, y), batch_size=64)
     gm = trace(model, ex)
-    ctx = fxc.PassContext(ex, train_data=loader)
     before = float((gm(x).argmax(1) == y).float().mean())
     result = run_pass(FineTune(epochs=12, lr=1e-2), gm, ex, train_data=loader)
     after = float((result.graph(x).argmax(1) == y).float().mean())
