@@ -53,6 +53,14 @@ def _row(compiled: fxc.Compiled, name: str = "prune-heads"):
     return next(r for r in compiled.report.rows if r.name.split("{")[0] == name)
 
 
+def _assert_onnxruntime_matches_fx(compiled: fxc.Compiled, inputs: tuple[Tensor, ...]) -> None:
+    """The ONNX Runtime model agrees with the pruned FX graph, at the example batch and twice it."""
+    gm = compiled.graph_module
+    for x in (inputs, tuple(torch.cat([t, t]) for t in inputs)):
+        with torch.no_grad():
+            torch.testing.assert_close(_first(compiled(*x)), _first(gm(*x)), rtol=0, atol=ATOL_ORT)
+
+
 def _state(model: nn.Module) -> dict[str, Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -76,12 +84,7 @@ def test_ratio_half_halves_heads_and_runs_in_onnxruntime(name: str) -> None:
     stats = _row(compiled).stats
     assert stats["params_before"] - stats["params_after"] == removed
     assert [(b["heads_before"], b["heads_after"]) for b in stats["blocks"].values()] == [(HEADS, HEADS // 2)] * LAYERS
-    with torch.no_grad():
-        fx_out = _first(gm(*inputs))
-    torch.testing.assert_close(_first(compiled(*inputs)), fx_out, rtol=0, atol=ATOL_ORT)
-    wide = tuple(torch.cat([t, t]) for t in inputs)
-    with torch.no_grad():
-        torch.testing.assert_close(_first(compiled(*wide)), _first(gm(*wide)), rtol=0, atol=ATOL_ORT)
+    _assert_onnxruntime_matches_fx(compiled, inputs)
     for k, v in model.state_dict().items():  # the user's model is never mutated
         assert torch.equal(v, state[k]), k
 
@@ -338,12 +341,7 @@ def test_gpt2_fused_c_attn_loses_half_its_heads_and_runs_in_onnxruntime(frontend
     removed = LAYERS * (3 * (HIDDEN // 2) * (HIDDEN + 1) + (HIDDEN // 2) * HIDDEN)
     assert sum(p.numel() for p in gm.parameters()) == sum(p.numel() for p in model.parameters()) - removed
     assert row.stats["params_before"] - row.stats["params_after"] == removed == 4192
-    with torch.no_grad():
-        fx_out = _first(gm(*inputs))
-    torch.testing.assert_close(_first(compiled(*inputs)), fx_out, rtol=0, atol=ATOL_ORT)
-    wide = tuple(torch.cat([t, t]) for t in inputs)
-    with torch.no_grad():
-        torch.testing.assert_close(_first(compiled(*wide)), _first(gm(*wide)), rtol=0, atol=ATOL_ORT)
+    _assert_onnxruntime_matches_fx(compiled, inputs)
 
 
 def test_gpt2_dead_heads_are_exactly_the_ones_removed() -> None:
