@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 import fxcompress as fxc
+from fxcompress import ops
 from fxcompress.errors import PipelineError
 from fxcompress.options import format_pipeline
 from fxcompress.registry import parse_pipeline
@@ -23,7 +24,7 @@ from passes.prune.heads import find_blocks
 from zoo import ZOO
 
 transformers = pytest.importorskip("transformers")
-from test_frontends import bert, distilbert, vit  # noqa: E402  (needs transformers)
+from test_frontends import bert, distilbert, gpt2, vit  # noqa: E402  (needs transformers)
 
 #: FX graph vs ONNX Runtime (fp32, different kernels)
 ATOL_ORT = 1e-4
@@ -52,6 +53,14 @@ def _row(compiled: fxc.Compiled, name: str = "prune-heads"):
     return next(r for r in compiled.report.rows if r.name.split("{")[0] == name)
 
 
+def _assert_onnxruntime_matches_fx(compiled: fxc.Compiled, inputs: tuple[Tensor, ...]) -> None:
+    """The ONNX Runtime model agrees with the pruned FX graph, at the example batch and twice it."""
+    gm = compiled.graph_module
+    for x in (inputs, tuple(torch.cat([t, t]) for t in inputs)):
+        with torch.no_grad():
+            torch.testing.assert_close(_first(compiled(*x)), _first(gm(*x)), rtol=0, atol=ATOL_ORT)
+
+
 def _state(model: nn.Module) -> dict[str, Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -75,12 +84,7 @@ def test_ratio_half_halves_heads_and_runs_in_onnxruntime(name: str) -> None:
     stats = _row(compiled).stats
     assert stats["params_before"] - stats["params_after"] == removed
     assert [(b["heads_before"], b["heads_after"]) for b in stats["blocks"].values()] == [(HEADS, HEADS // 2)] * LAYERS
-    with torch.no_grad():
-        fx_out = _first(gm(*inputs))
-    torch.testing.assert_close(_first(compiled(*inputs)), fx_out, rtol=0, atol=ATOL_ORT)
-    wide = tuple(torch.cat([t, t]) for t in inputs)
-    with torch.no_grad():
-        torch.testing.assert_close(_first(compiled(*wide)), _first(gm(*wide)), rtol=0, atol=ATOL_ORT)
+    _assert_onnxruntime_matches_fx(compiled, inputs)
     for k, v in model.state_dict().items():  # the user's model is never mutated
         assert torch.equal(v, state[k]), k
 
@@ -240,3 +244,112 @@ def test_distilbert_blocks_are_found_with_their_projections() -> None:
         (att.format(i)[:-1], [att.format(i) + p for p in ("q_lin", "k_lin", "v_lin")], [att.format(i) + "out_lin"],
          HEADS, HEAD_DIM) for i in range(LAYERS)]
     assert all(b.sizes == [] for b in blocks)  # its reshapes count heads with -1: nothing to rewrite
+
+
+class _FusedQKV(nn.Module):
+    """GPT-2-style attention: one ``Linear(dim, 3 * dim)`` cut into q, k, v by ``split``, ``chunk``
+    or slicing, each viewed into heads; literal sizes everywhere."""
+
+    def __init__(self, cut: str, dim: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.cut, self.dim, self.heads, self.head_dim = cut, dim, heads, dim // heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, _ = x.shape
+        y = self.qkv(x)
+        if self.cut == "split":
+            q, k, v = y.split(self.dim, dim=2)
+        elif self.cut == "chunk":
+            q, k, v = y.chunk(3, dim=-1)
+        elif self.cut == "slice":
+            q, k, v = y[..., :self.dim], y[:, :, self.dim:2 * self.dim], y[..., 2 * self.dim:]
+        else:  # "shifted": k and v start one head into the next part, so heads are not whole parts
+            q, k, v = y[..., :self.dim], y[..., self.dim + 8:2 * self.dim + 8], y[..., 2 * self.dim - 8:-8]
+        q, k, v = (z.view(b, t, self.heads, self.head_dim).transpose(1, 2) for z in (q, k, v))
+        out = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(out.transpose(1, 2).reshape(b, t, self.dim))
+
+
+def _kill_value_heads(qkv: Tensor, bias: Tensor, dim: int, head_dim: int, heads: tuple[int, ...]) -> None:
+    """Zero the value rows of ``heads`` in a fused (q, k, v) projection (``qkv`` in Linear layout
+    [3 * dim, in]): those heads output exactly zero, so they are the ones pruned, exactly."""
+    with torch.no_grad():
+        for h in heads:
+            rows = slice(2 * dim + h * head_dim, 2 * dim + (h + 1) * head_dim)
+            qkv[rows] = 0
+            bias[rows] = 0
+
+
+@pytest.mark.parametrize("frontend", ["auto", "export"])
+@pytest.mark.parametrize("cut", ["split", "chunk", "slice"])
+def test_fused_qkv_cut_by_split_chunk_or_slices_loses_half_its_heads(cut: str, frontend: str) -> None:
+    torch.manual_seed(0)
+    model = _FusedQKV(cut).eval()
+    x = torch.randn(2, 8, 32)
+    _kill_value_heads(model.qkv.weight, model.qkv.bias, 32, 8, (1, 3))
+    compiled = _compile(model, (x,), "prune-heads{ratio=0.5}", target="fx", frontend=frontend)
+    row, gm = _row(compiled), compiled.graph_module
+    assert row.changed
+    assert [b["removed_heads"] for b in row.stats["blocks"].values()] == [[1, 3]]
+    assert (gm.get_submodule("qkv").out_features, gm.get_submodule("qkv").in_features) == (48, 32)
+    assert (gm.get_submodule("proj").in_features, gm.get_submodule("proj").out_features) == (16, 32)
+    removed = 3 * 16 * (32 + 1) + 16 * 32  # 2 heads x 8 rows (+ bias) of q, k, v; 16 columns of proj
+    before = sum(p.numel() for p in model.parameters())
+    assert sum(p.numel() for p in gm.parameters()) == before - removed == 2128
+    assert row.stats["params_before"] - row.stats["params_after"] == removed
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=0, atol=ATOL_EXACT)
+        wide = torch.randn(3, 8, 32)
+        torch.testing.assert_close(gm(wide), model(wide), rtol=0, atol=ATOL_EXACT)
+
+
+@pytest.mark.parametrize("cut", ["split", "slice"])
+def test_fused_qkv_ratio_zero_is_exact(cut: str) -> None:
+    torch.manual_seed(0)
+    model = _FusedQKV(cut).eval()
+    x = torch.randn(2, 8, 32)
+    compiled = _compile(model, (x,), [PruneHeads(ratio=0.0)], target="fx")
+    row = _row(compiled)
+    assert not row.changed and row.stats["blocks"] == {} and len(row.stats["skipped"]) == 1
+    assert "removes none" in next(iter(row.stats["skipped"].values()))
+    with torch.no_grad():
+        assert torch.equal(compiled.graph_module(x), model(x))
+
+
+@pytest.mark.parametrize("frontend", ["auto", "export"])
+def test_fused_qkv_cut_across_parts_is_skipped(frontend: str) -> None:
+    model, x = _FusedQKV("shifted").eval(), torch.randn(2, 8, 32)
+    row = _row(_compile(model, (x,), "prune-heads{ratio=0.5}", target="fx", frontend=frontend))
+    assert not row.changed and row.stats["blocks"] == {}
+    (reason,) = row.stats["skipped"].values()
+    assert "not at whole parts" in reason
+
+
+@pytest.mark.parametrize("frontend", ["auto", "export"])
+def test_gpt2_fused_c_attn_loses_half_its_heads_and_runs_in_onnxruntime(frontend: str) -> None:
+    model, inputs = gpt2()
+    compiled = _compile(model, inputs, "prune-heads{ratio=0.5}", target="onnxruntime", frontend=frontend)
+    row, gm = _row(compiled), compiled.graph_module
+    assert row.changed and row.stats["skipped"] == {}
+    heads = [(b["heads_before"], b["heads_after"]) for b in row.stats["blocks"].values()]
+    assert heads == [(HEADS, HEADS // 2)] * LAYERS
+    for i in range(LAYERS):
+        assert gm.get_submodule(f"transformer.h.{i}.attn.c_attn").weight.shape == (3 * HIDDEN // 2, HIDDEN)
+        assert gm.get_submodule(f"transformer.h.{i}.attn.c_proj").in_features == HIDDEN // 2
+    assert [n.args[1] for n in gm.graph.nodes if ops.kind(n) == "split"] == [HIDDEN // 2] * LAYERS
+    removed = LAYERS * (3 * (HIDDEN // 2) * (HIDDEN + 1) + (HIDDEN // 2) * HIDDEN)
+    assert sum(p.numel() for p in gm.parameters()) == sum(p.numel() for p in model.parameters()) - removed
+    assert row.stats["params_before"] - row.stats["params_after"] == removed == 4192
+    _assert_onnxruntime_matches_fx(compiled, inputs)
+
+
+def test_gpt2_dead_heads_are_exactly_the_ones_removed() -> None:
+    model, inputs = gpt2()
+    for block in model.transformer.h:  # Conv1D weight is [in, out]: its transpose is the Linear layout
+        _kill_value_heads(block.attn.c_attn.weight.T, block.attn.c_attn.bias, HIDDEN, HEAD_DIM, (0, 2))
+    compiled = _compile(model, inputs, "prune-heads{ratio=0.5}", target="fx")
+    assert [b["removed_heads"] for b in _row(compiled).stats["blocks"].values()] == [[0, 2]] * LAYERS
+    with torch.no_grad():
+        torch.testing.assert_close(_first(compiled.graph_module(*inputs)), _first(model(*inputs)), rtol=0,
+                                   atol=ATOL_EXACT)

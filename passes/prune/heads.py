@@ -2,14 +2,15 @@
 
 A block is found from its attention core (``F.scaled_dot_product_attention``, or matmul ->
 softmax -> matmul) back to the Linear projections feeding q, k and v (separate, or one fused qkv
-Linear), and forward to the output projection. Every tensor between them carries a *layout*: its
-dimensions as products of atoms ``(label, size)``, labels ``H`` (heads), ``D`` (head dim), ``P``
-(q/k/v part of a fused projection) or None. Each op in between is checked to keep heads
-independent (reshapes keep ``H`` whole, matmuls never contract over it, broadcast operands are
-size 1 along it, softmax is not taken over it); then removing head ``h`` is removing its rows of
-q/k/v, its input columns of the output projection, and rewriting the literal sizes of reshapes
-that count heads (``-1`` needs nothing). Whatever cannot be proven safe is skipped with the reason
-in ``stats["skipped"]``.
+Linear whose output is cut into its parts by reshape + index, split, chunk or slices), and forward
+to the output projection. Every tensor between them carries a *layout*: its dimensions as products
+of atoms ``(label, size)``, labels ``H`` (heads), ``D`` (head dim), ``P`` (q/k/v part of a fused
+projection) or None. Each op in between is checked to keep heads independent (reshapes keep ``H``
+whole, matmuls never contract over it, broadcast operands are size 1 along it, softmax is not taken
+over it, splits and slices cut only whole parts); then removing head ``h`` is removing its rows of
+q/k/v (in every part), its input columns of the output projection, and rewriting the literal
+sizes of reshapes, splits and slice bounds that count heads (``-1`` needs nothing). Whatever
+cannot be proven safe is skipped with the reason in ``stats["skipped"]``.
 """
 
 from __future__ import annotations
@@ -44,15 +45,20 @@ class Unsafe(Exception):
 @dataclass
 class AttentionBlock:
     """One attention block: q/k/v source Linears (``sources``: path -> atoms of their output
-    features), output projections (``outputs``), heads, head dim and the literal reshape sizes
-    that count heads (``(node, arg position, size of one head's share)``)."""
+    features), output projections (``outputs``), heads, head dim and the literal sizes (of
+    reshapes, splits, slice bounds) that count heads: ``(node, path into its args, size of one
+    head's share)``, a path step being a position in a tuple/list or ``start``/``stop`` of a slice."""
 
     name: str
     sources: dict[str, tuple[Atom, ...]]
     outputs: list[str]
     heads: int
     head_dim: int
-    sizes: list[tuple[Node, tuple[int, ...], int]]
+    sizes: list[tuple[Node, tuple[int | str, ...], int]]
+
+
+class Pieces(tuple):
+    """Layout of a split/chunk/unbind result: one layout per piece, taken out by getitem."""
 
 
 def _shape(node: Any) -> tuple[int, ...] | None:
@@ -162,6 +168,108 @@ def _dim_arg(node: Node, pos: int, name: str, default: Any = None) -> Any:
     return node.args[pos] if len(node.args) > pos else node.kwargs.get(name, default)
 
 
+def _section(dim: Dim, start: int, stop: int, where: str) -> Dim:
+    """Atoms of ``dim[start:stop]``: any range of an unlabeled dim, else whole parts of a fused
+    projection (the dim is ``P`` x the rest, the range a multiple of one part)."""
+    total = math.prod(s for _, s in dim)
+    if not _labels(dim) or (start, stop) == (0, total):
+        return dim if (start, stop) == (0, total) else ((None, stop - start),)
+    part = math.prod(s for _, s in dim[1:])
+    if dim[0][0] != "P" or start % part or (stop - start) % part or stop <= start:
+        raise Unsafe(f"{where}: cuts the {'x'.join(_labels(dim))} dimension at {start}:{stop}, "
+                     "not at whole parts")
+    count = (stop - start) // part
+    return ((("P", count),) if count > 1 else ()) + dim[1:]
+
+
+def _count(node: Node, value: Any, path: tuple[Any, ...], size: int, heads: int, sizes: list) -> None:
+    """Record a literal size or bound along ``size`` elements that count heads: it scales with the
+    heads kept (None and bounds past the end need nothing)."""
+    if value is None or isinstance(value, int) and value > size:
+        return
+    if not isinstance(value, int):
+        raise Unsafe(f"%{node.name}: a size or bound along the heads is computed at run time (%{value})")
+    sizes.append((node, path, value // heads))
+
+
+def _split(node: Node, lay: Layout, sizes: list, heads: int) -> Pieces:
+    """Pieces of split / chunk / unbind: along an unlabeled dim, or into whole parts of a fused
+    projection; literal split sizes along the heads are recorded for rewriting."""
+    name, where = ops.op_name(node.target), f"%{node.name}"
+    dim = _dim_arg(node, 1 if name == "unbind" else 2, "dim", 0)
+    if not isinstance(dim, int) or name == "tensor_split" or len(node.args) < (1 if name == "unbind" else 2):
+        raise Unsafe(f"{where}: {name} is not followed")
+    dim = _norm_dim(dim, len(lay))
+    total = math.prod(s for _, s in lay[dim])
+    if name == "unbind":
+        if _labels(lay[dim]) not in ((), ("P",)):
+            raise Unsafe(f"{where}: unbinds the {_labels(lay[dim])} dimension")
+        return Pieces(lay[:dim] + lay[dim + 1:] for _ in range(total))
+    arg = node.args[1]
+    if name == "chunk":
+        if not isinstance(arg, int):
+            raise Unsafe(f"{where}: chunk count computed at run time")
+        step = -(-total // arg)
+        lengths, paths = [min(step, total - i) for i in range(0, total, step)], []
+    elif isinstance(arg, int):
+        lengths, paths = [min(arg, total - i) for i in range(0, total, arg)], [(1,)]
+    else:
+        lengths, paths = list(arg), [(1, i) for i in range(len(arg))]
+    if any(not isinstance(n, int) for n in lengths):
+        raise Unsafe(f"{where}: split sizes computed at run time")
+    pieces, start = [], 0
+    for n in lengths:
+        pieces.append(lay[:dim] + [_section(lay[dim], start, start + n, where)] + lay[dim + 1:])
+        start += n
+    if _labels(lay[dim]):
+        for path in paths:
+            _count(node, arg if len(path) == 1 else arg[path[1]], path, total, heads, sizes)
+    return Pieces(pieces)
+
+
+def _index_items(node: Node, rank: int) -> list[tuple[Any, tuple[Any, Any] | None]]:
+    """Per input dim of a getitem / select: its index item and where its slice bounds sit in the
+    node's args (None where there are none)."""
+    name = ops.op_name(node.target)
+    if name == "select":
+        if not isinstance(node.args[1], int):
+            raise Unsafe(f"%{node.name}: indexing is not followed")
+        return [(slice(None), None)] * _norm_dim(node.args[1], rank) + [(node.args[2], None)]
+    index = node.args[1]
+    if not isinstance(index, tuple):
+        return [(index, ((1, "start"), (1, "stop")))]
+    items: list[tuple[Any, tuple[Any, Any] | None]] = []
+    for i, item in enumerate(index):
+        if item is Ellipsis:
+            items += [(slice(None), None)] * (rank - len(index) + 1)
+        else:
+            items.append((item, ((1, i, "start"), (1, i, "stop"))))
+    return items
+
+
+def _index(node: Node, lay: Layout, sizes: list, heads: int) -> Layout:
+    """Layout after getitem (ints, slices, ``...``) or select: an int may drop an
+    unlabeled or ``P`` dim, a slice keeps whole parts (its literal bounds are recorded)."""
+    where = f"%{node.name}"
+    items = _index_items(node, len(lay))
+    result: Layout = []
+    for i, dim in enumerate(lay):
+        item, paths = items[i] if i < len(items) else (slice(None), None)
+        if isinstance(item, int) and not isinstance(item, bool):
+            if _labels(dim) not in ((), ("P",)):
+                raise Unsafe(f"{where}: indexes the {_labels(dim)} dimension")
+            continue
+        if not isinstance(item, slice) or item.step not in (None, 1):
+            raise Unsafe(f"{where}: indexing is not followed")
+        size = math.prod(s for _, s in dim)
+        start, stop, _ = item.indices(size)
+        result.append(_section(dim, start, stop, where))
+        if _labels(dim) and paths is not None:
+            for value, path in zip((item.start, item.stop), paths):
+                _count(node, value, path, size, heads, sizes)
+    return result
+
+
 def _step(node: Node, layouts: dict[Node, Layout], root: nn.Module, block_sizes: list, heads: int
           ) -> Layout | None:
     """Layout of ``node``'s output given tracked inputs, or None for a non-tensor result."""
@@ -170,6 +278,10 @@ def _step(node: Node, layouts: dict[Node, Layout], root: nn.Module, block_sizes:
     x = node.args[0] if node.args else None
     lay = layouts.get(x) if isinstance(x, Node) else None
     where = f"%{node.name}"
+    if isinstance(lay, Pieces) and name == "getitem" and isinstance(node.args[1], int):
+        return lay[node.args[1]]
+    if any(isinstance(layouts.get(a), Pieces) for a in node.all_input_nodes):
+        raise Unsafe(f"{where}: {name or node.target} of a split result is not followed")
     if kind == "shape":
         return None
     if lay is not None and name == "cumsum" and "H" in _labels(lay[_norm_dim(_dim_arg(node, 1, "dim"), len(lay))]):
@@ -210,14 +322,10 @@ def _step(node: Node, layouts: dict[Node, Layout], root: nn.Module, block_sizes:
                     raise Unsafe(f"{where}: size {i} counts heads but is computed at run time (%{sizes[i]})")
                 block_sizes.append((node, (*pos, i) if pos else (1 + i,), sizes[i] // heads))
         return result
+    if kind == "split" and lay is not None:
+        return _split(node, lay, block_sizes, heads)
     if kind == "index" and lay is not None and name in ("getitem", "select"):
-        dim, index = (0, node.args[1]) if name == "getitem" else (node.args[1], node.args[2])
-        if not isinstance(index, int) or not isinstance(dim, int):
-            raise Unsafe(f"{where}: indexing is not followed")
-        dim = _norm_dim(dim, len(lay))
-        if _labels(lay[dim]) not in ((), ("P",)):
-            raise Unsafe(f"{where}: indexes the {_labels(lay[dim])} dimension")
-        return lay[:dim] + lay[dim + 1:]
+        return _index(node, lay, block_sizes, heads)
     if kind == "matmul" and name in ("matmul", "bmm") and not node.kwargs:
         a, b = (layouts.get(v) or _plain(_shape(v)) for v in node.args[:2])
         return _matmul(a, b, where)
@@ -240,7 +348,7 @@ def _step(node: Node, layouts: dict[Node, Layout], root: nn.Module, block_sizes:
 
 # --------------------------------------------------------------------------- block discovery
 
-_THROUGH = ("reshape", "permute", "index", "cast", "dropout", "elementwise")
+_THROUGH = ("reshape", "permute", "index", "split", "cast", "dropout", "elementwise")
 
 
 def _source(node: Any, root: nn.Module) -> Node | None:
@@ -436,21 +544,26 @@ def _replace_linear(gm: GraphModule, path: str, rows: torch.Tensor | None, cols:
     setattr(gm.get_submodule(parent) if parent else gm, leaf, new)
 
 
+def _put(args: Any, path: tuple[Any, ...], value: int) -> Any:
+    """``args`` with the item at ``path`` (tuple/list positions, ``start``/``stop`` of a slice) replaced."""
+    head, rest = path[0], path[1:]
+    if isinstance(args, slice):
+        fields = {"start": args.start, "stop": args.stop, "step": args.step}
+        fields[head] = _put(fields[head], rest, value) if rest else value
+        return slice(fields["start"], fields["stop"], fields["step"])
+    items = list(args)
+    items[head] = _put(items[head], rest, value) if rest else value
+    return type(args)(items)
+
+
 def remove_heads(gm: GraphModule, block: AttentionBlock, kept: torch.Tensor) -> None:
     """Remove every head of ``block`` not in ``kept`` (sorted head indices) from ``gm``."""
     for path, atoms in block.sources.items():
         _replace_linear(gm, path, _keep_index(atoms, kept), None)
     for path in block.outputs:
         _replace_linear(gm, path, None, _keep_index((("H", block.heads), ("D", block.head_dim)), kept))
-    for node, pos, per_head in block.sizes:
-        args = list(node.args)
-        if len(pos) == 2:
-            sizes = list(args[pos[0]])
-            sizes[pos[1]] = per_head * len(kept)
-            args[pos[0]] = type(node.args[pos[0]])(sizes)
-        else:
-            args[pos[0]] = per_head * len(kept)
-        node.args = tuple(args)
+    for node, path, per_head in block.sizes:
+        node.args = _put(node.args, path, per_head * len(kept))
 
 
 @dataclass(frozen=True)
