@@ -106,3 +106,14 @@ def test_weight_quantizers_find_constant_weights_alike(pipeline: str) -> None:
     with torch.no_grad():
         got, ref = result.graph(*x), model(*x)
     assert _cos(got, ref) > 0.999
+
+
+@pytest.mark.parametrize("pipeline", ["quantize-dynamic", "quantize-weight-only{bits=8,block=16}"])
+def test_weight_quantizers_leave_the_mac_count_as_it_was(pipeline: str) -> None:
+    """Quantizing weights changes bytes, not work: non-square layers (whose stored weight is transposed
+    by quantize-dynamic) count the same MACs before and after."""
+    model = nn.Sequential(nn.Linear(32, 96), nn.ReLU(), nn.Linear(96, 16)).eval()
+    x = (torch.randn(5, 32),)
+    compiled = fxc.compile(model, x, pipeline, target="fx", progress=False)
+    assert compiled.report[0].macs == 5 * (32 * 96 + 96 * 16)
+    assert compiled.report[1].macs == compiled.report[0].macs

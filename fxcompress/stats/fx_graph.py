@@ -151,6 +151,16 @@ def _linear_fn(s: _FxShapes, n: Node, what: str) -> int:
     return _numel(s.out(n, what)) * s.arg(n, 1, "weight", what)[-1]
 
 
+def _dynamic_linear_fn(s: _FxShapes, n: Node, what: str) -> int:
+    """``fxcompress_quant.dynamic_linear(x, w_q, w_scale, bias, qmax)``: ``w_q`` is stored ``in x out``."""
+    return _numel(s.out(n, what)) * s.arg(n, 1, "weight", what)[0]
+
+
+def _matmul_nbits_fn(s: _FxShapes, n: Node, what: str) -> int:
+    """``fxcompress_quant.matmul_nbits(x, b, scales, k, bits, block_size)``: ``k`` input features."""
+    return _numel(s.out(n, what)) * int(n.args[3])
+
+
 def _matmul_fn(s: _FxShapes, n: Node, what: str) -> int:
     return _numel(s.out(n, what)) * s.arg(n, 0, "input", what)[-1]
 
@@ -199,8 +209,10 @@ _FN_RULES: dict[str, Callable[[_FxShapes, Node, str], int]] = {
     "scaled_dot_product_attention": _sdpa_fn,
     "_scaled_dot_product_flash_attention_for_cpu": _sdpa_fn,
     "einsum": _einsum_fn,
-    "dynamic_linear": _linear_fn,  # fxcompress_quant.dynamic_linear(x, w_q, w_scale, bias, qmax)
+    "dynamic_linear": _dynamic_linear_fn,
+    "matmul_nbits": _matmul_nbits_fn,
 }
+
 
 def _fn_op(node: Node) -> str | None:
     """The MAC rule name of a call_function/call_method node (its op-table name), or None if it has no MACs."""
