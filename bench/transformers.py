@@ -4,7 +4,8 @@ random weights, seq 128) through fxcompress vs ONNX Runtime's own quantizers on 
 Variants: FP32 export (``fxcompress.compile`` with no passes), ``quantize-dynamic``,
 ``onnxruntime.quantization.quantize_dynamic`` on the FP32 export, ``quantize-int8`` (static, 8
 calibration batches), ``onnxruntime.quantization.quantize_static`` (QDQ, per-channel, the same
-batches), ``prune-heads{ratio=0.5},quantize-dynamic``, and ``quantize-weight-only{bits=4}`` (blockwise
+batches), ``prune-heads{ratio=0.5},quantize-dynamic`` and the same with ``prune-channels{ratio=0.5}`` on
+the MLPs, and ``quantize-weight-only{bits=4}`` (blockwise
 INT4 Linear and embedding weights, float activations: MatMulNBits / GatherBlockQuantized) beside
 ``onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer`` (4 bits, symmetric, block 32,
 MatMul weights: its defaults leave the embedding tables in FP32). Latencies are timed in turns at batch 1
@@ -12,10 +13,10 @@ and 8 (one thread), so load on a shared machine hits all variants alike: read ra
 run, not absolute numbers across runs. Every figure is printed with the issue's target and
 whether it is met.
 
-    python bench/transformers.py [--quick] [--threads 1] [--iters 20] [--rounds 5] [--only weight-only]
+    python bench/transformers.py [--quick] [--threads 1] [--iters 20] [--rounds 5] [--only weight-only|prune]
 
-``--only weight-only`` builds and times only FP32 and the two weight-only variants (the full bench
-is long).
+``--only weight-only`` builds and times only FP32 and the two weight-only variants, ``--only prune``
+FP32, both dynamic quantizers and the pruned variants (the full bench is long).
 """
 
 from __future__ import annotations
@@ -54,6 +55,13 @@ TARGETS = {
     "quantize-weight-only latency / FP32": 1.0,
 }
 WEIGHT_ONLY = "ours quantize-weight-only{bits=4}"
+QD, ORT_QD = "ours quantize-dynamic", "ORT quantize_dynamic"
+STATIC, ORT_STATIC = "ours quantize-int8", "ORT quantize_static"
+#: pruned variants: name -> pipeline (heads alone leave the MLP, two thirds of the Linear MACs, as it is)
+PRUNED = {
+    "ours prune-heads 0.5 + quantize-dynamic": "prune-heads{ratio=0.5},quantize-dynamic",
+    "ours prune-heads+prune-channels 0.5 + qd": "prune-heads{ratio=0.5},prune-channels{ratio=0.5},quantize-dynamic",
+}
 ORT_NBITS = "ORT MatMulNBitsQuantizer (4 bits)"
 MIN_COSINE = 0.99
 
@@ -145,7 +153,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--calibration-batches", type=int, default=8)
-    ap.add_argument("--only", choices=["weight-only"], help="only FP32 and this family of variants")
+    ap.add_argument("--only", choices=["weight-only", "prune"], help="only FP32 and this family of variants "
+                    "(prune: quantize-dynamic, ORT quantize_dynamic and the pruned variants)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     shape = QUICK if args.quick else FULL
@@ -160,33 +169,35 @@ def main() -> None:
     fp32, times["FP32 export (export)"] = ours(model, x1, "", frontend="export")
     _, times["FP32 export (auto)"] = ours(model, x1, "", frontend="auto")
     protos: dict[str, onnx.ModelProto] = {"FP32": fp32}
-    protos[WEIGHT_ONLY], times["quantize-weight-only"] = ours(model, x1, "quantize-weight-only{bits=4}")
-    protos[ORT_NBITS] = ort_matmul_nbits(fp32)
+    if args.only != "prune":
+        protos[WEIGHT_ONLY], times["quantize-weight-only"] = ours(model, x1, "quantize-weight-only{bits=4}")
+        protos[ORT_NBITS] = ort_matmul_nbits(fp32)
     if args.only == "weight-only":
         report(protos, model, x1, x8, args, times)
         return
-    protos["ours quantize-dynamic"], times["quantize-dynamic"] = ours(model, x1, "quantize-dynamic")
-    protos["ORT quantize_dynamic"] = ort_quantize(fp32, None)
-    protos["ours quantize-int8"], times["quantize-int8"] = ours(model, x1, "quantize-int8", calibration=calib)
-    protos["ORT quantize_static"] = ort_quantize(fp32, calib)
-    protos["ours prune-heads 0.5 + quantize-dynamic"], times["prune-heads+quantize-dynamic"] = ours(
-        model, x1, "prune-heads{ratio=0.5},quantize-dynamic", calibration=calib)
+    protos[QD], times["quantize-dynamic"] = ours(model, x1, "quantize-dynamic")
+    protos[ORT_QD] = ort_quantize(fp32, None)
+    if args.only != "prune":
+        protos[STATIC], times["quantize-int8"] = ours(model, x1, "quantize-int8", calibration=calib)
+        protos[ORT_STATIC] = ort_quantize(fp32, calib)
+    for name, passes in PRUNED.items():
+        protos[name], times[passes] = ours(model, x1, passes, calibration=calib)
 
     lat, size, cos = report(protos, model, x1, x8, args, times)
-    base = "ORT quantize_dynamic"
     print("\ntargets:")
-    qd, st, pr = "ours quantize-dynamic", "ours quantize-int8", "ours prune-heads 0.5 + quantize-dynamic"
-    print(f"  quantize-dynamic file / FP32: {_verdict(size[qd] / size['FP32'], TARGETS['quantize-dynamic file / FP32'])}")
+    print(f"  quantize-dynamic file / FP32: {_verdict(size[QD] / size['FP32'], TARGETS['quantize-dynamic file / FP32'])}")
     for b in (1, 8):
         print(f"  b={b} quantize-dynamic latency / quantize_dynamic: "
-              f"{_verdict(lat[b][qd] / lat[b][base], TARGETS['quantize-dynamic latency / quantize_dynamic'])}")
-        print(f"  b={b} quantize-int8 latency / quantize_static: "
-              f"{_verdict(lat[b][st] / lat[b]['ORT quantize_static'], TARGETS['quantize-int8 latency / quantize_static'])}")
-        print(f"  b={b} prune-heads 0.5 + INT8 latency / quantize_dynamic: "
-              f"{_verdict(lat[b][pr] / lat[b][base], TARGETS['prune-heads 0.5 + INT8 latency / quantize_dynamic'])}")
-    for name in (qd, base, st, "ORT quantize_static"):
-        print(f"  cosine vs FP32 eager, {name}: {_verdict(cos[name], MIN_COSINE, '>=')}")
-
+              f"{_verdict(lat[b][QD] / lat[b][ORT_QD], TARGETS['quantize-dynamic latency / quantize_dynamic'])}")
+        if STATIC in protos:
+            print(f"  b={b} quantize-int8 latency / quantize_static: "
+                  f"{_verdict(lat[b][STATIC] / lat[b][ORT_STATIC], TARGETS['quantize-int8 latency / quantize_static'])}")
+        for name in PRUNED:
+            print(f"  b={b} {name} latency / quantize_dynamic: "
+                  f"{_verdict(lat[b][name] / lat[b][ORT_QD], TARGETS['prune-heads 0.5 + INT8 latency / quantize_dynamic'])}")
+    for name in (QD, ORT_QD, STATIC, ORT_STATIC):
+        if name in protos:
+            print(f"  cosine vs FP32 eager, {name}: {_verdict(cos[name], MIN_COSINE, '>=')}")
 
 def report(protos: dict[str, onnx.ModelProto], model: torch.nn.Module, x1: tuple[torch.Tensor, ...],
            x8: tuple[torch.Tensor, ...], args: argparse.Namespace,
@@ -208,6 +219,8 @@ def report(protos: dict[str, onnx.ModelProto], model: torch.nn.Module, x1: tuple
               f"{lat[8][name]:8.3f} {lat[1][name] / lat[1][base]:9.3f} {lat[8][name] / lat[8][base]:9.3f} "
               f"{cos[name]:8.5f}")
     print("\ncompile time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in times.items()))
+    if WEIGHT_ONLY not in protos:
+        return lat, size, cos
     print("\nweight-only targets:")
     for name in (WEIGHT_ONLY, ORT_NBITS):
         print(f"  {name} file / FP32: {_verdict(size[name] / size['FP32'], TARGETS['quantize-weight-only file / FP32'])}")
