@@ -528,3 +528,13 @@ def test_renders_in_headless_chromium(tmp_path: Path) -> None:
     assert visible, seen["imgs"]  # at least one plot above the fold
     for l, t, r, b in visible:
         assert pixels[round(t):round(b), round(l):round(r)].std() > 0.02, (l, t, r, b)  # a drawn plot
+
+
+def test_quality_vs_size_labels_of_nearly_coincident_stages_are_stacked() -> None:
+    from fxcompress.report_html.plots import _label_groups
+
+    groups = _label_groups([20.3, 21.1, 5.6, 5.6, 1.9, 2.0], [0.0, 0.0, 0.2, 0.2, 0.2, 0.2],
+                           ["0 input", "1 fold", "2 prune", "3 sens", "4 int8", "5 export"])
+    assert groups == [((20.3, 0.0), ["0 input", "1 fold"]), ((5.6, 0.2), ["2 prune", "3 sens"]),
+                      ((1.9, 0.2), ["4 int8", "5 export"])]
+    assert [n for _, n in _label_groups([1.0, 5.0], [0.0, 1.0], ["a", "b"])] == [["a"], ["b"]]

@@ -96,10 +96,8 @@ def _quality_vs_size(rows: list[PassRecord], label: str, quality: list[float | N
     else:
         ax.scatter(sizes, [q for _, q in pts], s=60, color="tab:blue", zorder=3)
     ax.plot(sizes, [q for _, q in pts], color="grey", alpha=0.5, zorder=2)
-    labels: dict[tuple[float, float], list[str]] = {}
-    for (r, q), s in zip(pts, sizes):
-        labels.setdefault((s, q), []).append(f"{r.index} {short(r.name, 18)}")
-    for (s, q), names in labels.items():
+    for (s, q), names in _label_groups(sizes, [q for _, q in pts],
+                                       [f"{r.index} {short(r.name, 18)}" for r, _ in pts]):
         ax.annotate("\n".join(names), (s, q), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.margins(0.15)
     ax.set_xlabel("weights (KiB)")
@@ -107,6 +105,22 @@ def _quality_vs_size(rows: list[PassRecord], label: str, quality: list[float | N
     ax.grid(True, alpha=0.3)
     ax.set_title("quality vs size per stage" + (" (colour: ORT latency)" if coloured else ""))
     return [(fig, f"{label} vs size per stage")]
+
+
+def _label_groups(xs: list[float], ys: list[float], names: list[str]) -> list[tuple[tuple[float, float], list[str]]]:
+    """Point labels merged where the points nearly coincide (within 8% of the x range, labels being
+    wide, and 5% of the y range), so stages that barely move (a clean-up, the export) share one
+    stacked label instead of overprinting each other."""
+    dx = 0.08 * ((max(xs) - min(xs)) or 1.0)
+    dy = 0.05 * ((max(ys) - min(ys)) or 1.0)
+    groups: list[tuple[tuple[float, float], list[str]]] = []
+    for x, y, name in zip(xs, ys, names):
+        group = next((g for g in groups if abs(g[0][0] - x) <= dx and abs(g[0][1] - y) <= dy), None)
+        if group is None:
+            groups.append(((x, y), [name]))
+        else:
+            group[1].append(name)
+    return groups
 
 
 def params_macs_plot(rows: list[PassRecord]) -> list[Plot]:
