@@ -23,7 +23,7 @@ from .errors import (
                      TraceError,
 )
 from .instruments import Bisect, DumpGraphs, Evaluate, NumericCheck, PassTiming, PrintAfter, ProgressBar
-from .layer_rows import LayerRow
+from .layer_rows import PassLayerRow
 from .pass_base import (
                      Diagnostic,
                      OnnxPass,
@@ -45,7 +45,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ArtifactError", "available_passes", "BackendUnavailable", "benchmark", "BenchResult", "Bisect",
     "Comparison", "compile", "Compiled", "Diagnostic", "DumpGraphs", "Evaluate", "ExportError",
-    "FxCompressError", "graph_stats", "GraphStats", "InputError", "LayerRow", "LayerStats", "load",
+    "FxCompressError", "graph_stats", "GraphStats", "InputError", "PassLayerRow", "LayerStats", "load",
     "NumericCheck", "onnx_stats", "OnnxPass", "OrderPreference", "parse_pipeline", "Pass", "PassContext",
     "PassError", "PassOrderWarning", "PassRecord", "prefer_after", "prefer_before",
     "PassResult", "PassTiming", "PassVerificationError", "Pipeline", "PipelineError", "PrintAfter",

@@ -297,13 +297,18 @@ def lift_addmm_linears(gm: GraphModule) -> list[str]:
     ``call_module`` of an ``nn.Linear`` installed at that module's path, its weight the transposed view
     of the same storage (no copy). Passes that know ``Linear`` (quantization, pruning) then see these
     layers, whichever front end captured them. Returns the lifted paths."""
+    readers: dict[str, list[Node]] = {}  # module path -> the nodes reading it or anything below it
+    for n in gm.graph.nodes:
+        if n.op in ("get_attr", "call_module"):
+            parts = str(n.target).split(".")
+            for k in range(1, len(parts) + 1):
+                readers.setdefault(".".join(parts[:k]), []).append(n)
     lifted = []
     for node in list(gm.graph.nodes):
-        found = _addmm_layer(gm, node)
+        found = _addmm_layer(gm, node, readers)
         if found is None:
             continue
-        path, weight, bias = found
-        w, b = fetch_attr(gm, str(weight.target)), fetch_attr(gm, str(bias.target))
+        path, weight, bias, w, b = found
         for read in [u for u in weight.users if u is not node]:  # static: the shape of a parameter
             _substitute(read, _shape_value(read, w))
         old = gm.get_submodule(path)
@@ -326,8 +331,10 @@ def lift_addmm_linears(gm: GraphModule) -> list[str]:
     return lifted
 
 
-def _addmm_layer(gm: GraphModule, node: Node) -> tuple[str, Node, Node] | None:
-    """``(module path, weight node, bias node)`` when ``node`` is a liftable ``addmm`` (see above)."""
+def _addmm_layer(gm: GraphModule, node: Node, readers: dict[str, list[Node]]
+                 ) -> tuple[str, Node, Node, nn.Parameter, nn.Parameter] | None:
+    """``(module path, weight node, bias node, weight, bias)`` when ``node`` is a liftable ``addmm``
+    (see above); ``readers``: every module path -> the graph nodes reading it or below it."""
     if not (node.op == "call_function" and node.target in (torch.addmm, aten.addmm.default)
             and len(node.args) == 3 and not node.kwargs):
         return None
@@ -346,9 +353,7 @@ def _addmm_layer(gm: GraphModule, node: Node) -> tuple[str, Node, Node] | None:
             or w.dim() != 2 or b.dim() != 1 or b.shape[0] != w.shape[1]
             or {n for n, _ in module.named_parameters()} != {"weight", "bias"}):
         return None
-    readers = [n for n in gm.graph.nodes if n.op in ("get_attr", "call_module")
-               and (str(n.target) == path or str(n.target).startswith(path + "."))]
-    return (path, weight, bias) if set(readers) == {weight, bias} else None
+    return (path, weight, bias, w, b) if set(readers.get(path, ())) == {weight, bias} else None
 
 
 def _shape_read(node: Node) -> bool:

@@ -1,9 +1,10 @@
-"""``LayerRow``: one row of a pass's per-layer table, typed so reports draw it without knowing the pass.
+"""``PassLayerRow``: one row of a pass's per-layer table, typed so reports draw it without knowing the pass.
 
 A pruning pass fills ``before``/``after`` (channels, heads, non-zero parameters per layer), a
 quantization pass ``precision``, an analysis pass a ranked error in ``metrics``. Not to be confused
-with ``fxcompress.stats.LayerStats``, which the framework measures on any graph: these are the facts
-only the pass knows (what it kept, chose, or measured).
+with ``fxcompress.stats.LayerStats``, which the framework measures on any graph, nor with
+``fxcompress.compare.LayerRow``, one layer's error across backends: these are the facts only the
+pass knows (what it kept, chose, or measured).
 """
 
 from __future__ import annotations
@@ -14,14 +15,14 @@ from typing import Any, Literal
 
 from .errors import InputError
 
-__all__ = ["LayerRow", "Worse"]
+__all__ = ["PassLayerRow", "Worse"]
 
 #: which way a metric is worse: ``"higher"`` (an error), ``"lower"`` (a similarity), ``""`` (neither)
 Worse = Literal["", "higher", "lower"]
 
 
 @dataclass(frozen=True)
-class LayerRow:
+class PassLayerRow:
     """What a pass did to, or measured on, one layer.
 
     ``layer`` is a module path or node name; ``unit`` says what ``before``/``after`` count
@@ -45,9 +46,9 @@ class LayerRow:
 
     def __post_init__(self) -> None:
         if self.worse not in ("", "higher", "lower"):
-            raise InputError(f"LayerRow.worse={self.worse!r}; choose 'higher', 'lower' or ''")
+            raise InputError(f"PassLayerRow.worse={self.worse!r}; choose 'higher', 'lower' or ''")
         if self.key_metric and self.key_metric not in self.metrics:
-            raise InputError(f"LayerRow.key_metric={self.key_metric!r} is not one of its metrics "
+            raise InputError(f"PassLayerRow.key_metric={self.key_metric!r} is not one of its metrics "
                              f"({', '.join(self.metrics) or 'none'})")
 
     @property
@@ -66,12 +67,12 @@ class LayerRow:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "LayerRow":
+    def from_dict(cls, data: dict[str, Any]) -> "PassLayerRow":
         """The inverse of ``to_dict`` (numbers stored as text, such as ``"nan"``, become floats)."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise InputError(f"LayerRow has no field(s) {', '.join(unknown)}")
+            raise InputError(f"PassLayerRow has no field(s) {', '.join(unknown)}")
         values = dict(data)
         for key in ("before", "after"):
             if values.get(key) is not None:

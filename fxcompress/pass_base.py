@@ -18,10 +18,10 @@ from torch import nn
 
 from .copying import copy_graph_module, shared_copy
 from .errors import InputError
-from .layer_rows import LayerRow
+from .layer_rows import PassLayerRow
 from .options import checked_arguments, format_pass, not_in_pipeline_string
 
-__all__ = ["Diagnostic", "LayerRow", "OnnxPass", "OrderPreference", "Pass", "PassContext", "PassResult",
+__all__ = ["Diagnostic", "PassLayerRow", "OnnxPass", "OrderPreference", "Pass", "PassContext", "PassResult",
            "copy_graph_module", "not_in_pipeline_string", "prefer_after", "prefer_before", "shared_copy"]
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -59,7 +59,7 @@ class PassResult:
     #: for (a producer that absorbed its consumer); guides the first-divergent-node search
     replaces: dict[str, str] = field(default_factory=dict)
     #: the pass's per-layer table (what it kept, chose or measured per layer), typed for reports
-    layers: list[LayerRow] = field(default_factory=list)
+    layers: list[PassLayerRow] = field(default_factory=list)
 
     def info(self, message: str, node: str | None = None) -> None:
         self.diagnostics.append(Diagnostic("info", message, node))

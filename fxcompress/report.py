@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .layer_rows import LayerRow
+from .layer_rows import PassLayerRow
 from .units import format_bytes, format_count, format_value
 
 
@@ -55,7 +55,7 @@ class PassRecord:
     diagnostics: list[dict[str, Any]] = field(default_factory=list)
     stats: dict[str, Any] = field(default_factory=dict)
     #: the pass's per-layer table (``PassResult.layers``)
-    layers: list[LayerRow] = field(default_factory=list)
+    layers: list[PassLayerRow] = field(default_factory=list)
 
     @property
     def sparsity(self) -> float:
@@ -68,7 +68,7 @@ class PassRecord:
     def from_dict(cls, data: dict[str, Any]) -> "PassRecord":
         """The inverse of ``to_dict``; a row saved before ``layers`` existed loads with none."""
         row = dict(data)
-        row["layers"] = [LayerRow.from_dict(layer) for layer in row.get("layers", [])]
+        row["layers"] = [PassLayerRow.from_dict(layer) for layer in row.get("layers", [])]
         return cls(**row)
 
 

@@ -1,4 +1,4 @@
-"""``LayerRow``, a pass's typed per-layer table: JSON round trip, report.json, artifacts saved before it."""
+"""``PassLayerRow``, a pass's typed per-layer table: JSON round trip, report.json, artifacts saved before it."""
 
 from __future__ import annotations
 
@@ -31,30 +31,30 @@ X = (torch.randn(2, 3, 8, 8),)
 
 
 def test_json_round_trip_keeps_every_field() -> None:
-    row = fxc.LayerRow("layer1.0.conv", kind="Conv2d", unit="channels", before=64, after=32, precision="int8",
+    row = fxc.PassLayerRow("layer1.0.conv", kind="Conv2d", unit="channels", before=64, after=32, precision="int8",
                        metrics={"sparsity": 0.5, "rel_mse": float("nan")}, key_metric="sparsity",
                        worse="higher", note="ranked <first>")
     data = json.loads(json.dumps(row.to_dict()))
     assert data["metrics"]["rel_mse"] == "nan"
-    back = fxc.LayerRow.from_dict(data)
+    back = fxc.PassLayerRow.from_dict(data)
     assert math.isnan(back.metrics.pop("rel_mse")) and row.metrics.pop("rel_mse") != 0
     assert back == row and back.before == 64.0 and back.key_value == 0.5
 
 
 def test_defaults_are_left_out_and_checked() -> None:
-    assert fxc.LayerRow("fc", precision="float").to_dict() == {"layer": "fc", "precision": "float"}
-    assert fxc.LayerRow.from_dict({"layer": "fc"}) == fxc.LayerRow("fc")
-    assert fxc.LayerRow("fc").key_value is None
+    assert fxc.PassLayerRow("fc", precision="float").to_dict() == {"layer": "fc", "precision": "float"}
+    assert fxc.PassLayerRow.from_dict({"layer": "fc"}) == fxc.PassLayerRow("fc")
+    assert fxc.PassLayerRow("fc").key_value is None
     with pytest.raises(ValueError, match="key_metric='mse' is not one of its metrics"):
-        fxc.LayerRow("fc", metrics={"cosine": 1.0}, key_metric="mse")
+        fxc.PassLayerRow("fc", metrics={"cosine": 1.0}, key_metric="mse")
     with pytest.raises(ValueError, match="worse='up'"):
-        fxc.LayerRow("fc", worse="up")  # type: ignore[arg-type]
+        fxc.PassLayerRow("fc", worse="up")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="no field"):
-        fxc.LayerRow.from_dict({"layer": "fc", "colour": "red"})
+        fxc.PassLayerRow.from_dict({"layer": "fc", "colour": "red"})
 
 
 def test_report_json_carries_the_rows_and_reads_rows_without_them() -> None:
-    rows = [fxc.LayerRow("conv", unit="channels", before=8, after=4)]
+    rows = [fxc.PassLayerRow("conv", unit="channels", before=8, after=4)]
     report = Report([PassRecord(0, "input", "fx"), PassRecord(1, "prune-channels", "fx", layers=rows)])
     data = json.loads(report.to_json())
     assert data["passes"][0]["layers"] == [] and data["passes"][1]["layers"] == [r.to_dict() for r in rows]

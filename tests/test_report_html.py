@@ -264,17 +264,17 @@ def test_real_quant_sensitivity_ranking_is_plotted_from_the_typed_rows() -> None
 # ------------------------------------------------------------------ hand-made records
 
 def _records() -> Report:
-    channels = [fxc.LayerRow("conv1", kind="Conv2d", unit="channels", before=16, after=8,
+    channels = [fxc.PassLayerRow("conv1", kind="Conv2d", unit="channels", before=16, after=8,
                              metrics={"sparsity": 0.5}, key_metric="sparsity"),
-                fxc.LayerRow("layer1.0.conv<lambda>", kind="Conv2d", unit="channels", before=32, after=24,
+                fxc.PassLayerRow("layer1.0.conv<lambda>", kind="Conv2d", unit="channels", before=32, after=24,
                              metrics={"sparsity": 0.25}, key_metric="sparsity")]
-    sparse = [fxc.LayerRow("conv1", unit="active params", before=1000, after=250, metrics={"sparsity": 0.75},
+    sparse = [fxc.PassLayerRow("conv1", unit="active params", before=1000, after=250, metrics={"sparsity": 0.75},
                            key_metric="sparsity"),
-              fxc.LayerRow("fc", unit="active params", before=4000, after=2250, metrics={"sparsity": 0.4375},
+              fxc.PassLayerRow("fc", unit="active params", before=4000, after=2250, metrics={"sparsity": 0.4375},
                            key_metric="sparsity")]
-    ranked = [fxc.LayerRow("fc", precision="float", metrics={"max_abs": 0.2, "cosine": 0.97},
+    ranked = [fxc.PassLayerRow("fc", precision="float", metrics={"max_abs": 0.2, "cosine": 0.97},
                            key_metric="max_abs", worse="higher", note="kept in float"),
-              fxc.LayerRow("conv1", precision="int8", metrics={"max_abs": 0.05, "cosine": 0.999},
+              fxc.PassLayerRow("conv1", precision="int8", metrics={"max_abs": 0.05, "cosine": 0.999},
                            key_metric="max_abs", worse="higher")]
     rows = [
         PassRecord(0, "input", "fx", nodes=10, params=10000, nonzero=10000, bytes=40000, macs=200000,
@@ -300,7 +300,7 @@ def _records() -> Report:
                    nodes=30, params=5000, nonzero=2500, bytes=6000, macs=90000,
                    error={"max_abs": 0.5, "mean_abs": 0.07, "cosine": 0.97, "top1": 0.85},
                    stats={"accuracy": 0.935, "ort_latency_ms": 0.2},
-                   layers=[fxc.LayerRow("conv1", precision="int8"), fxc.LayerRow("fc", precision="float",
+                   layers=[fxc.PassLayerRow("conv1", precision="int8"), fxc.PassLayerRow("fc", precision="float",
                                                                                    note="head <fc>")],
                    diagnostics=[{"severity": "info", "message": "stays in floating point: head",
                                  "node": "fc"}]),
@@ -431,13 +431,13 @@ def test_hand_made_layer_tables(hand_html: str) -> None:
 
 
 def test_layer_table_columns_follow_the_filled_fields() -> None:
-    mixed = [fxc.LayerRow("a", unit="channels", before=8, after=4),
-             fxc.LayerRow("b", unit="heads", before=4, after=2, metrics={"x": float("nan")})]
+    mixed = [fxc.PassLayerRow("a", unit="channels", before=8, after=4),
+             fxc.PassLayerRow("b", unit="heads", before=4, after=2, metrics={"x": float("nan")})]
     page = Page(layer_table(mixed))
     assert [cells for _, cells in page.rows] == [["layer", "unit", "before", "after", "x"],
                                                  ["a", "channels", "8", "4", "-"],
                                                  ["b", "heads", "4", "2", "-"]]
-    assert [cells for _, cells in Page(layer_table([fxc.LayerRow("c")])).rows] == [["layer"], ["c"]]
+    assert [cells for _, cells in Page(layer_table([fxc.PassLayerRow("c")])).rows] == [["layer"], ["c"]]
 
 
 # ------------------------------------------------------------------ headless browser

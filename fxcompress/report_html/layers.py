@@ -1,4 +1,4 @@
-"""The report page's per-layer section: each pass's ``LayerRow``s as a plot and a table.
+"""The report page's per-layer section: each pass's ``PassLayerRow``s as a plot and a table.
 
 Drawn from the typed ``PassRecord.layers`` alone: the page knows no pass and no ``stats`` key.
 """
@@ -7,13 +7,13 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-from ..layer_rows import LayerRow
+from ..layer_rows import PassLayerRow
 from ..report import PassRecord
 from ..units import format_value
 from ._html import e, embed, num, stage_rows
 from .plots import layer_plot
 
-Column = tuple[str, Callable[[LayerRow], str]]
+Column = tuple[str, Callable[[PassLayerRow], str]]
 
 
 def layers_section(report: Sequence[PassRecord], image_format: str | None) -> str:
@@ -37,7 +37,7 @@ def _number(value: float | None, spec: str) -> str:
     return f'<td class="num">{e(format_value(num(value), spec))}</td>'
 
 
-def _columns(rows: list[LayerRow]) -> list[Column]:
+def _columns(rows: list[PassLayerRow]) -> list[Column]:
     """The columns of the fields some row fills, with one unit in the count headers when all share it."""
     cols: list[Column] = [("layer", lambda r: f"<td><code>{e(r.layer)}</code></td>")]
     if any(r.kind for r in rows):
@@ -58,7 +58,7 @@ def _columns(rows: list[LayerRow]) -> list[Column]:
     return cols
 
 
-def layer_table(rows: list[LayerRow]) -> str:
+def layer_table(rows: list[PassLayerRow]) -> str:
     """``rows`` as an HTML table, in the pass's order, one column per field some row fills."""
     cols = _columns(rows)
     head = "".join(f"<th>{e(name)}</th>" for name, _ in cols)

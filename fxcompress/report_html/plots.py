@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ..layer_rows import LayerRow
+from ..layer_rows import PassLayerRow
 from ..report import PassRecord
 from ..units import KIB, format_count
 from ._html import err, num, short, stat
@@ -147,19 +147,19 @@ def params_macs_plot(rows: list[PassRecord]) -> list[Plot]:
     return [(fig, "parameters, non-zero parameters and MACs per stage")]
 
 
-def counted(rows: list[LayerRow]) -> list[LayerRow]:
+def counted(rows: list[PassLayerRow]) -> list[PassLayerRow]:
     """The rows with a count before and after the pass."""
     return [r for r in rows if num(r.before) is not None and num(r.after) is not None]
 
 
-def keyed(rows: list[LayerRow]) -> list[LayerRow]:
+def keyed(rows: list[PassLayerRow]) -> list[PassLayerRow]:
     """The rows measuring the first row's key metric (a finite value)."""
     metric = next((r.key_metric for r in rows if r.key_metric), "")
     return [r for r in rows if metric and r.key_metric == metric and num(r.key_value) is not None]
 
 
 def layer_plot(record: PassRecord) -> list[Plot]:
-    """One step's ``LayerRow``s drawn, in the pass's order: the count before and after per layer
+    """One step's ``PassLayerRow``s drawn, in the pass's order: the count before and after per layer
     (after drawn over before), and the key metric per layer; none when the rows have neither."""
     shown = record.layers[:MAX_BARS]
     panels = [p for p in ((_draw_counts, counted(shown)), (_draw_key_metric, keyed(shown))) if p[1]]
@@ -173,7 +173,7 @@ def layer_plot(record: PassRecord) -> list[Plot]:
     return [(fig, f"per-layer {' and '.join(titles)} of step {record.index} {record.name}")]
 
 
-def _draw_counts(ax: Any, rows: list[LayerRow]) -> str:
+def _draw_counts(ax: Any, rows: list[PassLayerRow]) -> str:
     units = sorted({r.unit for r in rows})
     unit = units[0] if len(units) == 1 and units[0] else "count"
     y = list(range(len(rows)))
@@ -192,7 +192,7 @@ def _draw_counts(ax: Any, rows: list[LayerRow]) -> str:
     return title
 
 
-def _draw_key_metric(ax: Any, rows: list[LayerRow]) -> str:
+def _draw_key_metric(ax: Any, rows: list[PassLayerRow]) -> str:
     """Bars of the key metric; coloured and labelled by precision when the rows chose several."""
     metric, worse = rows[0].key_metric, rows[0].worse
     precisions = list(dict.fromkeys(r.precision for r in rows))

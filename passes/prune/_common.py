@@ -11,7 +11,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from fxcompress.errors import PassError
-from fxcompress.layer_rows import LayerRow
+from fxcompress.layer_rows import PassLayerRow
 from fxcompress.pass_base import PassResult
 
 from .._fx_utils import unmatched_patterns
@@ -173,7 +173,7 @@ def layer_rows(gm: GraphModule, before: Any, after: Any, weight_zeros: dict[str,
 
 
 def pruned_layers(rows: dict[str, dict[str, Any]], unit: str, before: str, after: str, kind: str = ""
-                  ) -> list[LayerRow]:
+                  ) -> list[PassLayerRow]:
     """The typed per-layer table of a pruning pass from its ``stats`` rows (by layer): ``unit``
     counted before and after (row keys ``before`` / ``after``) and the layer's ``sparsity``, the
     share of its parameters removed or zeroed (the row's own, else from ``params_before/after``)."""
@@ -182,7 +182,7 @@ def pruned_layers(rows: dict[str, dict[str, Any]], unit: str, before: str, after
         share = row.get("sparsity")
         if share is None:
             share = 1.0 - row["params_after"] / row["params_before"] if row["params_before"] else 0.0
-        out.append(LayerRow(path, kind=str(row.get("kind", kind)), unit=unit, before=row[before],
+        out.append(PassLayerRow(path, kind=str(row.get("kind", kind)), unit=unit, before=row[before],
                             after=row[after], metrics={"sparsity": float(share)}, key_metric="sparsity"))
     return out
 

@@ -196,7 +196,7 @@ def calibration_batches(gm: GraphModule, ctx: PassContext, limit: int, pass_name
 
 
 def adaround_metrics(errors: dict[str, dict[str, float]], node: str) -> dict[str, Any]:
-    """``LayerRow`` fields for ``node``'s reconstruction errors, nearest vs AdaRound (none if not rounded)."""
+    """``PassLayerRow`` fields for ``node``'s reconstruction errors, nearest vs AdaRound (none if not rounded)."""
     err = errors.get(node)
     if err is None:
         return {}

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
 from fxcompress.errors import PassError, PipelineError
-from fxcompress.layer_rows import LayerRow
+from fxcompress.layer_rows import PassLayerRow
 from fxcompress.pass_base import Pass, PassContext, PassResult, copy_graph_module
 
 from .. import _fx_utils as fxu
@@ -227,7 +227,7 @@ class CorrectBias(Pass):
                         f"output std {row['output_std']:.3g})", node=row["layer"])
         result.stats = {"layers": table, "skipped": skipped, "rounds": rounds, "batches": len(batches)}
         shift = ("mean_abs_shift", "max_abs_shift", "output_std")
-        result.layers = [LayerRow(row["layer"], metrics={k: row[k] for k in shift},
+        result.layers = [PassLayerRow(row["layer"], metrics={k: row[k] for k in shift},
                                   key_metric="mean_abs_shift") for row in table]
         return result
 

@@ -17,13 +17,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule
 
-from fxcompress.layer_rows import LayerRow
+from fxcompress.layer_rows import PassLayerRow
 from fxcompress.pass_base import Pass, PassContext, PassResult
 
 from .. import _fx_utils as fxu
 from .fake_quant import dynamic_linear, quantize_weight
 from .patterns import module_path
-from .placement import constant_linears, float_rows, matches_skip, unmatched_skip
+from .placement import constant_linears, finish_weight_quantizer, float_rows, matches_skip, unmatched_skip
 
 
 @dataclass(frozen=True)
@@ -65,15 +65,11 @@ class QuantizeDynamic(Pass):
             gm.graph.erase_node(node)
             done.append(node.name)
         embedded = self._quantize_embeddings(gm, floats) if self.embeddings else []
-        fxu.eliminate_dead_code(gm)
-        fxu.delete_unused_attributes(gm)
-        for name, reason in floats.items():
-            result.info(f"stays in floating point: {reason}", node=name)
-        if not done and not embedded:
-            result.warn("no Linear/matmul with a constant weight and no Embedding found; nothing was quantized")
+        finish_weight_quantizer(gm, result, floats, bool(done or embedded),
+                                "no Linear/matmul with a constant weight and no Embedding found; nothing was quantized")
         result.stats = {"int8_layers": done, "int8_embeddings": embedded, "float_layers": floats,
                         "weight_range": [-qmax, qmax]}
-        result.layers = [LayerRow(name, kind=kind, precision="int8 dynamic")
+        result.layers = [PassLayerRow(name, kind=kind, precision="int8 dynamic")
                          for names, kind in ((done, "linear"), (embedded, "embedding")) for name in names]
         result.layers += float_rows(floats)
         return result

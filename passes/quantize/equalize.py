@@ -39,7 +39,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from fxcompress.errors import PipelineError
-from fxcompress.layer_rows import LayerRow
+from fxcompress.layer_rows import PassLayerRow
 from fxcompress.pass_base import Pass, PassContext, PassResult, prefer_after, prefer_before
 
 from .. import _fx_utils as fxu
@@ -302,11 +302,11 @@ def _spread(r: torch.Tensor) -> dict[str, float]:
     return {"max_over_min": float(live.max() / live.min()), "precision": float((r / r.max()).mean())}
 
 
-def _pair_row(row: dict[str, Any]) -> LayerRow:
+def _pair_row(row: dict[str, Any]) -> PassLayerRow:
     """A pair's stats row as typed: A's output-channel weight range spread before and after, and
     its per-channel precision (1 = every channel uses the whole grid), lower being worse."""
     old, new = row["a_out_before"], row["a_out_after"]
-    return LayerRow(f"{row['a']} -> {row['b']}", kind="pair", unit="A out range max/min",
+    return PassLayerRow(f"{row['a']} -> {row['b']}", kind="pair", unit="A out range max/min",
                     before=old["max_over_min"], after=new["max_over_min"],
                     metrics={"a_precision_before": old["precision"], "a_precision_after": new["precision"],
                              "imbalance_after": row["imbalance_after"]},

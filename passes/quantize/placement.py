@@ -23,8 +23,10 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from fxcompress.attrs import fetch_attr
-from fxcompress.layer_rows import LayerRow
+from fxcompress.layer_rows import PassLayerRow
+from fxcompress.pass_base import PassResult
 
+from .. import _fx_utils as fxu
 from .._fx_utils import unmatched_patterns
 from .patterns import COMPUTE, ConstantLinear, OpInfo, classify, constant_linear, module_of, module_path
 
@@ -87,9 +89,21 @@ def _weight_of(gm: GraphModule, node: Node, info: OpInfo) -> torch.Tensor | None
     return None
 
 
-def float_rows(floats: dict[str, str]) -> list[LayerRow]:
+def float_rows(floats: dict[str, str]) -> list[PassLayerRow]:
     """The layers a quantization pass keeps in floating point (node -> why), as typed table rows."""
-    return [LayerRow(node, precision="float", note=reason) for node, reason in floats.items()]
+    return [PassLayerRow(node, precision="float", note=reason) for node, reason in floats.items()]
+
+
+def finish_weight_quantizer(gm: GraphModule, result: PassResult, floats: dict[str, str], quantized: bool,
+                            nothing: str) -> None:
+    """The common end of a weight quantizer: drop the float nodes and attributes it replaced, say
+    why each layer left in floating point stays there, and warn (``nothing``) when it quantized none."""
+    fxu.eliminate_dead_code(gm)
+    fxu.delete_unused_attributes(gm)
+    for name, reason in floats.items():
+        result.info(f"stays in floating point: {reason}", node=name)
+    if not quantized:
+        result.warn(nothing)
 
 
 def matches_skip(patterns: tuple[str, ...], node: Node, mod: nn.Module | None, kind: str) -> str | None:

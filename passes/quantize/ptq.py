@@ -17,7 +17,7 @@ import torch
 from torch.fx import GraphModule
 
 from fxcompress.errors import PassError, PipelineError
-from fxcompress.layer_rows import LayerRow
+from fxcompress.layer_rows import PassLayerRow
 from fxcompress.pass_base import Pass, PassContext, PassResult, copy_graph_module
 
 from ..data import claim_data
@@ -217,7 +217,7 @@ class QuantizeInt8(Pass):
         result.stats = self._stats(scheme, spec, wmax, plan, act, int8_layers, summary)
         result.stats["float_layer_modules"] = modules
         precision = "int8" if self.weight_bits == 8 else f"int{self.weight_bits} weights"
-        result.layers = [LayerRow(layer.node.name, kind=layer.info.kind, precision=precision,
+        result.layers = [PassLayerRow(layer.node.name, kind=layer.info.kind, precision=precision,
                                   **adaround_metrics(errors, layer.node.name)) for layer in plan.layers]
         result.layers += float_rows(plan.float_layers)
         if self.rounding == "adaround":

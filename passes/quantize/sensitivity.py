@@ -18,7 +18,7 @@ import torch
 from torch.fx import GraphModule
 
 from fxcompress.errors import PipelineError
-from fxcompress.layer_rows import LayerRow
+from fxcompress.layer_rows import PassLayerRow
 from fxcompress.pass_base import Pass, PassContext, PassResult, copy_graph_module
 
 from ..data import claim_data, explain_failure, input_specs, iter_inputs, model_inputs
@@ -134,9 +134,9 @@ class QuantSensitivity(Pass):
         return {"node": name, "module": module, "kind": kind, "rel_mse": mse / n, "cosine": cos / n}
 
 
-def _ranked(row: dict[str, Any], skipped: bool) -> LayerRow:
+def _ranked(row: dict[str, Any], skipped: bool) -> PassLayerRow:
     """A ranking row as typed: its error and the precision it asks ``quantize-int8`` for."""
-    return LayerRow(row["node"], kind=row["kind"], precision="float" if skipped else "int8",
+    return PassLayerRow(row["node"], kind=row["kind"], precision="float" if skipped else "int8",
                     metrics={"rel_mse": row["rel_mse"], "cosine": row["cosine"]}, key_metric="rel_mse",
                     worse="higher", note="among the k most sensitive" if skipped else "")
 

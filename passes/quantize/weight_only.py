@@ -26,14 +26,14 @@ from torch import nn
 from torch.fx import GraphModule
 
 from fxcompress.errors import PipelineError
-from fxcompress.layer_rows import LayerRow
+from fxcompress.layer_rows import PassLayerRow
 from fxcompress.pass_base import Pass, PassContext, PassResult, copy_graph_module
 
 from .. import _fx_utils as fxu
 from .adaround import AdaRoundConfig, RoundingTask, adaround_layers, calibration_batches
 from .calibrate import require_calibration
 from .patterns import ConstantLinear, module_path
-from .placement import constant_linears, float_rows, matches_skip, unmatched_skip
+from .placement import constant_linears, finish_weight_quantizer, float_rows, matches_skip, unmatched_skip
 
 _NS = "fxcompress_quant"
 _lib = torch.library.Library(_NS, "FRAGMENT")
@@ -166,12 +166,8 @@ class QuantizeWeightOnly(Pass):
         rounded, errors = self._adaround(gm, ctx, targets) if self.rounding == "adaround" and targets else ({}, {})
         layers = [self._rewrite(gm, t, rounded.get(t.node.name)) for t in targets]
         tables = self._quantize_embeddings(gm, floats) if self.embeddings else []
-        fxu.eliminate_dead_code(gm)
-        fxu.delete_unused_attributes(gm)
-        for name, reason in floats.items():
-            result.info(f"stays in floating point: {reason}", node=name)
-        if not layers and not tables:
-            result.warn("no Linear/matmul with a constant 2-D weight and no Embedding found; nothing was quantized")
+        finish_weight_quantizer(gm, result, floats, bool(layers or tables),
+                                "no Linear/matmul with a constant 2-D weight and no Embedding found; nothing was quantized")
         rows = layers + tables
         result.stats = {
             "bits": self.bits, "block": self.block, "rounding": self.rounding, "layers": rows,
@@ -179,7 +175,7 @@ class QuantizeWeightOnly(Pass):
             "weight_bytes_before": sum(r["bytes_before"] for r in rows),
             "weight_bytes_after": sum(r["bytes_after"] for r in rows),
         }
-        result.layers = [LayerRow(r["node"], kind=r["kind"], unit="weight bytes", before=r["bytes_before"],
+        result.layers = [PassLayerRow(r["node"], kind=r["kind"], unit="weight bytes", before=r["bytes_before"],
                                   after=r["bytes_after"], precision=f"int{self.bits}",
                                   metrics={"rel_weight_error": r["rel_weight_error"]},
                                   key_metric="rel_weight_error", worse="higher") for r in rows]
