@@ -445,7 +445,7 @@ class _Projections(nn.Module):
 
 @pytest.mark.parametrize("frontend", ["fx", "export"])
 def test_addmm_layers_are_captured_as_linear_sharing_the_weight(frontend: str) -> None:
-    model, x = _Projections().eval(), torch.randn(2, 5, 6)
+    model, x = _Projections().eval(), torch.randn(2, 5, 6, generator=torch.Generator().manual_seed(0))
     gm = trace(model, (x,), frontend=frontend)
     for path in ("proj", "out"):
         layer = gm.get_submodule(path)
@@ -454,14 +454,14 @@ def test_addmm_layers_are_captured_as_linear_sharing_the_weight(frontend: str) -
         torch.testing.assert_close(layer.weight, getattr(model, path).weight.t(), rtol=0, atol=0)
         assert not layer.weight.is_contiguous()  # the transposed view of one storage, not a copy
     assert not any(n.target is torch.addmm for n in gm.graph.nodes)
-    torch.testing.assert_close(gm(x), model(x), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-5)
     assert type(model.proj) is _TransposedLinear  # the user's model is untouched
 
 
 def test_an_addmm_layer_whose_weight_is_read_elsewhere_stays_as_it_is() -> None:
-    model, x = _Projections(peek=True).eval(), torch.randn(2, 5, 6)
+    model, x = _Projections(peek=True).eval(), torch.randn(2, 5, 6, generator=torch.Generator().manual_seed(0))
     gm = trace(model, (x,), frontend="fx")
     assert type(gm.get_submodule("proj")) is nn.Linear
     assert not isinstance(gm.get_submodule("out"), nn.Linear)
     assert sum(n.target is torch.addmm for n in gm.graph.nodes) == 1
-    torch.testing.assert_close(gm(x), model(x), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-5)
